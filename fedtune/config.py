@@ -1,0 +1,275 @@
+"""The experiment file: a typed, validated description of one run, loaded once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (typos must not be silently ignored); configs never change after load.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    backbone: str = "efficientnet_lite0"
+    # "imagenet": the backbone's published pretrained weights; "none": random init;
+    # anything else: a path to a .safetensors file or a plain torch state dict.
+    weights: str = "imagenet"
+    head_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+class PartitionConfig(_Section):
+    scheme: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: Annotated[float, Field(gt=0.0)] = 0.5
+    shards_per_client: Annotated[int, Field(ge=1)] = 2
+    # Dirichlet draws are repeated until every client holds at least this many examples.
+    min_examples: Annotated[int, Field(ge=1)] = 2
+
+
+class DataConfig(_Section):
+    # digits | hymenoptera | imagefolder | torchvision:<DatasetClass> (e.g. torchvision:CIFAR10)
+    source: str = "digits"
+    # Where the data lives (hymenoptera, imagefolder, torchvision); relative paths are resolved
+    # against the directory the command is run from.
+    root: str | None = None
+    download: bool = False
+    # Side of the square image given to the backbone; None keeps the weights' own crop size.
+    image_size: Annotated[int | None, Field(ge=16, le=1024)] = None
+    augment: bool = False
+    partition: PartitionConfig = PartitionConfig()
+    # Fraction of each client's examples kept aside for its local validation.
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+
+    @model_validator(mode="after")
+    def _source_known(self) -> DataConfig:
+        from fedtune.data import SOURCES
+
+        name = self.source.split(":", 1)[0]
+        if name not in SOURCES:
+            raise ValueError(f"unknown data source {self.source!r}; known: {', '.join(sorted(SOURCES))}")
+        return self
+
+
+class FederationConfig(_Section):
+    num_clients: Annotated[int, Field(ge=1, le=10_000)] = 10
+    # Clients sampled for training each round; None means all of them.
+    clients_per_round: Annotated[int | None, Field(ge=1)] = None
+    rounds: Annotated[int, Field(ge=1, le=10_000)] = 5
+    # Resources of one virtual client in simulation (Ray). num_gpus may be fractional.
+    client_cpus: Annotated[int, Field(ge=1)] = 1
+    client_gpus: Annotated[float, Field(ge=0.0)] = 0.0
+    # Seconds the server waits for one round's replies.
+    round_timeout: Annotated[float, Field(gt=0.0)] = 3600.0
+
+    @model_validator(mode="after")
+    def _sample_fits(self) -> FederationConfig:
+        if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
+            )
+        return self
+
+
+class UnfreezeStep(_Section):
+    from_round: Annotated[int, Field(ge=2)]
+    trainable_blocks: Annotated[int, Field(ge=0)] | Literal["all"]
+
+
+class TrainConfig(_Section):
+    # How many of the backbone's last blocks train with the head: 0 is feature extraction,
+    # "all" is full fine-tuning. An unfreeze schedule raises it at given rounds.
+    trainable_blocks: Annotated[int, Field(ge=0)] | Literal["all"] = 0
+    unfreeze: tuple[UnfreezeStep, ...] = ()
+    local_epochs: Annotated[int, Field(ge=1)] = 1
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: Annotated[float, Field(gt=0.0)] = 0.01
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    # Discriminative learning rates: block i below the head trains at lr * decay**i.
+    lr_decay_per_block: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Mixed precision on CUDA (ignored on CPU).
+    amp: bool = False
+
+    @model_validator(mode="after")
+    def _unfreeze_monotonic(self) -> TrainConfig:
+        # Blocks only ever thaw: a block frozen again after training would leave clients holding
+        # a stale cached copy of it.
+        def rank(blocks: int | str) -> float:
+            return float("inf") if blocks == "all" else float(blocks)
+
+        previous_round, previous_blocks = 1, self.trainable_blocks
+        for step in self.unfreeze:
+            if step.from_round <= previous_round:
+                raise ValueError("unfreeze steps must have strictly increasing from_round values")
+            if rank(step.trainable_blocks) < rank(previous_blocks):
+                raise ValueError("unfreeze steps must not decrease trainable_blocks (blocks never refreeze)")
+            previous_round, previous_blocks = step.from_round, step.trainable_blocks
+        return self
+
+    def trainable_blocks_at(self, server_round: int) -> int | Literal["all"]:
+        """Trainable blocks below the head in a given round, after the unfreeze schedule."""
+        blocks = self.trainable_blocks
+        for step in self.unfreeze:
+            if server_round >= step.from_round:
+                blocks = step.trainable_blocks
+        return blocks
+
+
+class StrategyConfig(_Section):
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    # FedProx: weight of the proximal term clients add to their loss.
+    proximal_mu: Annotated[float, Field(ge=0.0)] = 0.01
+    # FedAdam / FedYogi server optimiser.
+    eta: Annotated[float, Field(gt=0.0)] = 0.01
+    beta_1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    beta_2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
+    tau: Annotated[float, Field(gt=0.0)] = 1e-3
+
+
+class EarlyStoppingConfig(_Section):
+    enabled: bool = False
+    # Watched metric: the server's held-out set (central_*) or the clients' local
+    # validation splits (federated_*).
+    metric: Literal["central_accuracy", "central_loss", "federated_accuracy", "federated_loss"] = (
+        "central_accuracy"
+    )
+    patience: Annotated[int, Field(ge=1)] = 3
+    min_delta: Annotated[float, Field(ge=0.0)] = 0.0
+
+
+class OutputConfig(_Section):
+    # Each run writes to <dir>/<name>-<timestamp>/ ; relative to the directory the command runs in.
+    dir: str = "runs"
+
+
+class ExperimentConfig(_Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "experiment"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _schedule_fits_rounds(self) -> ExperimentConfig:
+        for step in self.train.unfreeze:
+            if step.from_round > self.federation.rounds:
+                raise ValueError(
+                    f"train.unfreeze from_round {step.from_round} is after the last round "
+                    f"(federation.rounds = {self.federation.rounds})"
+                )
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def _format_error(error: ValidationError) -> str:
+    """One line per problem, each naming the dotted key and what is allowed."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-after"))
+        # pydantic appends the branch name of a union to the location; keep the user's key only.
+        key = key.replace(".int", "").replace(".literal['all']", "")
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        shown = f" (got {item['input']!r})" if item["type"] not in ("extra_forbidden", "missing") else ""
+        lines.append(f"{key or '<top level>'}: {message}{shown}")
+    return "; ".join(dict.fromkeys(lines))
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `key.sub=value` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value")
+    dotted, _, text = assignment.partition("=")
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {assignment!r} has an empty key")
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def parse_config(raw: Any, *, source: str = "config") -> ExperimentConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, not {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_format_error(error)}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read, override and validate an experiment file. Raises ConfigError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    raw = {} if raw is None else raw
+    if isinstance(raw, dict):
+        for assignment in overrides:
+            apply_override(raw, assignment)
+    return parse_config(raw, source=str(path))
+
+
+def config_from_json(text: str) -> ExperimentConfig:
+    """Rebuild a config saved with a run (or sent in a message)."""
+    return parse_config(json.loads(text), source="saved config")
+
+
+class ClientSettings(_Section):
+    """What a client needs to train, sent in every message: clients never read the experiment file."""
+
+    seed: int
+    num_clients: int
+    num_classes: Annotated[int, Field(ge=2)]
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig, *, num_classes: int) -> ClientSettings:
+        return cls(
+            seed=cfg.seed,
+            num_clients=cfg.federation.num_clients,
+            num_classes=num_classes,
+            model=cfg.model,
+            data=cfg.data,
+            train=cfg.train.model_copy(update={"unfreeze": ()}),  # the server applies the schedule
+        )
+
+    def to_message(self) -> str:
+        # Compact: this string rides along with every round's tensors.
+        return self.model_dump_json(exclude_defaults=True)
+
+    @classmethod
+    def from_message(cls, text: str) -> ClientSettings:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as error:
+            raise ConfigError(f"client settings from the server: {_format_error(error)}") from None

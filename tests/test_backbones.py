@@ -1,0 +1,199 @@
+"""Backbone registry: staged models equal the native ones, weights load from every source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from fedtune.backbones import (
+    BACKBONES,
+    StagedModel,
+    build_model,
+    imagenet_model,
+    preprocessing_for,
+)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared/data/hymenoptera_data"
+IMAGENET_ANT, IMAGENET_BEE = 310, 309
+
+EXPECTED_BLOCKS = {
+    "resnet18": ["stem", "layer1", "layer2", "layer3", "layer4"],
+    "resnet50": ["stem", "layer1", "layer2", "layer3", "layer4"],
+    "mobilenet_v3_small": [f"features_{i}" for i in range(13)] + ["pre_logits"],
+    "mobilenet_v3_large": [f"features_{i}" for i in range(17)] + ["pre_logits"],
+    "efficientnet_b0": [f"features_{i}" for i in range(9)],
+    "convnext_tiny": [f"features_{i}" for i in range(8)] + ["pre_logits"],
+    "vit_b_16": ["embed", *[f"encoder_{i}" for i in range(12)], "encoder_norm"],
+    "efficientnet_lite0": ["stem", *[f"blocks_{i}" for i in range(7)], "conv_head"],
+}
+# vit_b_16's position embeddings fix its input at 224 px; the others take any size >= 32.
+INPUT_SIZE = {"vit_b_16": 224}
+
+
+def test_every_backbone_has_expected_blocks() -> None:
+    assert set(BACKBONES) == set(EXPECTED_BLOCKS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_BLOCKS))
+def test_staged_model_matches_native(name: str) -> None:
+    spec = BACKBONES[name]
+    torch.manual_seed(0)
+    native = spec.build().eval()
+    # The same seed gives build_model the same random backbone; only the new head differs.
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=1000, weights="none").eval()
+    model.stages["head"][1].load_state_dict(native.get_submodule(spec.classifier).state_dict())
+    size = INPUT_SIZE.get(name, 48)
+    x = torch.randn(1 if name == "vit_b_16" else 2, 3, size, size)
+
+    with torch.no_grad():
+        expected, actual = native(x), model(x)
+
+    assert model.block_names == EXPECTED_BLOCKS[name]
+    assert list(model.stages)[-1] == "head"
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_lite0"])
+def test_new_head_has_requested_classes_and_dropout(name: str) -> None:
+    model = build_model(name, num_classes=3, weights="none", head_dropout=0.25).eval()
+
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 32, 32))
+
+    dropout, linear = model.stages["head"]
+    assert isinstance(dropout, nn.Dropout) and dropout.p == 0.25
+    assert isinstance(linear, nn.Linear) and linear.out_features == 3
+    assert logits.shape == (2, 3)
+    assert all(key.startswith("stages.") for key in model.state_dict())
+
+
+def test_forward_stages_composes_to_forward() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=2, weights="none").eval()
+    split = model.stage_index("layer3")
+    x = torch.randn(2, 3, 32, 32)
+
+    with torch.no_grad():
+        features = model.forward_stages(x, stop=split)
+        logits = model.forward_stages(features, start=split)
+
+    assert torch.equal(logits, model(x))
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        model.stage_index("nope")
+
+
+def test_staged_model_requires_head_last() -> None:
+    with pytest.raises(ValueError, match="must be named 'head'"):
+        StagedModel([("head", nn.Identity()), ("pool", nn.Identity())])
+
+
+def test_pool_has_no_parameters_and_is_not_a_block() -> None:
+    model = build_model("efficientnet_b0", num_classes=2, weights="none")
+
+    assert not list(model.stages["pool"].parameters())
+    assert "pool" not in model.block_names
+
+
+def test_lite0_imagenet_weights_reach_build_model() -> None:
+    native = imagenet_model("efficientnet_lite0")
+    model = build_model("efficientnet_lite0", num_classes=2)
+
+    assert torch.equal(model.stages["stem"][0].weight, native.conv_stem.weight)
+    assert torch.equal(model.stages["conv_head"][1].running_var, native.bn2.running_var)
+
+
+def test_torchvision_imagenet_path_loads_the_weights_state_dict(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stand in for the download: the weights enum hands back a known state dict.
+    torch.manual_seed(1)
+    published = BACKBONES["resnet18"].build().state_dict()
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, progress=True: published)
+
+    model = build_model("resnet18", num_classes=2)
+
+    assert torch.equal(model.stages["layer4"][1].conv2.weight, published["layer4.1.conv2.weight"])
+
+
+def _photos(label: str, count: int = 10) -> list[Path]:
+    return sorted((DATA / "val" / label).glob("*.jpg"))[:count]
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"ants/bees photos not found at {DATA}")
+def test_lite0_offline_weights_recognise_ants_and_bees() -> None:
+    model = imagenet_model("efficientnet_lite0")
+    transform = preprocessing_for("efficientnet_lite0").transform()
+    rates = {}
+    for label, imagenet_class in (("ants", IMAGENET_ANT), ("bees", IMAGENET_BEE)):
+        paths = _photos(label)
+        batch = torch.stack([transform(Image.open(path)) for path in paths])
+        with torch.no_grad():
+            top5 = model(batch).topk(5, dim=1).indices
+        rates[label] = (top5 == imagenet_class).any(dim=1).float().mean().item()
+
+    print(f"Lite0 top-5 hit rate on {len(paths)} photos each: {rates}")
+    assert rates["ants"] >= 0.6 and rates["bees"] >= 0.6
+
+
+def test_weights_from_safetensors_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    native = BACKBONES["mobilenet_v3_small"].build()
+    path = tmp_path / "weights.safetensors"
+    save_file(native.state_dict(), str(path))
+
+    model = build_model("mobilenet_v3_small", num_classes=2, weights=str(path))
+
+    assert torch.equal(model.stages["features_0"][0].weight, native.features[0][0].weight)
+    assert torch.equal(model.stages["pre_logits"][0].bias, native.classifier[0].bias)
+
+
+def test_weights_from_torch_file_without_classifier(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    state = BACKBONES["resnet18"].build().state_dict()
+    headless = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    path = tmp_path / "weights.pt"
+    torch.save(headless, path)
+
+    model = build_model("resnet18", num_classes=2, weights=str(path))
+
+    assert torch.equal(model.stages["stem"][0].weight, state["conv1.weight"])
+
+
+def test_weights_file_with_wrong_shape_names_the_key(tmp_path: Path) -> None:
+    state = BACKBONES["resnet18"].build().state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(1, 1, 3, 3)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path))
+
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*shape mismatch: layer1\.0\.conv1\.weight"):
+        build_model("resnet18", num_classes=2, weights=str(path))
+
+
+def test_weights_file_with_missing_key_names_the_key(tmp_path: Path) -> None:
+    state = BACKBONES["resnet18"].build().state_dict()
+    del state["layer2.0.bn1.bias"]
+    path = tmp_path / "partial.pt"
+    torch.save(state, path)
+
+    with pytest.raises(ValueError, match=r"missing: layer2\.0\.bn1\.bias"):
+        build_model("resnet18", num_classes=2, weights=str(path))
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.safetensors"
+
+    with pytest.raises(FileNotFoundError, match="absent.safetensors"):
+        build_model("resnet18", num_classes=2, weights=str(path))
+
+
+def test_unknown_backbone_lists_known_ones() -> None:
+    known = r"unknown backbone 'resnet9'; known: .*efficientnet_lite0.*resnet18"
+    with pytest.raises(ValueError, match=known):
+        build_model("resnet9", num_classes=2)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        preprocessing_for("resnet9")
