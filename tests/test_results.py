@@ -1,0 +1,319 @@
+"""The run directory: history files, atomic writes, model files, plots, tables and progress lines."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from rich.console import Console
+
+from fedtune import results
+from fedtune.results import (
+    RECORD_COLUMNS,
+    RoundProgress,
+    RoundRecord,
+    RunDirectory,
+    compare_table,
+    format_bytes,
+    load_model_file,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_record(round_: int, **changes: object) -> RoundRecord:
+    """Round 0 is the evaluation before training: no clients, no bytes, only central metrics."""
+    if round_ == 0:
+        record = RoundRecord(0, "0", 0, 0, 0, 0, 0, 0, 0, None, None, None, None, 2.30, 0.1, 0.5)
+    else:
+        record = RoundRecord(
+            round=round_,
+            trainable_blocks="0" if round_ < 3 else "all",
+            clients_sampled=5,
+            clients_ok=4,
+            clients_rejected=1,
+            clients_failed=0,
+            bytes_sent=18_600_000 + 21_900 if round_ == 1 else 21_900 * round_,
+            bytes_received=11_000 * round_,
+            bytes_sent_backbone=18_600_000 if round_ == 1 else 0,
+            train_loss=1.0 / round_,
+            train_accuracy=0.5 + 0.05 * round_,
+            federated_loss=1.1 / round_,
+            federated_accuracy=0.45 + 0.05 * round_,
+            central_loss=1.2 / round_,
+            central_accuracy=0.4 + 0.1 * round_ / 3,
+            seconds=1.5 * round_,
+            extra={"proximal_term": 0.01 * round_},
+        )
+    for name, value in changes.items():
+        setattr(record, name, value)
+    return record
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> RunDirectory:
+    return RunDirectory.create(tmp_path, "exp")
+
+
+def leftover_temp_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_history_json_holds_rounds_and_summary(run: RunDirectory) -> None:
+    records = [make_record(r) for r in range(4)]
+
+    for record in records:
+        run.append_round(record)
+
+    history = json.loads((run.path / "history.json").read_text())
+    assert [row["round"] for row in history["rounds"]] == [0, 1, 2, 3]
+    assert history["rounds"][0]["federated_accuracy"] is None
+    summary = history["summary"]
+    assert summary["rounds_completed"] == 3
+    assert summary["best_metric"] == "central_accuracy"
+    assert summary["best_round"] == 3
+    assert summary["bytes_sent_total"] == sum(r.bytes_sent for r in records)
+    assert summary["bytes_sent_backbone_total"] == 18_600_000
+    assert RunDirectory.load_history(run.path / "history.json") == records
+    assert RunDirectory.load_history(run.path) == records  # the folder works too
+
+
+def test_history_csv_columns_values_and_empty_cells(run: RunDirectory) -> None:
+    records = [make_record(0), make_record(1), make_record(2, extra={"proximal_term": 0.02, "zeta": 3.5})]
+
+    for record in records:
+        run.append_round(record)
+
+    with open(run.path / "history.csv", newline="") as file:
+        rows = list(csv.reader(file))
+    header, body = rows[0], rows[1:]
+    assert header == [*RECORD_COLUMNS, "proximal_term", "zeta"]
+    assert header[:3] == ["round", "trainable_blocks", "clients_sampled"]
+    assert len(body) == 3
+    by_name = [dict(zip(header, row, strict=True)) for row in body]
+    assert by_name[0]["train_loss"] == ""  # None is an empty cell
+    assert by_name[0]["proximal_term"] == ""  # round 0 has no extra metrics
+    assert by_name[1]["zeta"] == ""
+    for record, row in zip(records, by_name, strict=True):
+        assert int(row["round"]) == record.round
+        assert row["trainable_blocks"] == record.trainable_blocks
+        assert int(row["bytes_sent"]) == record.bytes_sent
+        assert float(row["central_accuracy"]) == record.central_accuracy  # exact round trip
+        assert float(row["seconds"]) == record.seconds
+    assert float(by_name[2]["zeta"]) == 3.5
+
+
+def test_repeated_round_replaces_it_and_later_ones(run: RunDirectory) -> None:
+    for r in range(4):
+        run.append_round(make_record(r))
+
+    run.append_round(make_record(2, seconds=99.0))
+
+    assert [(r.round, r.seconds) for r in run.records] == [(0, 0.5), (1, 1.5), (2, 99.0)]
+    assert RunDirectory(run.path).records == run.records  # reopening continues the same history
+
+
+def test_extra_key_shadowing_a_column_is_refused(run: RunDirectory) -> None:
+    with pytest.raises(ValueError, match="seconds"):
+        run.append_round(make_record(1, extra={"seconds": 1.0}))
+
+
+def test_failed_write_leaves_previous_history_and_no_temp_file(run: RunDirectory) -> None:
+    run.append_round(make_record(0))
+    run.append_round(make_record(1))
+    json_before = (run.path / "history.json").read_bytes()
+    csv_before = (run.path / "history.csv").read_bytes()
+
+    # json.dump streams its output, so it writes part of the file before meeting the object it
+    # cannot serialise: a failure half-way through the write.
+    with pytest.raises(TypeError):
+        run.append_round(make_record(2, extra={"broken": object()}))
+
+    assert (run.path / "history.json").read_bytes() == json_before
+    assert (run.path / "history.csv").read_bytes() == csv_before
+    assert leftover_temp_files(run.path) == []
+    assert [r.round for r in run.records] == [0, 1]
+    run.append_round(make_record(2))
+    assert [r.round for r in RunDirectory.load_history(run.path)] == [0, 1, 2]
+
+
+def test_no_temp_files_after_every_kind_of_write(run: RunDirectory) -> None:
+    run.write_config(json.dumps({"name": "exp", "train": {"lr": 0.01}}))
+    run.append_round(make_record(0))
+    run.append_round(make_record(1))
+    run.write_summary({"stop_reason": "rounds"})
+    run.save_model({"w": torch.ones(2)}, {})
+    run.write_plots()
+
+    assert leftover_temp_files(run.path) == []
+
+
+def test_config_written_as_json_and_yaml(run: RunDirectory) -> None:
+    config = {"name": "exp", "train": {"lr": 0.01, "unfreeze": [{"from_round": 3, "trainable_blocks": "all"}]}}
+
+    path = run.write_config(json.dumps(config))
+
+    assert path == run.path / "config.json"
+    assert json.loads(path.read_text()) == config
+    assert yaml.safe_load((run.path / "config.yaml").read_text()) == config
+
+
+def test_summary_written(run: RunDirectory) -> None:
+    path = run.write_summary({"stop_reason": "early stopping", "best_round": 4})
+
+    assert json.loads(path.read_text()) == {"stop_reason": "early stopping", "best_round": 4}
+
+
+def test_run_directory_names_are_unique(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fixed clock: three runs started within the same second.
+    monkeypatch.setattr(results, "_timestamp", lambda: "20250101-120000")
+
+    paths = [RunDirectory.create(tmp_path / "runs" / "nested", "exp").path for _ in range(3)]
+
+    assert [p.name for p in paths] == ["exp-20250101-120000", "exp-20250101-120000-1", "exp-20250101-120000-2"]
+    assert all(p.is_dir() for p in paths)
+
+
+def test_model_round_trip_with_metadata(run: RunDirectory) -> None:
+    weight = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    state = {"head.weight": weight.t(), "head.bias": torch.zeros(4), "step": torch.tensor(7)}
+    metadata = {"backbone": "tiny", "config": json.dumps({"name": "exp"})}
+
+    path = run.save_model(state, metadata)
+    tensors, loaded_metadata = load_model_file(path)
+
+    assert path == run.path / "model.safetensors"
+    assert set(tensors) == set(state)
+    for name, tensor in state.items():
+        assert torch.equal(tensors[name], tensor)
+    assert loaded_metadata == metadata
+
+
+def test_model_metadata_must_be_strings(run: RunDirectory) -> None:
+    with pytest.raises(TypeError, match="round"):
+        run.save_model({"w": torch.ones(1)}, {"round": 3})  # type: ignore[dict-item]
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        load_model_file(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a safetensors file at all", b"\x08" + b"\x00" * 7 + b"{}"])
+def test_corrupt_model_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        load_model_file(path)
+
+
+def test_truncated_model_file(run: RunDirectory) -> None:
+    path = run.save_model({"w": torch.ones(64)}, {"k": "v"})
+    path.write_bytes(path.read_bytes()[:-16])
+
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        load_model_file(path)
+
+
+def test_plots_are_png_files(run: RunDirectory) -> None:
+    for r in range(5):
+        run.append_round(make_record(r))
+
+    paths = run.write_plots()
+
+    assert [p.name for p in paths] == ["accuracy.png", "bytes.png"]
+    for path in paths:
+        data = path.read_bytes()
+        assert data.startswith(PNG_SIGNATURE)
+        assert len(data) > 1000
+
+
+def test_plots_skip_what_has_no_data(run: RunDirectory) -> None:
+    assert run.write_plots() == []
+
+    run.append_round(make_record(0))  # round 0 alone: an accuracy, but no traffic
+    assert [p.name for p in run.write_plots()] == ["accuracy.png"]
+
+    blank = dict(federated_accuracy=None, central_accuracy=None)
+    other = RunDirectory.create(run.path.parent, "blank")
+    other.append_round(make_record(1, **blank))
+    assert [p.name for p in other.write_plots()] == ["bytes.png"]
+
+
+def test_history_that_is_not_one(tmp_path: Path) -> None:
+    (tmp_path / "history.json").write_text('{"rounds": [{"round": 1, "colour": "red"}]}')
+
+    with pytest.raises(ValueError, match="not a fedtune history"):
+        RunDirectory.load_history(tmp_path / "history.json")
+    with pytest.raises(FileNotFoundError):
+        RunDirectory.load_history(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 B"),
+        (999, "999 B"),
+        (1000, "1.0 KB"),
+        (21_900, "21.9 KB"),
+        (44_700_000, "44.7 MB"),
+        (999_960, "1.0 MB"),
+        (3_200_000_000, "3.2 GB"),
+    ],
+)
+def test_format_bytes(n: int, text: str) -> None:
+    assert format_bytes(n) == text
+
+
+def test_compare_table() -> None:
+    rows = [
+        {"weights": "imagenet", "central_accuracy": 0.91234, "rounds": 5, "bytes_sent": 21_900},
+        {"weights": "none", "central_accuracy": 0.5, "rounds": 5, "bytes_sent": 44_700_000},
+        {"weights": "a|b", "central_accuracy": None, "rounds": 3},
+    ]
+
+    table = compare_table(rows, ["weights", "central_accuracy", "bytes_sent"])
+
+    assert table.splitlines() == [
+        "| weights  | central_accuracy | bytes_sent |",
+        "| -------- | ---------------: | ---------: |",
+        "| imagenet |            0.912 |    21.9 KB |",
+        "| none     |            0.500 |    44.7 MB |",
+        "| a\\|b     |                  |            |",
+    ]
+
+
+def test_progress_prints_a_line_per_round_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    with RoundProgress(2, title="exp") as progress:
+        for r in range(3):
+            progress.round_done(make_record(r))
+        progress.message("early stopping: no gain in 3 rounds")
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "exp: 2 rounds"
+    assert lines[1].startswith("round 0/2  blocks=0  clients=0/0  central_acc=0.100  fed_acc=-")
+    assert lines[2] == (
+        "round 1/2  blocks=0  clients=4/5  central_acc=0.433  fed_acc=0.500  "
+        "sent=18.6 MB  received=11.0 KB  time=1.5s  1 rejected"
+    )
+    assert lines[3].startswith("round 2/2")
+    assert lines[4] == "early stopping: no gain in 3 rounds"
+    assert len(lines) == 5
+
+
+def test_progress_on_a_terminal_prints_table_rows() -> None:
+    output = io.StringIO()
+    console = Console(file=output, force_terminal=True, width=120)
+
+    with RoundProgress(2, title="exp", console=console) as progress:
+        progress.round_done(make_record(1))
+
+    text = output.getvalue()
+    assert "central acc" in text  # the header
+    assert "4/5" in text and "0.433" in text and "18.6 MB" in text
