@@ -1,0 +1,115 @@
+"""The ClientApp: thin Flower handlers around plain-PyTorch local training and evaluation."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.cache import FeatureCache, ModelCache
+from client.task import NodeIdentity, local_data, model_inputs, restore_model
+from fedtune import messages as keys
+from fedtune.backbones import StagedModel
+from fedtune.config import ClientSettings
+from fedtune.engine import evaluate, resolve_device, train_one_round
+from fedtune.params import trainable_state_dict
+
+log = logging.getLogger("fedtune.client")
+
+app = ClientApp()
+
+
+def _prepare(msg: Message, context: Context):  # noqa: ANN202 - internal tuple
+    config = msg.content[keys.CONFIG]
+    settings = ClientSettings.from_message(str(config[keys.CLIENT_CONFIG]))
+    node = NodeIdentity.from_node_config(dict(context.node_config))
+    model_hash = str(config[keys.MODEL_HASH])
+    stages = [str(s) for s in config[keys.TRAINABLE_STAGES]]
+    backbone = msg.content.array_records.get(keys.BACKBONE)
+    model = restore_model(
+        settings,
+        model_hash=model_hash,
+        backbone=backbone.to_torch_state_dict() if backbone is not None else None,
+        trainable=msg.content[keys.ARRAYS].to_torch_state_dict(),
+        stages=stages,
+        cache=ModelCache(node.cache_root),
+    )
+    return settings, node, model_hash, stages, model
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answers the server's question: is the model with this hash already cached here?"""
+    node = NodeIdentity.from_node_config(dict(context.node_config))
+    model_hash = str(msg.content[keys.CONFIG][keys.MODEL_HASH])
+    has_model = ModelCache(node.cache_root).has(model_hash)
+    return Message(RecordDict({keys.METRICS: MetricRecord({keys.HAS_MODEL: int(has_model)})}), reply_to=msg)
+
+
+def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
+    """Local training on this node's partition; returns the reply and the locally trained model."""
+    settings, node, model_hash, stages, model = _prepare(msg, context)
+    data = local_data(settings, node)
+    device = resolve_device(settings.train.device)
+    torch.manual_seed(settings.seed + node.partition_id)
+    inputs, start = model_inputs(
+        model,
+        data.train,
+        identity=data.train_identity,
+        stages=stages,
+        model_hash=model_hash,
+        augmented=settings.data.augment,
+        cache=FeatureCache(node.cache_root),
+        device=device,
+    )
+    config = msg.content[keys.CONFIG]
+    server_round = int(config.get(keys.SERVER_ROUND, 0))
+    result = train_one_round(
+        model,
+        inputs,
+        stages=stages,
+        cfg=settings.train,
+        start=start,
+        proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
+        seed=settings.seed * 1000 + server_round * 100 + node.partition_id,
+        device=device,
+    )
+    log.info("partition %d round %d: loss %.4f acc %.3f on %d examples",
+             node.partition_id, server_round, result.loss, result.accuracy, result.num_examples)
+    metrics = MetricRecord(
+        {keys.NUM_EXAMPLES: result.num_examples, "train_loss": result.loss, "train_accuracy": result.accuracy}
+    )
+    arrays = ArrayRecord(trainable_state_dict(model.cpu(), stages))
+    return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg), model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return run_training(msg, context)[0]
+
+
+@app.evaluate()
+def evaluate_locally(msg: Message, context: Context) -> Message:
+    """The global model on this node's local validation split."""
+    settings, node, model_hash, stages, model = _prepare(msg, context)
+    data = local_data(settings, node)
+    device = resolve_device(settings.train.device)
+    inputs, start = model_inputs(
+        model,
+        data.validation,
+        identity=data.validation_identity,
+        stages=stages,
+        model_hash=model_hash,
+        augmented=False,
+        cache=FeatureCache(node.cache_root),
+        device=device,
+    )
+    result = evaluate(model, inputs, start=start, device=device)
+    if not result.num_examples:
+        raise ValueError("this node has no local validation examples (raise data.val_fraction)")
+    metrics = MetricRecord(
+        {keys.NUM_EXAMPLES: result.num_examples, "loss": result.loss, "accuracy": result.accuracy}
+    )
+    return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)

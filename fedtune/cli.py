@@ -1,0 +1,121 @@
+"""The `fedtune` command: simulate a federation, check a config, classify with a saved model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedtune.config import ConfigError, ExperimentConfig, load_config
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Federated fine-tuning of pretrained backbones on Flower.")
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment file (YAML).", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a setting, e.g. --set train.lr=0.01 (repeatable).", show_default=False),
+]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as error:
+        _fail(str(error))
+        raise  # unreachable: _fail exits
+
+
+@cli.command()
+def check(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Validate an experiment file and print the resolved settings."""
+    cfg = _load(config, set_)
+    typer.echo(cfg.to_json())
+
+
+def _comparison_row(label: str, outcome: object, history_file: Path) -> dict[str, object]:
+    from fedtune.results import RunDirectory
+
+    rounds = [r for r in RunDirectory.load_history(history_file) if r.round > 0]
+    return {
+        "run": label,
+        "final accuracy": outcome.final_central_accuracy,  # type: ignore[attr-defined]
+        "best accuracy": max((r.central_accuracy or 0.0) for r in rounds),
+        "bytes per round (after the first)": (
+            sum(r.bytes_sent + r.bytes_received for r in rounds[1:]) / max(1, len(rounds) - 1)
+        ),
+        "bytes in the first round": rounds[0].bytes_sent + rounds[0].bytes_received,
+        "seconds": sum(r.seconds for r in rounds),
+        "results": str(outcome.run_dir),  # type: ignore[attr-defined]
+    }
+
+
+@cli.command()
+def simulate(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    compare_scratch: Annotated[
+        bool, typer.Option("--compare-scratch", help="Also run the same budget from random weights and compare.")
+    ] = False,
+) -> None:
+    """Run a federation of virtual clients on this machine (Flower simulation engine, Ray)."""
+    cfg = _load(config, set_)
+    from fedtune.simulation import simulate as run
+
+    outcome = run(cfg)
+    rows = [_comparison_row(f"{cfg.model.weights} weights", outcome, outcome.run_dir / "history.json")]
+    if compare_scratch and cfg.model.weights != "none":
+        scratch_cfg = _load(config, [*(set_ or []), "model.weights=none", f"name={cfg.name}-scratch"])
+        scratch = run(scratch_cfg)
+        rows.append(_comparison_row("random init (scratch)", scratch, scratch.run_dir / "history.json"))
+    from fedtune.results import compare_table
+
+    typer.echo("")
+    typer.echo(compare_table(rows, list(rows[0])))
+    if len(rows) > 1:
+        (outcome.run_dir / "comparison.json").write_text(json.dumps(rows, indent=2))
+    typer.echo(f"\nresults: {outcome.run_dir}")
+
+
+@cli.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="A run directory, or its model.safetensors.", show_default=False)],
+    images: Annotated[
+        Path | None,
+        typer.Option(help="Folder of images (class subfolders give labels); default: the run's test split."),
+    ] = None,
+    show: Annotated[int, typer.Option(help="How many predictions to print.")] = 10,
+) -> None:
+    """Classify images with a saved model; prints accuracy where labels are known."""
+    from fedtune.predict import accuracy, load_saved, predict_folder, predict_test_split
+
+    try:
+        run = load_saved(model)
+        predictions = predict_folder(run, images) if images else predict_test_split(run)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+        return
+    for p in predictions[:show]:
+        truth = f"  (label: {p.label})" if p.label is not None else ""
+        typer.echo(f"{p.item}: {p.predicted} {p.confidence:.2f}{truth}")
+    if len(predictions) > show:
+        typer.echo(f"... {len(predictions) - show} more")
+    acc = accuracy(predictions)
+    if acc is not None:
+        labelled = sum(p.label is not None for p in predictions)
+        typer.echo(f"accuracy: {acc:.4f} on {labelled} labelled images")
+
+
+def main() -> None:
+    try:
+        cli()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,16 @@
+"""Names of the records and keys in fedtune's messages; Flower's own keys are kept as they are."""
+
+# Flower's strategies read and write these.
+ARRAYS = "arrays"  # the trainable tensors, keyed by state-dict name
+CONFIG = "config"
+METRICS = "metrics"
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+
+# fedtune's own.
+BACKBONE = "fedtune.backbone"  # ArrayRecord: the full initial model, only for a node that lacks it
+CLIENT_CONFIG = "fedtune.client-config"  # JSON of the settings a client needs
+MODEL_HASH = "fedtune.model-hash"  # content hash of the full initial model
+TRAINABLE_STAGES = "fedtune.trainable-stages"  # stages that train (and travel) this round
+HAS_MODEL = "fedtune.has-model"  # query reply: 1 if the node holds the model with MODEL_HASH

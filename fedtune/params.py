@@ -1,0 +1,124 @@
+"""Which tensors train and travel: the only code deciding that, always keyed by name."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from fedtune.backbones import StagedModel
+
+HEAD = "head"
+# BatchNorm's step counter is an int64 that weighted averaging would turn into a float, and it
+# only matters for BatchNorm layers with momentum=None (none of the registered backbones).
+_NOT_TRAVELLING_SUFFIX = "num_batches_tracked"
+
+
+def trainable_stages(model: StagedModel, blocks: int | Literal["all"]) -> list[str]:
+    """The head plus the last `blocks` blocks below it (all of them for "all"), bottom to top."""
+    names = model.block_names
+    if blocks == "all":
+        chosen = names
+    else:
+        if blocks > len(names):
+            raise ValueError(
+                f"trainable_blocks={blocks} but the backbone has only {len(names)} blocks: {', '.join(names)}"
+            )
+        chosen = names[len(names) - blocks :] if blocks else []
+    return [*chosen, HEAD]
+
+
+def stage_of(key: str) -> str:
+    """`stages.<stage>.<rest>` -> `<stage>`: the layer group a state-dict entry belongs to."""
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "stages":
+        raise ValueError(f"{key!r} is not a key of a staged model")
+    return parts[1]
+
+
+def travelling_keys(model: StagedModel, stages: list[str]) -> list[str]:
+    """State-dict keys (parameters and BatchNorm statistics) of the given stages, in model order."""
+    wanted = set(stages)
+    return [
+        key
+        for key in model.state_dict()
+        if stage_of(key) in wanted and not key.endswith(_NOT_TRAVELLING_SUFFIX)
+    ]
+
+
+def trainable_state_dict(model: StagedModel, stages: list[str]) -> dict[str, Tensor]:
+    state = model.state_dict()
+    return {key: state[key].detach().cpu() for key in travelling_keys(model, stages)}
+
+
+def load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], *, expected_keys: list[str]) -> None:
+    """Copy named tensors into the model; the key set must match exactly, shapes must agree."""
+    missing = sorted(set(expected_keys) - set(tensors))
+    extra = sorted(set(tensors) - set(expected_keys))
+    if missing or extra:
+        raise ValueError(f"tensor keys do not match the trainable set: missing {missing[:3]}, unexpected {extra[:3]}")
+    state = model.state_dict()
+    for key, value in tensors.items():
+        if state[key].shape != value.shape:
+            raise ValueError(f"{key}: shape {tuple(value.shape)} does not match the model's {tuple(state[key].shape)}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            state[key].copy_(value)
+
+
+def freeze_all_but(model: StagedModel, stages: list[str]) -> None:
+    """requires_grad only for the given stages."""
+    wanted = set(stages)
+    for name, stage in model.stages.items():
+        for parameter in stage.parameters():
+            parameter.requires_grad_(name in wanted)
+
+
+def set_train_mode(model: StagedModel, stages: list[str]) -> None:
+    """Training mode for trainable stages only.
+
+    requires_grad=False does not stop BatchNorm from updating its running statistics in train():
+    frozen stages stay in eval() so they remain bit-identical to the server's copy.
+    """
+    wanted = set(stages)
+    for name, stage in model.stages.items():
+        stage.train(name in wanted)
+
+
+def first_trainable_index(model: StagedModel, stages: list[str]) -> int:
+    """Index of the lowest trainable stage: everything below it is a frozen prefix."""
+    names = list(model.stages)
+    return min(names.index(stage) for stage in stages)
+
+
+def param_groups(
+    model: StagedModel, stages: list[str], *, lr: float, decay_per_block: float
+) -> list[dict[str, object]]:
+    """Discriminative learning rates: the head at lr, the i-th block below it at lr * decay**i."""
+    ordered = [name for name in reversed(list(model.stages)) if name in set(stages)]
+    groups = []
+    depth = 0
+    for name in ordered:
+        parameters = [p for p in model.stages[name].parameters() if p.requires_grad]
+        if not parameters:  # parameterless stages (pooling) are not blocks
+            continue
+        groups.append({"params": parameters, "lr": lr * decay_per_block**depth, "stage": name})
+        depth += 1
+    return groups
+
+
+def state_hash(tensors: Mapping[str, Tensor]) -> str:
+    """Content hash of named tensors (names, dtypes, shapes and bytes): the model cache key."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def num_bytes(tensors: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,35 @@
+"""The ServerApp that `flwr run .` starts: reads the experiment file named in the run config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.config import ExperimentConfig, load_config
+from fedtune.logs import setup_logging
+from server.federation import run_federation
+
+# The app bundle's root: `flwr run` ships configs/ inside it, so a relative config path is
+# looked up there when it is not found in the working directory.
+APP_ROOT = Path(__file__).resolve().parents[1]
+
+
+def config_from_run_config(run_config: dict[str, object]) -> ExperimentConfig:
+    """`config` names the experiment file; `set` holds optional overrides, `;`-separated."""
+    name = str(run_config.get("config", "configs/quickstart.yaml"))
+    path = Path(name)
+    if not path.is_absolute() and not path.is_file():
+        path = APP_ROOT / name
+    overrides = [item.strip() for item in str(run_config.get("set", "")).split(";") if item.strip()]
+    return load_config(path, overrides)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    setup_logging()
+    run_federation(grid, config_from_run_config(dict(context.run_config)))

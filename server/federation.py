@@ -1,0 +1,235 @@
+"""The server's run: build the model, drive the rounds through a Flower strategy, record everything."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from fedtune import messages as keys
+from fedtune.backbones import StagedModel, build_model, preprocessing_for
+from fedtune.config import ClientSettings, ExperimentConfig
+from fedtune.data import load_split
+from fedtune.engine import resolve_device
+from fedtune.params import first_trainable_index, load_tensors, state_hash, trainable_stages, trainable_state_dict
+from fedtune.results import RoundProgress, RoundRecord, RunDirectory
+from server.delivery import ModelDelivery, Traffic
+from server.evaluate import CentralEvaluator
+from strategies import build_strategy
+from strategies.validation import sort_replies, specs_of
+
+log = logging.getLogger("fedtune.server")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_dir: Path
+    rounds_completed: int
+    stop_reason: str
+    final_central_accuracy: float
+    backbone_deliveries: dict[int, int]
+
+
+class EarlyStopping:
+    """Stops when the watched metric has not improved by min_delta for `patience` rounds."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg.early_stopping
+        self.maximise = self.cfg.metric.endswith("accuracy")
+        self.best: float | None = None
+        self.best_round = 0
+        self.stale = 0
+
+    def update(self, record: RoundRecord) -> bool:
+        """Record a round; True when the run should stop."""
+        value = getattr(record, self.cfg.metric)
+        if value is None or math.isnan(value):
+            return False
+        improved = self.best is None or (
+            value > self.best + self.cfg.min_delta if self.maximise else value < self.best - self.cfg.min_delta
+        )
+        if improved:
+            self.best, self.best_round, self.stale = value, record.round, 0
+        else:
+            self.stale += 1
+        return self.cfg.enabled and self.stale >= self.cfg.patience
+
+
+def _blocks_label(blocks: int | str) -> str:
+    return str(blocks)
+
+
+def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
+    """Run every round of `cfg` on the nodes behind `grid`; results go to a new run directory."""
+    torch.manual_seed(cfg.seed)
+    # Everything that can fail on bad input (data, weights) happens before the run directory
+    # exists, so a failed start leaves nothing behind.
+    test_set = load_split(cfg.data.source, "test", root=cfg.data.root, download=cfg.data.download, seed=cfg.seed)
+    preprocessing = preprocessing_for(cfg.model.backbone).at_size(cfg.data.image_size)
+    test_set = test_set.with_transform(preprocessing.transform(augment=False))
+    num_classes = len(test_set.classes)
+    model = build_model(
+        cfg.model.backbone, num_classes=num_classes, weights=cfg.model.weights, head_dropout=cfg.model.head_dropout
+    )
+    for blocks in {cfg.train.trainable_blocks, *(s.trainable_blocks for s in cfg.train.unfreeze)}:
+        trainable_stages(model, blocks)  # fails early, naming the blocks, if a setting does not fit
+    initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    model_hash = state_hash(initial_state)
+    buffer_keys = frozenset(name for name, _ in model.named_buffers())
+    strategy = build_strategy(cfg, buffer_keys=buffer_keys)
+    settings = ClientSettings.of(cfg, num_classes=num_classes).to_message()
+
+    run_dir = RunDirectory.create(cfg.output.dir, cfg.name)
+    run_dir.write_config(cfg.to_json())
+    log.info("run directory: %s", run_dir.path)
+    log.info("model %s: %s, %d classes, hash %s", cfg.model.backbone, cfg.model.weights, num_classes, model_hash[:12])
+
+    device = resolve_device(cfg.train.device)
+    evaluator = CentralEvaluator(test_set, device=device)
+    delivery = ModelDelivery(
+        model_hash=model_hash, backbone=ArrayRecord(initial_state), timeout=cfg.federation.round_timeout
+    )
+    stopper = EarlyStopping(cfg)
+    started = time.monotonic()
+
+    def central(stages: list[str]) -> tuple[float, float]:
+        metrics = evaluator(model, frozen_prefix=first_trainable_index(model, stages))
+        return metrics.loss, metrics.accuracy
+
+    first_stages = trainable_stages(model, cfg.train.trainable_blocks_at(1))
+    loss0, acc0 = central(first_stages)
+    baseline = RoundRecord(
+        round=0, trainable_blocks=_blocks_label(cfg.train.trainable_blocks), clients_sampled=0, clients_ok=0,
+        clients_rejected=0, clients_failed=0, bytes_sent=0, bytes_received=0, bytes_sent_backbone=0,
+        train_loss=None, train_accuracy=None, federated_loss=None, federated_accuracy=None,
+        central_loss=loss0, central_accuracy=acc0, seconds=0.0,
+    )
+    run_dir.append_round(baseline)
+    stopper.update(baseline)
+
+    stop_reason = f"completed {cfg.federation.rounds} rounds"
+    completed = 0
+    with RoundProgress(cfg.federation.rounds, title=f"{cfg.name}: federated fine-tuning") as progress:
+        progress.round_done(baseline)
+        for server_round in range(1, cfg.federation.rounds + 1):
+            round_started = time.monotonic()
+            blocks = cfg.train.trainable_blocks_at(server_round)
+            stages = trainable_stages(model, blocks)
+            arrays = ArrayRecord(trainable_state_dict(model, stages))
+            config = ConfigRecord(
+                {keys.CLIENT_CONFIG: settings, keys.MODEL_HASH: model_hash, keys.TRAINABLE_STAGES: stages}
+            )
+            traffic = Traffic()
+
+            train_messages = list(strategy.configure_train(server_round, arrays, config, grid))
+            replies = delivery.send_and_receive(grid, train_messages, traffic)
+            sorted_replies = sort_replies(replies, specs_of(arrays), server_round=server_round)
+            lost = len(train_messages) - len(replies)
+            aggregated, train_metrics = strategy.aggregate_train(server_round, sorted_replies.valid)
+            if aggregated is not None:
+                load_tensors(model, aggregated.to_torch_state_dict(), expected_keys=list(arrays.keys()))
+            else:
+                log.warning("round %d: no valid update to aggregate; the model is unchanged", server_round)
+
+            eval_arrays = ArrayRecord(trainable_state_dict(model, stages))
+            eval_messages = list(strategy.configure_evaluate(server_round, eval_arrays, config, grid))
+            fed_metrics = None
+            if eval_messages:
+                eval_replies = delivery.send_and_receive(grid, eval_messages, traffic)
+                fed_metrics = strategy.aggregate_evaluate(server_round, [r for r in eval_replies if not r.has_error()])
+
+            central_loss, central_accuracy = central(stages)
+            record = RoundRecord(
+                round=server_round,
+                trainable_blocks=_blocks_label(blocks),
+                clients_sampled=len(train_messages),
+                clients_ok=len(sorted_replies.valid),
+                clients_rejected=len(sorted_replies.rejected),
+                clients_failed=len(sorted_replies.failed) + lost,
+                bytes_sent=traffic.sent,
+                bytes_received=traffic.received,
+                bytes_sent_backbone=traffic.sent_backbone,
+                train_loss=_metric(train_metrics, "train_loss"),
+                train_accuracy=_metric(train_metrics, "train_accuracy"),
+                federated_loss=_metric(fed_metrics, "loss"),
+                federated_accuracy=_metric(fed_metrics, "accuracy"),
+                central_loss=central_loss,
+                central_accuracy=central_accuracy,
+                seconds=time.monotonic() - round_started,
+            )
+            run_dir.append_round(record)
+            progress.round_done(record)
+            completed = server_round
+            if stopper.update(record):
+                stop_reason = (
+                    f"early stopping: {cfg.early_stopping.metric} did not improve for "
+                    f"{cfg.early_stopping.patience} rounds (best {stopper.best:.4f} in round {stopper.best_round})"
+                )
+                progress.message(stop_reason)
+                break
+
+    return _finish(run_dir, cfg, model, model_hash, delivery, completed, stop_reason, started, num_classes, test_set.classes)
+
+
+def _metric(record: object, name: str) -> float | None:
+    if record is None or name not in record:  # type: ignore[operator]
+        return None
+    return float(record[name])  # type: ignore[index]
+
+
+def _finish(
+    run_dir: RunDirectory,
+    cfg: ExperimentConfig,
+    model: StagedModel,
+    model_hash: str,
+    delivery: ModelDelivery,
+    completed: int,
+    stop_reason: str,
+    started: float,
+    num_classes: int,
+    classes: list[str],
+) -> RunOutcome:
+    history = RunDirectory.load_history(run_dir.path / "history.json")
+    last = history[-1]
+    metadata = {
+        "backbone": cfg.model.backbone,
+        "num_classes": str(num_classes),
+        "classes": ",".join(classes),
+        "head_dropout": str(cfg.model.head_dropout),
+        "image_size": str(cfg.data.image_size or ""),
+        "data_source": cfg.data.source,
+        "initial_model_hash": model_hash,
+        "rounds": str(completed),
+    }
+    run_dir.save_model({k: v.detach().cpu() for k, v in model.state_dict().items()}, metadata)
+    rounds = [r for r in history if r.round > 0]
+    summary = {
+        "name": cfg.name,
+        "stop_reason": stop_reason,
+        "rounds_completed": completed,
+        "final_central_accuracy": last.central_accuracy,
+        "final_central_loss": last.central_loss,
+        "best_central_accuracy": max(r.central_accuracy for r in history if r.central_accuracy is not None),
+        "initial_central_accuracy": history[0].central_accuracy,
+        "bytes_sent_total": sum(r.bytes_sent for r in rounds),
+        "bytes_received_total": sum(r.bytes_received for r in rounds),
+        "bytes_backbone_total": sum(r.bytes_sent_backbone for r in rounds),
+        "backbone_deliveries_per_node": {str(k): v for k, v in sorted(delivery.deliveries.items())},
+        "wall_seconds": time.monotonic() - started,
+    }
+    run_dir.write_summary(summary)
+    run_dir.write_plots()
+    log.info("results: %s", run_dir.path)
+    return RunOutcome(
+        run_dir=run_dir.path,
+        rounds_completed=completed,
+        stop_reason=stop_reason,
+        final_central_accuracy=float(last.central_accuracy or float("nan")),
+        backbone_deliveries=dict(delivery.deliveries),
+    )

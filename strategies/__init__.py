@@ -1,0 +1,112 @@
+"""Aggregation strategies selectable in the experiment file: a registry over Flower's implementations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from fedtune.config import ExperimentConfig
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Strategy]], Callable[..., Strategy]]:
+    def decorator(factory: Callable[..., Strategy]) -> Callable[..., Strategy]:
+        STRATEGIES[name] = factory
+        return factory
+
+    return decorator
+
+
+class _PartialUpdatesMixin:
+    """Makes Flower's server optimisers (FedAdam, FedYogi) fit partial, growing updates.
+
+    - When the unfreeze schedule adds tensors, their optimiser moments start at zero instead of
+      the strategy failing on keys it has never seen.
+    - BatchNorm running statistics are statistics, not parameters: they take the plain weighted
+      average; an adaptive step could even make a running variance negative.
+    """
+
+    buffer_keys: frozenset[str]
+    current_arrays: dict[str, np.ndarray] | None
+    m_t: dict[str, np.ndarray] | None
+    v_t: dict[str, np.ndarray] | None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if self.current_arrays is not None:
+            for moments in (self.m_t, self.v_t):
+                if moments:
+                    for key, value in self.current_arrays.items():
+                        moments.setdefault(key, np.zeros_like(value))
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        buffers = self.buffer_keys & set(arrays.keys()) if arrays is not None else set()
+        if buffers:
+            averaged = aggregate_arrayrecords([r.content for r in replies if not r.has_error()], "num-examples")
+            for key in buffers:
+                arrays[key] = Array(np.asarray(averaged[key].numpy()))
+        return arrays, metrics
+
+
+class PartialFedAdam(_PartialUpdatesMixin, FedAdam):
+    def __init__(self, *, buffer_keys: frozenset[str], **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.buffer_keys = buffer_keys
+
+
+class PartialFedYogi(_PartialUpdatesMixin, FedYogi):
+    def __init__(self, *, buffer_keys: frozenset[str], **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.buffer_keys = buffer_keys
+
+
+def _sampling(cfg: ExperimentConfig) -> dict[str, object]:
+    clients = cfg.federation.num_clients
+    per_round = cfg.federation.clients_per_round or clients
+    evaluate = per_round if cfg.data.val_fraction > 0 else 0
+    return {
+        "fraction_train": per_round / clients,
+        "min_train_nodes": per_round,
+        "fraction_evaluate": evaluate / clients,
+        "min_evaluate_nodes": evaluate,
+        "min_available_nodes": clients,
+    }
+
+
+@register("fedavg")
+def _fedavg(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
+    return FedAvg(**_sampling(cfg))
+
+
+@register("fedprox")
+def _fedprox(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
+    return FedProx(proximal_mu=cfg.strategy.proximal_mu, **_sampling(cfg))
+
+
+def _fedopt_args(cfg: ExperimentConfig) -> dict[str, object]:
+    s = cfg.strategy
+    return {"eta": s.eta, "eta_l": cfg.train.lr, "beta_1": s.beta_1, "beta_2": s.beta_2, "tau": s.tau}
+
+
+@register("fedadam")
+def _fedadam(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
+    return PartialFedAdam(buffer_keys=buffer_keys, **_fedopt_args(cfg), **_sampling(cfg))
+
+
+@register("fedyogi")
+def _fedyogi(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
+    return PartialFedYogi(buffer_keys=buffer_keys, **_fedopt_args(cfg), **_sampling(cfg))
+
+
+def build_strategy(cfg: ExperimentConfig, *, buffer_keys: frozenset[str] = frozenset()) -> Strategy:
+    """The configured strategy; `buffer_keys` name the non-parameter tensors that may travel."""
+    name = cfg.strategy.name
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name](cfg, buffer_keys)

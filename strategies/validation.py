@@ -1,0 +1,81 @@
+"""Checks on clients' replies before aggregation: a malformed update is named, logged and left out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from fedtune import messages as keys
+
+log = logging.getLogger("fedtune.server")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def specs_of(arrays: ArrayRecord) -> dict[str, TensorSpec]:
+    """What a reply must match: the names, shapes and dtypes the server sent."""
+    return {key: TensorSpec(tuple(array.shape), np.dtype(array.numpy().dtype)) for key, array in arrays.items()}
+
+
+def problem_with(reply: Message, expected: Mapping[str, TensorSpec]) -> str | None:
+    """Why a training reply cannot be aggregated, or None if it can."""
+    content = reply.content
+    if list(content.array_records) != [keys.ARRAYS]:
+        return f"expected one ArrayRecord {keys.ARRAYS!r}, got {sorted(content.array_records)}"
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, got {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    weight = metrics.get(keys.NUM_EXAMPLES)
+    if not isinstance(weight, int) or isinstance(weight, bool) or weight <= 0:
+        return f"{keys.NUM_EXAMPLES!r} must be a positive integer, got {weight!r}"
+    arrays = content.array_records[keys.ARRAYS]
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        return f"missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+    extra = sorted(set(arrays) - set(expected))
+    if extra:
+        return f"unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''}"
+    for key, spec in expected.items():
+        try:
+            value = arrays[key].numpy()
+        except Exception as error:  # undecodable bytes from a broken or hostile client
+            return f"tensor {key!r} cannot be decoded: {error}"
+        if tuple(value.shape) != spec.shape:
+            return f"tensor {key!r} has shape {tuple(value.shape)}, expected {spec.shape}"
+        if value.dtype != spec.dtype:
+            return f"tensor {key!r} has dtype {value.dtype}, expected {spec.dtype}"
+        if not np.isfinite(value).all():
+            return f"tensor {key!r} holds non-finite values (NaN or inf)"
+    return None
+
+
+@dataclass
+class SortedReplies:
+    valid: list[Message] = field(default_factory=list)
+    rejected: list[Message] = field(default_factory=list)  # malformed content
+    failed: list[Message] = field(default_factory=list)  # the client reported an error
+
+
+def sort_replies(replies: Iterable[Message], expected: Mapping[str, TensorSpec], *, server_round: int) -> SortedReplies:
+    sorted_replies = SortedReplies()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("round %d: client %d failed: %s", server_round, node, reply.error.reason)
+            sorted_replies.failed.append(reply)
+            continue
+        problem = problem_with(reply, expected)
+        if problem is None:
+            sorted_replies.valid.append(reply)
+        else:
+            log.warning("round %d: rejected the update of client %d: %s", server_round, node, problem)
+            sorted_replies.rejected.append(reply)
+    return sorted_replies
