@@ -70,12 +70,17 @@ def simulate(
     cfg = _load(config, set_)
     from fedtune.simulation import simulate as run
 
-    outcome = run(cfg)
-    rows = [_comparison_row(f"{cfg.model.weights} weights", outcome, outcome.run_dir / "history.json")]
-    if compare_scratch and cfg.model.weights != "none":
-        scratch_cfg = _load(config, [*(set_ or []), "model.weights=none", f"name={cfg.name}-scratch"])
-        scratch = run(scratch_cfg)
-        rows.append(_comparison_row("random init (scratch)", scratch, scratch.run_dir / "history.json"))
+    try:
+        outcome = run(cfg)
+        rows = [_comparison_row(f"{cfg.model.weights} weights", outcome, outcome.run_dir / "history.json")]
+        if compare_scratch and cfg.model.weights != "none":
+            scratch_cfg = _load(config, [*(set_ or []), "model.weights=none", f"name={cfg.name}-scratch"])
+            scratch = run(scratch_cfg)
+            rows.append(_comparison_row("random init (scratch)", scratch, scratch.run_dir / "history.json"))
+    except (FileNotFoundError, ValueError, RuntimeError, ConnectionError) as error:
+        # Bad data paths, weights files or a run that cannot go on: one line, not a traceback.
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=1) from None
     from fedtune.results import compare_table
 
     typer.echo("")

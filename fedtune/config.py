@@ -69,6 +69,8 @@ class FederationConfig(_Section):
     client_gpus: Annotated[float, Field(ge=0.0)] = 0.0
     # Seconds the server waits for one round's replies.
     round_timeout: Annotated[float, Field(gt=0.0)] = 3600.0
+    # Seconds the server waits, before round 1, for num_clients nodes to be connected.
+    connect_timeout: Annotated[float, Field(gt=0.0)] = 120.0
 
     @model_validator(mode="after")
     def _sample_fits(self) -> FederationConfig:
@@ -169,7 +171,7 @@ class ExperimentConfig(_Section):
         for step in self.train.unfreeze:
             if step.from_round > self.federation.rounds:
                 raise ValueError(
-                    f"train.unfreeze from_round {step.from_round} is after the last round "
+                    f"train.unfreeze: from_round {step.from_round} is after the last round "
                     f"(federation.rounds = {self.federation.rounds})"
                 )
         return self
@@ -188,8 +190,10 @@ def _format_error(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        shown = f" (got {item['input']!r})" if item["type"] not in ("extra_forbidden", "missing") else ""
-        lines.append(f"{key or '<top level>'}: {message}{shown}")
+        # The offending value helps when it is a scalar; a whole section would drown the message.
+        scalar = not isinstance(item["input"], dict | list | tuple)
+        shown = f" (got {item['input']!r})" if scalar and item["type"] not in ("extra_forbidden", "missing") else ""
+        lines.append(f"{key}: {message}{shown}" if key else f"{message}{shown}")
     return "; ".join(dict.fromkeys(lines))
 
 

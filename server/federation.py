@@ -61,8 +61,18 @@ class EarlyStopping:
         return self.cfg.enabled and self.stale >= self.cfg.patience
 
 
-def _blocks_label(blocks: int | str) -> str:
-    return str(blocks)
+def _wait_for_nodes(grid: Grid, cfg: ExperimentConfig) -> None:
+    """Strategies wait forever for missing nodes; fail instead, saying how to fix it."""
+    expected = cfg.federation.num_clients
+    deadline = time.monotonic() + cfg.federation.connect_timeout
+    while (connected := len(list(grid.get_node_ids()))) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if connected != expected:
+        raise RuntimeError(
+            f"{connected} nodes are connected but federation.num_clients is {expected}: in simulation with "
+            f"`flwr run`, pass --federation-config \"num-supernodes={expected}\" (or set federation.num_clients "
+            f"to {connected}); on real nodes, start {expected} clients"
+        )
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
@@ -85,6 +95,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     strategy = build_strategy(cfg, buffer_keys=buffer_keys)
     settings = ClientSettings.of(cfg, num_classes=num_classes).to_message()
 
+    _wait_for_nodes(grid, cfg)
+
     run_dir = RunDirectory.create(cfg.output.dir, cfg.name)
     run_dir.write_config(cfg.to_json())
     log.info("run directory: %s", run_dir.path)
@@ -105,7 +117,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     first_stages = trainable_stages(model, cfg.train.trainable_blocks_at(1))
     loss0, acc0 = central(first_stages)
     baseline = RoundRecord(
-        round=0, trainable_blocks=_blocks_label(cfg.train.trainable_blocks), clients_sampled=0, clients_ok=0,
+        round=0, trainable_blocks=str(cfg.train.trainable_blocks), clients_sampled=0, clients_ok=0,
         clients_rejected=0, clients_failed=0, bytes_sent=0, bytes_received=0, bytes_sent_backbone=0,
         train_loss=None, train_accuracy=None, federated_loss=None, federated_accuracy=None,
         central_loss=loss0, central_accuracy=acc0, seconds=0.0,
@@ -147,7 +159,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
             central_loss, central_accuracy = central(stages)
             record = RoundRecord(
                 round=server_round,
-                trainable_blocks=_blocks_label(blocks),
+                trainable_blocks=str(blocks),
                 clients_sampled=len(train_messages),
                 clients_ok=len(sorted_replies.valid),
                 clients_rejected=len(sorted_replies.rejected),
@@ -166,6 +178,16 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
             run_dir.append_round(record)
             progress.round_done(record)
             completed = server_round
+            if train_messages and not sorted_replies.valid:
+                # Every client failing the same way (bad data path, infeasible partitioning) would
+                # otherwise burn all remaining rounds on an unchanged model.
+                reasons = sorted(set(sorted_replies.problems.values())) or ["no replies before the round timeout"]
+                _finish(run_dir, cfg, model, model_hash, delivery, completed, "aborted", started,
+                        num_classes, test_set.classes)
+                raise RuntimeError(
+                    f"round {server_round}: no client returned a usable update, so the run stops "
+                    f"(results so far: {run_dir.path}). Reasons: " + " | ".join(reasons)
+                )
             if stopper.update(record):
                 stop_reason = (
                     f"early stopping: {cfg.early_stopping.metric} did not improve for "

@@ -57,11 +57,23 @@ def problem_with(reply: Message, expected: Mapping[str, TensorSpec]) -> str | No
     return None
 
 
+def concise_reason(reason: str) -> str:
+    """The client's own error message out of the traceback text Flower and Ray wrap around it."""
+    marker = "Message: "
+    if marker in reason:
+        tail = reason.rsplit(marker, 1)[1].strip()
+        first = tail.splitlines()[0] if tail else reason
+        return first.removesuffix("'>")[:500]  # Ray wraps the message in an object's repr
+    lines = [line for line in reason.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "no reason given"
+
+
 @dataclass
 class SortedReplies:
     valid: list[Message] = field(default_factory=list)
     rejected: list[Message] = field(default_factory=list)  # malformed content
     failed: list[Message] = field(default_factory=list)  # the client reported an error
+    problems: dict[int, str] = field(default_factory=dict)  # node -> why it was left out
 
 
 def sort_replies(replies: Iterable[Message], expected: Mapping[str, TensorSpec], *, server_round: int) -> SortedReplies:
@@ -69,8 +81,10 @@ def sort_replies(replies: Iterable[Message], expected: Mapping[str, TensorSpec],
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("round %d: client %d failed: %s", server_round, node, reply.error.reason)
+            reason = concise_reason(reply.error.reason)
+            log.warning("round %d: client %d failed: %s", server_round, node, reason)
             sorted_replies.failed.append(reply)
+            sorted_replies.problems[node] = reason
             continue
         problem = problem_with(reply, expected)
         if problem is None:
@@ -78,4 +92,5 @@ def sort_replies(replies: Iterable[Message], expected: Mapping[str, TensorSpec],
         else:
             log.warning("round %d: rejected the update of client %d: %s", server_round, node, problem)
             sorted_replies.rejected.append(reply)
+            sorted_replies.problems[node] = problem
     return sorted_replies

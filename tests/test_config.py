@@ -36,7 +36,7 @@ def test_committed_configs_are_valid() -> None:
         ("train:\n  trainable_blocks: some\n", "train.trainable_blocks", "'all'"),
         (
             "federation:\n  rounds: 3\ntrain:\n  unfreeze:\n    - {from_round: 5, trainable_blocks: 1}\n",
-            "<top level>",
+            "train.unfreeze",
             "after the last round",
         ),
         (

@@ -1,0 +1,131 @@
+"""Real federations in Flower's simulation engine (Ray): what trains, what travels, what is rejected."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtune.config import ExperimentConfig, load_config
+from fedtune.params import stage_of
+from fedtune.results import RunDirectory, load_model_file
+from fedtune.simulation import simulate
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+PROTOCOL_OVERHEAD = 0.05
+
+
+@pytest.fixture
+def ray_can_import_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray workers inherit the environment: let them import the probe ClientApps by name.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
+def small_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
+    """The quickstart task at 32 px: real pretrained Lite0, real digits, seconds per round."""
+    return load_config(REPO / "configs" / "quickstart.yaml", [
+        "data.image_size=32", "federation.num_clients=3", "federation.rounds=4", "train.local_epochs=1",
+        "train.trainable_blocks=0", "train.unfreeze=[{from_round: 3, trainable_blocks: 1}]",
+        f"output.dir={tmp_path / 'runs'}", *overrides,
+    ])
+
+
+def test_partial_updates_frozen_bits_and_backbone_once(
+    tmp_path: Path, ray_can_import_tests: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from probe_clients import PROBE_DIR_ENV, recording_app
+
+    probe = tmp_path / "probe"
+    monkeypatch.setenv(PROBE_DIR_ENV, str(probe))
+    cfg = small_config(tmp_path)
+    outcome = simulate(cfg, client_app=recording_app)
+
+    history = RunDirectory.load_history(outcome.run_dir / "history.json")
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    final, meta = load_model_file(outcome.run_dir / "model.safetensors")
+    initial_hash = meta["initial_model_hash"]
+    head = {k: v for k, v in final.items() if stage_of(k) == "head"}
+    block = {k: v for k, v in final.items() if stage_of(k) == "conv_head" and not k.endswith("num_batches_tracked")}
+    head_bytes = sum(t.numel() * t.element_size() for t in head.values())
+    block_bytes = sum(t.numel() * t.element_size() for t in block.values())
+
+    # The full model crossed the wire once per client, in round 1 only.
+    assert summary["backbone_deliveries_per_node"] and set(summary["backbone_deliveries_per_node"].values()) == {1}
+    assert len(summary["backbone_deliveries_per_node"]) == cfg.federation.num_clients
+    assert history[1].bytes_sent_backbone > 0
+    assert all(r.bytes_sent_backbone == 0 for r in history[2:])
+
+    n = cfg.federation.num_clients
+    full_bytes = sum(t.numel() * t.element_size() for t in final.values())
+    # Round 1: each client gets the full model once (its head tensors are not sent twice: Flower
+    # sends identical arrays in one message once), then the trainable tensors for evaluation.
+    assert n * full_bytes <= history[1].bytes_sent_backbone <= n * full_bytes * (1 + PROTOCOL_OVERHEAD)
+    expected_first = n * full_bytes + n * head_bytes
+    assert expected_first <= history[1].bytes_sent <= expected_first * (1 + PROTOCOL_OVERHEAD)
+    # Later rounds carry only the trainable tensors, within the protocol overhead; unfreezing the
+    # last block in round 3 makes its tensors travel from round 3 on.
+    for record in history[1:]:
+        trainable = head_bytes + (block_bytes if record.round >= 3 else 0)
+        if record.round > 1:
+            sent = record.bytes_sent  # train + evaluate messages
+            assert 2 * n * trainable <= sent <= 2 * n * trainable * (1 + PROTOCOL_OVERHEAD), record
+        assert n * trainable <= record.bytes_received <= n * trainable * (1 + PROTOCOL_OVERHEAD), record
+
+    for p in range(cfg.federation.num_clients):
+        cached = load_file(Path(os.environ["FEDTUNE_CACHE_DIR"]) / f"node-{p}" / "models" / f"{initial_hash}.safetensors")
+        for server_round in range(1, cfg.federation.rounds + 1):
+            sent_to_client = json.loads((probe / f"p{p}-r{server_round}.json").read_text())
+            expected_stages = {"head"} | ({"conv_head"} if server_round >= 3 else set())
+            assert {stage_of(k) for k in sent_to_client["received_keys"]} == expected_stages
+            assert sent_to_client["received_keys"] == sent_to_client["sent_keys"]
+            assert sent_to_client["got_backbone"] == (server_round == 1)
+            # Frozen tensors (BatchNorm statistics included) are bit-identical to the server's
+            # initial model after local training: the cache holds exactly what the server hashed.
+            trained = load_file(probe / f"p{p}-r{server_round}.safetensors")
+            frozen = [k for k in trained if stage_of(k) not in expected_stages]
+            assert frozen
+            for key in frozen:
+                assert torch.equal(trained[key], cached[key]), (p, server_round, key)
+            # ... while what trained did move.
+            assert not torch.equal(trained["stages.head.1.weight"], cached["stages.head.1.weight"])
+    # The server's model never changed what never trained.
+    never_trained = [k for k in final if stage_of(k) not in {"head", "conv_head"}]
+    for key in never_trained:
+        assert torch.equal(final[key], cached[key]), key
+
+    assert history[-1].central_accuracy > history[0].central_accuracy + 0.3
+
+    # A later run with the same backbone: every node still caches it, nothing but trainables travel.
+    again = simulate(small_config(tmp_path, "federation.rounds=1", "train.unfreeze=[]"), client_app=recording_app)
+    again_summary = json.loads((again.run_dir / "summary.json").read_text())
+    assert again_summary["backbone_deliveries_per_node"] == {}
+    assert again_summary["bytes_backbone_total"] == 0
+
+
+def test_malformed_updates_are_rejected_and_the_run_completes(
+    tmp_path: Path, ray_can_import_tests: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    from probe_clients import malformed_app
+
+    cfg = small_config(tmp_path, "federation.num_clients=5", "federation.rounds=2", "train.unfreeze=[]")
+    with caplog.at_level(logging.WARNING, logger="fedtune.server"):
+        outcome = simulate(cfg, client_app=malformed_app)
+
+    history = RunDirectory.load_history(outcome.run_dir / "history.json")
+    assert outcome.rounds_completed == 2
+    for record in history[1:]:
+        assert (record.clients_ok, record.clients_rejected, record.clients_failed) == (2, 3, 0)
+    rejections = [r.getMessage() for r in caplog.records if "rejected the update of client" in r.getMessage()]
+    assert len(rejections) == 6
+    assert sum("non-finite" in m for m in rejections) == 2
+    assert sum("has shape (3, 3)" in m for m in rejections) == 2
+    assert sum("missing tensors" in m for m in rejections) == 2
+    final, _ = load_model_file(outcome.run_dir / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
+    assert history[-1].central_accuracy > history[0].central_accuracy
