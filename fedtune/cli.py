@@ -119,6 +119,26 @@ def predict(
         typer.echo(f"accuracy: {acc:.4f} on {labelled} labelled images")
 
 
+@cli.command()
+def backbones(
+    num_classes: Annotated[int, typer.Option(help="Classes of the new head, for the sizes shown.")] = 10,
+) -> None:
+    """List the backbones, their blocks (bottom to top) and what travels per trainable_blocks."""
+    from fedtune.backbones import BACKBONES, build_model
+    from fedtune.params import num_bytes, trainable_stages, trainable_state_dict
+    from fedtune.results import format_bytes
+
+    for name in sorted(BACKBONES):
+        model = build_model(name, num_classes=num_classes, weights="none")
+        full = format_bytes(num_bytes(model.state_dict()))
+        sizes = ", ".join(
+            f"{k}: {format_bytes(num_bytes(trainable_state_dict(model, trainable_stages(model, k))))}"
+            for k in (0, 1, 2)
+        )
+        typer.echo(f"{name}  (full model {full}; per message with trainable_blocks {sizes})")
+        typer.echo(f"    blocks: {', '.join(model.block_names)}")
+
+
 def main() -> None:
     try:
         cli()
