@@ -47,10 +47,14 @@ class ModelCache:
         return self.path(model_hash).is_file()
 
     def load(self, model_hash: str) -> dict[str, Tensor]:
-        tensors = load_file(self.path(model_hash))
-        if state_hash(tensors) != model_hash:
-            # A damaged entry must not silently become the base of training: drop it so the
-            # server resends the model next time.
+        # A damaged entry (unreadable, or not what its name promises) must not become the base of
+        # training, nor keep telling the server the model is here: drop it so it is sent again.
+        try:
+            tensors = load_file(self.path(model_hash))
+            intact = state_hash(tensors) == model_hash
+        except Exception:  # safetensors raises its own error type for torn or foreign files
+            intact = False
+        if not intact:
             self.path(model_hash).unlink(missing_ok=True)
             raise ValueError(f"cached model {model_hash[:12]} is corrupt; it was removed and will be fetched again")
         return tensors
@@ -78,10 +82,10 @@ class FeatureCache:
             return None
         try:
             tensors = load_file(path)
+            return TensorDataset(tensors["features"], tensors["labels"])
         except Exception:  # a torn or foreign file: recompute rather than fail the round
             path.unlink(missing_ok=True)
             return None
-        return TensorDataset(tensors["features"], tensors["labels"])
 
     def put(self, dataset: TensorDataset, *identity: str) -> None:
         features, labels = dataset.tensors

@@ -86,6 +86,8 @@ def train_one_round(
     With proximal_mu > 0 the FedProx term mu/2 * ||w - w_global||^2 keeps clients near the
     global model.
     """
+    if len(data) == 0:
+        raise ValueError("no training examples on this client")
     model.to(device)
     freeze_all_but(model, stages)
     set_train_mode(model, stages)
@@ -114,8 +116,6 @@ def train_one_round(
             correct += (logits.argmax(1) == targets).sum().item()
             seen += len(targets)
     model.eval()
-    if not seen:
-        raise ValueError("no training examples on this client")
     return Metrics(loss=total_loss / seen, accuracy=correct / seen, num_examples=len(data))
 
 

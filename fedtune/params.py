@@ -23,6 +23,8 @@ def trainable_stages(model: StagedModel, blocks: int | Literal["all"]) -> list[s
     if blocks == "all":
         chosen = names
     else:
+        if blocks < 0:
+            raise ValueError(f"trainable_blocks must be 0 or more, got {blocks}")
         if blocks > len(names):
             raise ValueError(
                 f"trainable_blocks={blocks} but the backbone has only {len(names)} blocks: {', '.join(names)}"
