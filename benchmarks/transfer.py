@@ -63,7 +63,7 @@ def main() -> None:
         results[label] = (rounds, summary, run_dir)
 
     rows = []
-    for label, (rounds, summary, run_dir) in results.items():
+    for label, (rounds, summary, _) in results.items():
         mode = "head only" if "head only" in label else "head + last block"
         central_final = results[f"(c) centralised, {mode}"][0][-1].central_accuracy or 0.0
         target = 0.95 * central_final

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch.utils.data import Dataset
 
 from client.cache import FeatureCache, ModelCache
 from client.task import NodeIdentity, local_data, model_inputs, restore_model
@@ -21,7 +24,20 @@ log = logging.getLogger("fedtune.client")
 app = ClientApp()
 
 
-def _prepare(msg: Message, context: Context):  # noqa: ANN202 - internal tuple
+@dataclass(frozen=True)
+class _LocalRound:
+    """Everything a handler needs: the rebuilt global model and what to feed its trainable part."""
+
+    settings: ClientSettings
+    node: NodeIdentity
+    stages: list[str]
+    model: StagedModel
+    inputs: Dataset
+    start: int  # index of the stage `inputs` feed (above a cached frozen prefix)
+    device: torch.device
+
+
+def _local_round(msg: Message, context: Context, *, split: Literal["train", "validation"]) -> _LocalRound:
     config = msg.content[keys.CONFIG]
     settings = ClientSettings.from_message(str(config[keys.CLIENT_CONFIG]))
     node = NodeIdentity.from_node_config(dict(context.node_config))
@@ -36,7 +52,19 @@ def _prepare(msg: Message, context: Context):  # noqa: ANN202 - internal tuple
         stages=stages,
         cache=ModelCache(node.cache_root),
     )
-    return settings, node, model_hash, stages, model
+    data = local_data(settings, node)
+    device = resolve_device(settings.train.device)
+    inputs, start = model_inputs(
+        model,
+        data.train if split == "train" else data.validation,
+        identity=data.train_identity if split == "train" else data.validation_identity,
+        stages=stages,
+        model_hash=model_hash,
+        augmented=settings.data.augment and split == "train",
+        cache=FeatureCache(node.cache_root),
+        device=device,
+    )
+    return _LocalRound(settings, node, stages, model, inputs, start, device)
 
 
 @app.query()
@@ -50,39 +78,28 @@ def query(msg: Message, context: Context) -> Message:
 
 def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
     """Local training on this node's partition; returns the reply and the locally trained model."""
-    settings, node, model_hash, stages, model = _prepare(msg, context)
-    data = local_data(settings, node)
-    device = resolve_device(settings.train.device)
+    local = _local_round(msg, context, split="train")
+    settings, node = local.settings, local.node
     torch.manual_seed(settings.seed + node.partition_id)
-    inputs, start = model_inputs(
-        model,
-        data.train,
-        identity=data.train_identity,
-        stages=stages,
-        model_hash=model_hash,
-        augmented=settings.data.augment,
-        cache=FeatureCache(node.cache_root),
-        device=device,
-    )
     config = msg.content[keys.CONFIG]
     server_round = int(config.get(keys.SERVER_ROUND, 0))
     result = train_one_round(
-        model,
-        inputs,
-        stages=stages,
+        local.model,
+        local.inputs,
+        stages=local.stages,
         cfg=settings.train,
-        start=start,
+        start=local.start,
         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
         seed=settings.seed * 1000 + server_round * 100 + node.partition_id,
-        device=device,
+        device=local.device,
     )
     log.info("partition %d round %d: loss %.4f acc %.3f on %d examples",
              node.partition_id, server_round, result.loss, result.accuracy, result.num_examples)
     metrics = MetricRecord(
         {keys.NUM_EXAMPLES: result.num_examples, "train_loss": result.loss, "train_accuracy": result.accuracy}
     )
-    arrays = ArrayRecord(trainable_state_dict(model.cpu(), stages))
-    return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg), model
+    arrays = ArrayRecord(trainable_state_dict(local.model.cpu(), local.stages))
+    return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg), local.model
 
 
 @app.train()
@@ -93,20 +110,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_locally(msg: Message, context: Context) -> Message:
     """The global model on this node's local validation split."""
-    settings, node, model_hash, stages, model = _prepare(msg, context)
-    data = local_data(settings, node)
-    device = resolve_device(settings.train.device)
-    inputs, start = model_inputs(
-        model,
-        data.validation,
-        identity=data.validation_identity,
-        stages=stages,
-        model_hash=model_hash,
-        augmented=False,
-        cache=FeatureCache(node.cache_root),
-        device=device,
-    )
-    result = evaluate(model, inputs, start=start, device=device)
+    local = _local_round(msg, context, split="validation")
+    result = evaluate(local.model, local.inputs, start=local.start, device=local.device)
     if not result.num_examples:
         raise ValueError("this node has no local validation examples (raise data.val_fraction)")
     metrics = MetricRecord(

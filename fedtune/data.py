@@ -1,4 +1,4 @@
-"""Data sources (offline default, real photographs, torchvision datasets, a node's image folder) and seeded partitioners."""
+"""Data sources (offline digits, real photographs, torchvision sets, a node's image folder) and partitioners."""
 
 from __future__ import annotations
 
@@ -374,7 +374,7 @@ def _tree_digest(folder: Path) -> tuple[str, int]:
     return hashlib.sha256("".join(lines).encode()).hexdigest(), len(lines)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _verify_hymenoptera(folder: str) -> None:
     """Raise unless folder holds exactly the official files; a success is remembered per process
     (hashing 46 MB takes a few tenths of a second, and every client of a simulation loads it)."""
@@ -608,7 +608,7 @@ def _dirichlet(
         if counts.sum(axis=0).min() < min_examples:
             continue
         parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
-        for members, cuts in zip(by_class, bounds):
+        for members, cuts in zip(by_class, bounds, strict=True):
             for k, chunk in enumerate(np.split(rng.permutation(members), cuts[:-1])):
                 parts[k].append(chunk)
         return [np.concatenate(chunks) for chunks in parts]

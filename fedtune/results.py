@@ -1,4 +1,4 @@
-"""A run's results directory: resolved config, per-round history (JSON + CSV), final model, plots, and a live progress display."""
+"""A run's results folder: resolved config, per-round history (JSON, CSV), final model, plots; live progress."""
 
 from __future__ import annotations
 
@@ -429,7 +429,7 @@ def _round_axis(ax: Axes, rounds: list[int]) -> None:
 def _mark_unfreezing(ax: Axes, records: list[RoundRecord]) -> None:
     """A dotted line where more blocks start training: jumps in accuracy and bytes often sit there."""
     trained = [r for r in records if r.round > 0]
-    for previous, current in zip(trained, trained[1:]):
+    for previous, current in zip(trained, trained[1:], strict=False):
         if current.trainable_blocks != previous.trainable_blocks:
             ax.axvline(current.round - 0.5, color="grey", linestyle=":", linewidth=1)
             # Written just above the frame, where no bar, point or label can hide it.
@@ -457,7 +457,7 @@ def _draw_accuracy(ax: Axes, records: list[RoundRecord], run_name: str) -> bool:
         points = [(r.round, getattr(r, attribute)) for r in records if getattr(r, attribute) is not None]
         if not points:
             continue
-        xs, ys = zip(*points)
+        xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker=marker, color=color, label=label)
         best_round, best = max(points, key=lambda point: point[1])
         ax.annotate(

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedtune import messages as keys
+from strategies.validation import concise_reason
 
 log = logging.getLogger("fedtune.server")
 
@@ -49,7 +50,8 @@ class ModelDelivery:
         traffic.sent += payload_bytes(question) * len(queries)
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
             if reply.has_error():
-                log.warning("client %d did not answer the model query: %s", reply.metadata.src_node_id, reply.error.reason)
+                node, reason = reply.metadata.src_node_id, concise_reason(reply.error.reason)
+                log.warning("client %d did not answer the model query: %s", node, reason)
                 continue
             traffic.received += payload_bytes(reply.content)
             metrics = reply.content.metric_records.get(keys.METRICS)

@@ -182,8 +182,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
                 # Every client failing the same way (bad data path, infeasible partitioning) would
                 # otherwise burn all remaining rounds on an unchanged model.
                 reasons = sorted(set(sorted_replies.problems.values())) or ["no replies before the round timeout"]
-                _finish(run_dir, cfg, model, model_hash, delivery, completed, "aborted", started,
-                        num_classes, test_set.classes)
+                _finish(run_dir, cfg, model, model_hash=model_hash, delivery=delivery, completed=completed,
+                        stop_reason="aborted: no usable update", started=started, classes=test_set.classes)
                 raise RuntimeError(
                     f"round {server_round}: no client returned a usable update, so the run stops "
                     f"(results so far: {run_dir.path}). Reasons: " + " | ".join(reasons)
@@ -196,7 +196,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
                 progress.message(stop_reason)
                 break
 
-    return _finish(run_dir, cfg, model, model_hash, delivery, completed, stop_reason, started, num_classes, test_set.classes)
+    return _finish(run_dir, cfg, model, model_hash=model_hash, delivery=delivery, completed=completed,
+                   stop_reason=stop_reason, started=started, classes=test_set.classes)
 
 
 def _metric(record: object, name: str) -> float | None:
@@ -209,19 +210,20 @@ def _finish(
     run_dir: RunDirectory,
     cfg: ExperimentConfig,
     model: StagedModel,
+    *,
     model_hash: str,
     delivery: ModelDelivery,
     completed: int,
     stop_reason: str,
     started: float,
-    num_classes: int,
     classes: list[str],
 ) -> RunOutcome:
+    """Save the final model, summary and plots."""
     history = RunDirectory.load_history(run_dir.path / "history.json")
     last = history[-1]
     metadata = {
         "backbone": cfg.model.backbone,
-        "num_classes": str(num_classes),
+        "num_classes": str(len(classes)),
         "classes": ",".join(classes),
         "head_dropout": str(cfg.model.head_dropout),
         "image_size": str(cfg.data.image_size or ""),

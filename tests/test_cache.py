@@ -98,22 +98,7 @@ def test_model_cache_load_of_a_corrupted_entry_raises_and_removes_it(isolated_ca
 
     assert not cache.has(model_hash)
     assert not path.exists()
-
-
-def test_model_cache_entry_can_be_stored_again_after_corruption(isolated_cache: Path) -> None:
-    cache = ModelCache(isolated_cache)
-    tensors = _model_tensors()
-    model_hash = state_hash(tensors)
-    cache.store(model_hash, tensors)
-    path = cache.path(model_hash)
-    raw = bytearray(path.read_bytes())
-    raw[-1] ^= 0xFF
-    path.write_bytes(bytes(raw))
-    with pytest.raises(ValueError):
-        cache.load(model_hash)
-
     cache.store(model_hash, tensors)  # the server resends it
-
     assert torch.equal(cache.load(model_hash)["stages.head.1.bias"], tensors["stages.head.1.bias"])
 
 

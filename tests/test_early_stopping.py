@@ -11,7 +11,9 @@ from server.federation import EarlyStopping
 REPO = Path(__file__).resolve().parents[1]
 
 
-def record(server_round: int, *, central_accuracy: float | None = None, federated_loss: float | None = None) -> RoundRecord:
+def record(
+    server_round: int, *, central_accuracy: float | None = None, federated_loss: float | None = None
+) -> RoundRecord:
     return RoundRecord(
         round=server_round, trainable_blocks="0", clients_sampled=2, clients_ok=2, clients_rejected=0,
         clients_failed=0, bytes_sent=0, bytes_received=0, bytes_sent_backbone=0, train_loss=None,

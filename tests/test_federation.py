@@ -78,7 +78,8 @@ def test_partial_updates_frozen_bits_and_backbone_once(
         assert n * trainable <= record.bytes_received <= n * trainable * (1 + PROTOCOL_OVERHEAD), record
 
     for p in range(cfg.federation.num_clients):
-        cached = load_file(Path(os.environ["FEDTUNE_CACHE_DIR"]) / f"node-{p}" / "models" / f"{initial_hash}.safetensors")
+        node_cache = Path(os.environ["FEDTUNE_CACHE_DIR"]) / f"node-{p}"
+        cached = load_file(node_cache / "models" / f"{initial_hash}.safetensors")
         for server_round in range(1, cfg.federation.rounds + 1):
             sent_to_client = json.loads((probe / f"p{p}-r{server_round}.json").read_text())
             expected_stages = {"head"} | ({"conv_head"} if server_round >= 3 else set())

@@ -214,13 +214,14 @@ def test_buffers_take_the_weighted_average_and_parameters_the_adaptive_step(name
         for _ in range(3)
     ]
     weights = [10, 30, 60]
-    replies = [_reply(update, weight, node=node) for node, (update, weight) in enumerate(zip(updates, weights), 1)]
+    pairs = zip(updates, weights, strict=True)
+    replies = [_reply(update, weight, node=node) for node, (update, weight) in enumerate(pairs, 1)]
 
     arrays, _ = strategy.aggregate_train(1, replies)
 
     assert arrays is not None
     total = sum(weights)
-    average = {key: sum(u[key] * (w / total) for u, w in zip(updates, weights)) for key in start}
+    average = {key: sum(u[key] * (w / total) for u, w in zip(updates, weights, strict=True)) for key in start}
     np.testing.assert_allclose(arrays[buffer].numpy(), average[buffer], rtol=1e-6, atol=1e-7)
     assert arrays[buffer].numpy().dtype == np.float32
     assert (arrays[buffer].numpy() > 0).all()  # a variance stays a variance
