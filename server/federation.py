@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedtune import messages as keys
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
@@ -22,7 +23,7 @@ from fedtune.results import RoundProgress, RoundRecord, RunDirectory
 from server.delivery import ModelDelivery, Traffic
 from server.evaluate import CentralEvaluator
 from strategies import build_strategy
-from strategies.validation import sort_replies, specs_of
+from strategies.validation import SortedReplies, sort_replies, specs_of
 
 log = logging.getLogger("fedtune.server")
 
@@ -75,6 +76,74 @@ def _wait_for_nodes(grid: Grid, cfg: ExperimentConfig) -> None:
         )
 
 
+@dataclass
+class _Federation:
+    """The server's state during a run, and how one round is played."""
+
+    grid: Grid
+    cfg: ExperimentConfig
+    model: StagedModel
+    model_hash: str
+    strategy: Strategy
+    delivery: ModelDelivery
+    evaluator: CentralEvaluator
+    settings: str  # ClientSettings as sent in every message
+
+    def central(self, stages: list[str]) -> tuple[float, float]:
+        metrics = self.evaluator(self.model, frozen_prefix=first_trainable_index(self.model, stages))
+        return metrics.loss, metrics.accuracy
+
+    def play_round(self, server_round: int) -> tuple[RoundRecord, SortedReplies]:
+        """Train (and aggregate), evaluate on clients and centrally; the round's record."""
+        started = time.monotonic()
+        blocks = self.cfg.train.trainable_blocks_at(server_round)
+        stages = trainable_stages(self.model, blocks)
+        arrays = ArrayRecord(trainable_state_dict(self.model, stages))
+        config = ConfigRecord(
+            {keys.CLIENT_CONFIG: self.settings, keys.MODEL_HASH: self.model_hash, keys.TRAINABLE_STAGES: stages}
+        )
+        traffic = Traffic()
+
+        train_messages = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
+        replies = self.delivery.send_and_receive(self.grid, train_messages, traffic)
+        sorted_replies = sort_replies(replies, specs_of(arrays), server_round=server_round)
+        aggregated, train_metrics = self.strategy.aggregate_train(server_round, sorted_replies.valid)
+        if aggregated is not None:
+            load_tensors(self.model, aggregated.to_torch_state_dict(), expected_keys=list(arrays.keys()))
+        else:
+            log.warning("round %d: no valid update to aggregate; the model is unchanged", server_round)
+
+        eval_arrays = ArrayRecord(trainable_state_dict(self.model, stages))
+        eval_messages = list(self.strategy.configure_evaluate(server_round, eval_arrays, config, self.grid))
+        fed_metrics = None
+        if eval_messages:
+            eval_replies = self.delivery.send_and_receive(self.grid, eval_messages, traffic)
+            answered = [r for r in eval_replies if not r.has_error()]
+            fed_metrics = self.strategy.aggregate_evaluate(server_round, answered)
+
+        central_loss, central_accuracy = self.central(stages)
+        record = RoundRecord(
+            round=server_round,
+            trainable_blocks=str(blocks),
+            clients_sampled=len(train_messages),
+            clients_ok=len(sorted_replies.valid),
+            clients_rejected=len(sorted_replies.rejected),
+            # replies that never came count as failures too
+            clients_failed=len(sorted_replies.failed) + len(train_messages) - len(replies),
+            bytes_sent=traffic.sent,
+            bytes_received=traffic.received,
+            bytes_sent_backbone=traffic.sent_backbone,
+            train_loss=_metric(train_metrics, "train_loss"),
+            train_accuracy=_metric(train_metrics, "train_accuracy"),
+            federated_loss=_metric(fed_metrics, "loss"),
+            federated_accuracy=_metric(fed_metrics, "accuracy"),
+            central_loss=central_loss,
+            central_accuracy=central_accuracy,
+            seconds=time.monotonic() - started,
+        )
+        return record, sorted_replies
+
+
 def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     """Run every round of `cfg` on the nodes behind `grid`; results go to a new run directory."""
     torch.manual_seed(cfg.seed)
@@ -91,31 +160,31 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
         trainable_stages(model, blocks)  # fails early, naming the blocks, if a setting does not fit
     initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     model_hash = state_hash(initial_state)
-    buffer_keys = frozenset(name for name, _ in model.named_buffers())
-    strategy = build_strategy(cfg, buffer_keys=buffer_keys)
-    settings = ClientSettings.of(cfg, num_classes=num_classes).to_message()
-
+    federation = _Federation(
+        grid=grid,
+        cfg=cfg,
+        model=model,
+        model_hash=model_hash,
+        strategy=build_strategy(cfg, buffer_keys=frozenset(name for name, _ in model.named_buffers())),
+        delivery=ModelDelivery(
+            model_hash=model_hash, backbone=ArrayRecord(initial_state), timeout=cfg.federation.round_timeout
+        ),
+        evaluator=CentralEvaluator(test_set, device=resolve_device(cfg.train.device)),
+        settings=ClientSettings.of(cfg, num_classes=num_classes).to_message(),
+    )
     _wait_for_nodes(grid, cfg)
 
     run_dir = RunDirectory.create(cfg.output.dir, cfg.name)
     run_dir.write_config(cfg.to_json())
     log.info("run directory: %s", run_dir.path)
     log.info("model %s: %s, %d classes, hash %s", cfg.model.backbone, cfg.model.weights, num_classes, model_hash[:12])
-
-    device = resolve_device(cfg.train.device)
-    evaluator = CentralEvaluator(test_set, device=device)
-    delivery = ModelDelivery(
-        model_hash=model_hash, backbone=ArrayRecord(initial_state), timeout=cfg.federation.round_timeout
-    )
-    stopper = EarlyStopping(cfg)
     started = time.monotonic()
 
-    def central(stages: list[str]) -> tuple[float, float]:
-        metrics = evaluator(model, frozen_prefix=first_trainable_index(model, stages))
-        return metrics.loss, metrics.accuracy
+    def finish(completed: int, stop_reason: str) -> RunOutcome:
+        return _finish(run_dir, cfg, model, model_hash=model_hash, delivery=federation.delivery,
+                       completed=completed, stop_reason=stop_reason, started=started, classes=test_set.classes)
 
-    first_stages = trainable_stages(model, cfg.train.trainable_blocks_at(1))
-    loss0, acc0 = central(first_stages)
+    loss0, acc0 = federation.central(trainable_stages(model, cfg.train.trainable_blocks_at(1)))
     baseline = RoundRecord(
         round=0, trainable_blocks=str(cfg.train.trainable_blocks), clients_sampled=0, clients_ok=0,
         clients_rejected=0, clients_failed=0, bytes_sent=0, bytes_received=0, bytes_sent_backbone=0,
@@ -123,6 +192,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
         central_loss=loss0, central_accuracy=acc0, seconds=0.0,
     )
     run_dir.append_round(baseline)
+    stopper = EarlyStopping(cfg)
     stopper.update(baseline)
 
     stop_reason = f"completed {cfg.federation.rounds} rounds"
@@ -130,60 +200,15 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     with RoundProgress(cfg.federation.rounds, title=f"{cfg.name}: federated fine-tuning") as progress:
         progress.round_done(baseline)
         for server_round in range(1, cfg.federation.rounds + 1):
-            round_started = time.monotonic()
-            blocks = cfg.train.trainable_blocks_at(server_round)
-            stages = trainable_stages(model, blocks)
-            arrays = ArrayRecord(trainable_state_dict(model, stages))
-            config = ConfigRecord(
-                {keys.CLIENT_CONFIG: settings, keys.MODEL_HASH: model_hash, keys.TRAINABLE_STAGES: stages}
-            )
-            traffic = Traffic()
-
-            train_messages = list(strategy.configure_train(server_round, arrays, config, grid))
-            replies = delivery.send_and_receive(grid, train_messages, traffic)
-            sorted_replies = sort_replies(replies, specs_of(arrays), server_round=server_round)
-            lost = len(train_messages) - len(replies)
-            aggregated, train_metrics = strategy.aggregate_train(server_round, sorted_replies.valid)
-            if aggregated is not None:
-                load_tensors(model, aggregated.to_torch_state_dict(), expected_keys=list(arrays.keys()))
-            else:
-                log.warning("round %d: no valid update to aggregate; the model is unchanged", server_round)
-
-            eval_arrays = ArrayRecord(trainable_state_dict(model, stages))
-            eval_messages = list(strategy.configure_evaluate(server_round, eval_arrays, config, grid))
-            fed_metrics = None
-            if eval_messages:
-                eval_replies = delivery.send_and_receive(grid, eval_messages, traffic)
-                fed_metrics = strategy.aggregate_evaluate(server_round, [r for r in eval_replies if not r.has_error()])
-
-            central_loss, central_accuracy = central(stages)
-            record = RoundRecord(
-                round=server_round,
-                trainable_blocks=str(blocks),
-                clients_sampled=len(train_messages),
-                clients_ok=len(sorted_replies.valid),
-                clients_rejected=len(sorted_replies.rejected),
-                clients_failed=len(sorted_replies.failed) + lost,
-                bytes_sent=traffic.sent,
-                bytes_received=traffic.received,
-                bytes_sent_backbone=traffic.sent_backbone,
-                train_loss=_metric(train_metrics, "train_loss"),
-                train_accuracy=_metric(train_metrics, "train_accuracy"),
-                federated_loss=_metric(fed_metrics, "loss"),
-                federated_accuracy=_metric(fed_metrics, "accuracy"),
-                central_loss=central_loss,
-                central_accuracy=central_accuracy,
-                seconds=time.monotonic() - round_started,
-            )
+            record, replies = federation.play_round(server_round)
             run_dir.append_round(record)
             progress.round_done(record)
             completed = server_round
-            if train_messages and not sorted_replies.valid:
+            if record.clients_sampled and not replies.valid:
                 # Every client failing the same way (bad data path, infeasible partitioning) would
                 # otherwise burn all remaining rounds on an unchanged model.
-                reasons = sorted(set(sorted_replies.problems.values())) or ["no replies before the round timeout"]
-                _finish(run_dir, cfg, model, model_hash=model_hash, delivery=delivery, completed=completed,
-                        stop_reason="aborted: no usable update", started=started, classes=test_set.classes)
+                reasons = sorted(set(replies.problems.values())) or ["no replies before the round timeout"]
+                finish(completed, "aborted: no usable update")
                 raise RuntimeError(
                     f"round {server_round}: no client returned a usable update, so the run stops "
                     f"(results so far: {run_dir.path}). Reasons: " + " | ".join(reasons)
@@ -195,9 +220,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
                 )
                 progress.message(stop_reason)
                 break
-
-    return _finish(run_dir, cfg, model, model_hash=model_hash, delivery=delivery, completed=completed,
-                   stop_reason=stop_reason, started=started, classes=test_set.classes)
+    return finish(completed, stop_reason)
 
 
 def _metric(record: object, name: str) -> float | None:
