@@ -43,7 +43,8 @@ def run_variant(config: Path, overrides: list[str], out: Path) -> Path:
     computing the frozen features once, as a first run on new nodes would.
     """
     out.mkdir(parents=True, exist_ok=True)
-    command = ["fedtune", "simulate", str(config), "--set", f"output.dir={out}", "--set", "train.unfreeze=[]"]
+    command = [sys.executable, "-m", "fedtune", "simulate", str(config), "--set", f"output.dir={out}",
+               "--set", "train.unfreeze=[]"]
     for item in overrides:
         command += ["--set", item]
     print("$", " ".join(command), flush=True)

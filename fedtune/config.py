@@ -26,6 +26,14 @@ class ModelConfig(_Section):
     weights: str = "imagenet"
     head_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
+    @model_validator(mode="after")
+    def _backbone_known(self) -> ModelConfig:
+        from fedtune.backbones import BACKBONES
+
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(sorted(BACKBONES))}")
+        return self
+
 
 class PartitionConfig(_Section):
     scheme: Literal["iid", "dirichlet", "shards"] = "iid"
@@ -165,6 +173,14 @@ class ExperimentConfig(_Section):
     strategy: StrategyConfig = StrategyConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _weights_file_exists(self) -> ExperimentConfig:
+        # Checked here, not in ModelConfig: clients receive the model section but never the file.
+        weights = self.model.weights
+        if weights not in ("imagenet", "none") and not Path(weights).is_file():
+            raise ValueError(f"model.weights: no weights file at {weights} (or use 'imagenet' or 'none')")
+        return self
 
     @model_validator(mode="after")
     def _schedule_fits_rounds(self) -> ExperimentConfig:

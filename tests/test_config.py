@@ -95,3 +95,13 @@ def test_client_settings_round_trip(tmp_path: Path) -> None:
     assert settings.train.lr == 0.05
     assert settings.num_classes == 10
     assert len(text) < 400  # rides along with every message: keep it small
+
+
+def test_unknown_backbone_and_missing_weights_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model: unknown backbone 'resnet17'; known: .*resnet18"):
+        load_config(write(tmp_path, "model:\n  backbone: resnet17\n"))
+    with pytest.raises(ConfigError, match="model.weights: no weights file at /nowhere/w.safetensors"):
+        load_config(write(tmp_path, "model:\n  weights: /nowhere/w.safetensors\n"))
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    assert load_config(write(tmp_path, f"model:\n  weights: {weights}\n")).model.weights == str(weights)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,11 +27,14 @@ def _stop_superlink(port: int) -> None:
 
 
 def test_flwr_run_completes_the_default_config(tmp_path: Path) -> None:
-    flwr = shutil.which("flwr")
-    assert flwr, "the flwr CLI comes with the flwr dependency"
+    # The CLIs of the environment running the tests, whether or not it is activated.
+    bin_dir = Path(sys.executable).parent
+    flwr = bin_dir / "flwr"
+    assert flwr.is_file(), "the flwr CLI comes with the flwr dependency"
     port = _free_port()
     env = {
         **os.environ,
+        "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
         "FLWR_HOME": str(tmp_path / "flwr-home"),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
@@ -42,7 +45,7 @@ def test_flwr_run_completes_the_default_config(tmp_path: Path) -> None:
     overrides = f"federation.num_clients=2;federation.rounds=1;train.unfreeze=[];data.image_size=32;output.dir={runs}"
     try:
         result = subprocess.run(
-            [flwr, "run", str(REPO), "--stream",
+            [str(flwr), "run", str(REPO), "--stream",
              "--federation-config", "num-supernodes=2 client-resources-num-cpus=1",
              "--run-config", f"set='{overrides}'"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
