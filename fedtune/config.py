@@ -107,6 +107,9 @@ class TrainConfig(_Section):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     # Discriminative learning rates: block i below the head trains at lr * decay**i.
     lr_decay_per_block: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    # Or name the multiplier of a layer group (stage) directly, e.g. {conv_head: 0.1}; these win
+    # over the decay. `fedtune backbones` lists the stage names.
+    lr_multipliers: dict[str, Annotated[float, Field(gt=0.0)]] = {}
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Mixed precision on CUDA (ignored on CPU).
     amp: bool = False

@@ -61,7 +61,9 @@ def _batches(data: Dataset, batch_size: int, *, shuffle: bool, seed: int) -> Ite
 
 
 def make_optimizer(model: StagedModel, stages: list[str], cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, stages, lr=cfg.lr, decay_per_block=cfg.lr_decay_per_block)
+    groups = param_groups(
+        model, stages, lr=cfg.lr, decay_per_block=cfg.lr_decay_per_block, multipliers=cfg.lr_multipliers
+    )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":

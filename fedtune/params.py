@@ -97,9 +97,18 @@ def first_trainable_index(model: StagedModel, stages: list[str]) -> int:
 
 
 def param_groups(
-    model: StagedModel, stages: list[str], *, lr: float, decay_per_block: float
+    model: StagedModel,
+    stages: list[str],
+    *,
+    lr: float,
+    decay_per_block: float,
+    multipliers: Mapping[str, float] | None = None,
 ) -> list[dict[str, object]]:
-    """Discriminative learning rates: the head at lr, the i-th block below it at lr * decay**i."""
+    """Discriminative learning rates: the head at lr, the i-th block below it at lr * decay**i.
+
+    `multipliers` names a stage's multiplier of lr directly and takes precedence over the decay.
+    """
+    multipliers = multipliers or {}
     ordered = [name for name in reversed(list(model.stages)) if name in set(stages)]
     groups = []
     depth = 0
@@ -107,7 +116,8 @@ def param_groups(
         parameters = [p for p in model.stages[name].parameters() if p.requires_grad]
         if not parameters:  # parameterless stages (pooling) are not blocks
             continue
-        groups.append({"params": parameters, "lr": lr * decay_per_block**depth, "stage": name})
+        factor = multipliers.get(name, decay_per_block**depth)
+        groups.append({"params": parameters, "lr": lr * factor, "stage": name})
         depth += 1
     return groups
 

@@ -158,6 +158,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     )
     for blocks in {cfg.train.trainable_blocks, *(s.trainable_blocks for s in cfg.train.unfreeze)}:
         trainable_stages(model, blocks)  # fails early, naming the blocks, if a setting does not fit
+    unknown = sorted(set(cfg.train.lr_multipliers) - set(model.stages))
+    if unknown:
+        raise ValueError(f"train.lr_multipliers names no stage of {cfg.model.backbone}: {', '.join(unknown)}; "
+                         f"its stages: {', '.join(model.stages)}")
     initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     model_hash = state_hash(initial_state)
     federation = _Federation(

@@ -280,3 +280,13 @@ def test_num_bytes_counts_every_element() -> None:
 def test_negative_trainable_blocks_is_an_error(lite0: StagedModel) -> None:
     with pytest.raises(ValueError, match="0 or more"):
         trainable_stages(lite0, -1)
+
+
+def test_param_groups_named_multipliers_override_the_decay(lite0: StagedModel) -> None:
+    model = copy.deepcopy(lite0)
+    stages = trainable_stages(model, 2)
+    freeze_all_but(model, stages)
+    groups = param_groups(model, stages, lr=0.1, decay_per_block=0.5, multipliers={"blocks_6": 0.01})
+    assert [(g["stage"], g["lr"]) for g in groups] == [
+        ("head", pytest.approx(0.1)), ("conv_head", pytest.approx(0.05)), ("blocks_6", pytest.approx(0.001)),
+    ]
