@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import Dataset
 
 from client.cache import FeatureCache, ModelCache
+from client.privacy import LedgerStore, train_private_round
 from client.task import NodeIdentity, local_data, model_inputs, restore_model
 from fedtune import messages as keys
 from fedtune.backbones import StagedModel
@@ -83,20 +84,33 @@ def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
     torch.manual_seed(settings.seed + node.partition_id)
     config = msg.content[keys.CONFIG]
     server_round = int(config.get(keys.SERVER_ROUND, 0))
-    result = train_one_round(
-        local.model,
-        local.inputs,
-        stages=local.stages,
-        cfg=settings.train,
-        start=local.start,
-        proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
-        seed=settings.seed * 1000 + server_round * 100 + node.partition_id,
-        device=local.device,
-    )
+    seed = settings.seed * 1000 + server_round * 100 + node.partition_id
+    extra: dict[str, float] = {}
+    if settings.dp_sgd.enabled:
+        ledgers = LedgerStore(node.cache_root, context.run_id)
+        ledger = ledgers.load()
+        result, epsilon = train_private_round(
+            local.model, local.inputs, stages=local.stages, cfg=settings.train, dp=settings.dp_sgd,
+            ledger=ledger, planned_rounds=settings.rounds, start=local.start, seed=seed, device=local.device,
+        )
+        ledgers.save(ledger)
+        extra[keys.EPSILON] = epsilon
+    else:
+        result = train_one_round(
+            local.model,
+            local.inputs,
+            stages=local.stages,
+            cfg=settings.train,
+            start=local.start,
+            proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
+            seed=seed,
+            device=local.device,
+        )
     log.info("partition %d round %d: loss %.4f acc %.3f on %d examples",
              node.partition_id, server_round, result.loss, result.accuracy, result.num_examples)
     metrics = MetricRecord(
-        {keys.NUM_EXAMPLES: result.num_examples, "train_loss": result.loss, "train_accuracy": result.accuracy}
+        {keys.NUM_EXAMPLES: result.num_examples, "train_loss": result.loss, "train_accuracy": result.accuracy,
+         **extra}
     )
     arrays = ArrayRecord(trainable_state_dict(local.model.cpu(), local.stages))
     return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg), local.model

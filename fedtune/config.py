@@ -150,6 +150,30 @@ class StrategyConfig(_Section):
     tau: Annotated[float, Field(gt=0.0)] = 1e-3
 
 
+class DPSGDConfig(_Section):
+    """Sample-level differential privacy on each client (DP-SGD with Opacus)."""
+
+    enabled: bool = False
+    # The guarantee for the whole run, per client: noise is calibrated once so that the planned
+    # rounds x local epochs spend at most this. Or give noise_multiplier and let epsilon follow.
+    target_epsilon: Annotated[float | None, Field(gt=0.0)] = 3.0
+    target_delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5
+    noise_multiplier: Annotated[float | None, Field(gt=0.0)] = None
+    max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    poisson_sampling: bool = True
+
+    @model_validator(mode="after")
+    def _one_way_to_set_noise(self) -> DPSGDConfig:
+        if self.enabled and self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError("set target_epsilon (noise is calibrated to it) or noise_multiplier")
+        return self
+
+
+class PrivacyConfig(_Section):
+    dp_sgd: DPSGDConfig = DPSGDConfig()
+
+
 class EarlyStoppingConfig(_Section):
     enabled: bool = False
     # Watched metric: the server's held-out set (central_*) or the clients' local
@@ -174,8 +198,21 @@ class ExperimentConfig(_Section):
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _dp_sgd_fits(self) -> ExperimentConfig:
+        if not self.privacy.dp_sgd.enabled:
+            return self
+        if self.strategy.name == "fedprox":
+            # Opacus clips per-sample gradients of the loss; the proximal term's gradient would
+            # bypass clipping and noise.
+            raise ValueError("privacy.dp_sgd: cannot be combined with strategy fedprox; use fedavg, fedadam or fedyogi")
+        if self.data.augment:
+            raise ValueError("privacy.dp_sgd: data.augment is not supported with DP-SGD yet")
+        return self
 
     @model_validator(mode="after")
     def _weights_file_exists(self) -> ExperimentConfig:
@@ -271,9 +308,11 @@ class ClientSettings(_Section):
     seed: int
     num_clients: int
     num_classes: Annotated[int, Field(ge=2)]
+    rounds: int  # planned rounds: DP-SGD calibrates its noise for all of them at once
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    dp_sgd: DPSGDConfig = DPSGDConfig()
 
     @classmethod
     def of(cls, cfg: ExperimentConfig, *, num_classes: int) -> ClientSettings:
@@ -281,9 +320,11 @@ class ClientSettings(_Section):
             seed=cfg.seed,
             num_clients=cfg.federation.num_clients,
             num_classes=num_classes,
+            rounds=cfg.federation.rounds,
             model=cfg.model,
             data=cfg.data,
             train=cfg.train.model_copy(update={"unfreeze": ()}),  # the server applies the schedule
+            dp_sgd=cfg.privacy.dp_sgd,
         )
 
     def to_message(self) -> str:

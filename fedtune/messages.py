@@ -14,3 +14,4 @@ CLIENT_CONFIG = "fedtune.client-config"  # JSON of the settings a client needs
 MODEL_HASH = "fedtune.model-hash"  # content hash of the full initial model
 TRAINABLE_STAGES = "fedtune.trainable-stages"  # stages that train (and travel) this round
 HAS_MODEL = "fedtune.has-model"  # query reply: 1 if the node holds the model with MODEL_HASH
+EPSILON = "epsilon"  # train reply metric: the client's DP-SGD epsilon over the run so far

@@ -122,6 +122,16 @@ class _Federation:
             fed_metrics = self.strategy.aggregate_evaluate(server_round, answered)
 
         central_loss, central_accuracy = self.central(stages)
+        # The strategy would average epsilons; the guarantee is per client, so keep each one.
+        reply_metrics = {r.metadata.src_node_id: next(iter(r.content.metric_records.values()))
+                         for r in sorted_replies.valid}
+        epsilons = {
+            f"epsilon_client_{node}": float(metrics[keys.EPSILON])
+            for node, metrics in reply_metrics.items()
+            if keys.EPSILON in metrics
+        }
+        if epsilons:
+            epsilons["epsilon_max"] = max(epsilons.values())
         record = RoundRecord(
             round=server_round,
             trainable_blocks=str(blocks),
@@ -140,6 +150,7 @@ class _Federation:
             central_loss=central_loss,
             central_accuracy=central_accuracy,
             seconds=time.monotonic() - started,
+            extra=epsilons,
         )
         return record, sorted_replies
 

@@ -130,3 +130,17 @@ def test_malformed_updates_are_rejected_and_the_run_completes(
     final, _ = load_model_file(outcome.run_dir / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
     assert history[-1].central_accuracy > history[0].central_accuracy
+
+
+def test_dp_sgd_federation_reports_each_clients_epsilon_every_round(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path, "federation.rounds=3", "train.unfreeze=[]", "privacy.dp_sgd.enabled=true",
+                       "privacy.dp_sgd.target_epsilon=2.0")
+    outcome = simulate(cfg)
+    history = RunDirectory.load_history(outcome.run_dir / "history.json")
+    per_round = [{k: v for k, v in r.extra.items() if k.startswith("epsilon_client_")} for r in history[1:]]
+    assert all(len(epsilons) == cfg.federation.num_clients for epsilons in per_round)
+    for client in per_round[0]:
+        trajectory = [epsilons[client] for epsilons in per_round]
+        assert trajectory == sorted(trajectory) and 0 < trajectory[0] and trajectory[-1] <= 2.0
+    assert [r.extra["epsilon_max"] for r in history[1:]] == [max(e.values()) for e in per_round]
+    assert history[-1].central_accuracy > history[0].central_accuracy

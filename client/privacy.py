@@ -1,0 +1,174 @@
+"""DP-SGD on a client, with a privacy ledger that spans the whole run and refuses to overspend.
+
+Flower's Opacus example builds a new PrivacyEngine every round, so the epsilon it reports covers
+one round. Here the accountant's history (noise multiplier, sample rate, steps of every round)
+is kept in a ledger on the node's disk, restored into the accountant each round, and checked
+before training: a round that would take the client past its budget is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.validators import ModuleValidator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedtune.backbones import StagedModel
+from fedtune.config import DPSGDConfig, TrainConfig
+from fedtune.engine import Metrics, make_optimizer
+from fedtune.params import freeze_all_but, set_train_mode
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """The next round would take this client past its (epsilon, delta) budget."""
+
+
+@dataclass
+class PrivacyLedger:
+    """What one client has spent in one run: the accountant's history, and the fixed noise plan."""
+
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    history: list[tuple[float, float, int]] = field(default_factory=list)  # (noise, sample rate, steps)
+
+    def epsilon(self, *, delta: float, accountant: str, extra_steps: int = 0) -> float:
+        """Epsilon of the recorded history, plus `extra_steps` more steps of the planned mechanism."""
+        history = list(self.history)
+        if extra_steps:
+            assert self.noise_multiplier is not None and self.sample_rate is not None
+            history.append((self.noise_multiplier, self.sample_rate, extra_steps))
+        if not history:
+            return 0.0
+        counter = create_accountant(accountant)
+        counter.history = history
+        return float(counter.get_epsilon(delta=delta))
+
+
+class LedgerStore:
+    """The ledger on the node's disk, one file per run, written atomically: it survives restarts."""
+
+    def __init__(self, cache_root: Path, run_id: int) -> None:
+        self.path = cache_root / "privacy" / f"run-{run_id}.json"
+
+    def load(self) -> PrivacyLedger:
+        if not self.path.is_file():
+            return PrivacyLedger()
+        data = json.loads(self.path.read_text())
+        return PrivacyLedger(
+            noise_multiplier=data["noise_multiplier"],
+            sample_rate=data["sample_rate"],
+            history=[(float(n), float(q), int(s)) for n, q, s in data["history"]],
+        )
+
+    def save(self, ledger: PrivacyLedger) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger.", suffix=".tmp")
+        with os.fdopen(fd, "w") as file:
+            json.dump({"noise_multiplier": ledger.noise_multiplier, "sample_rate": ledger.sample_rate,
+                       "history": ledger.history}, file)
+        os.replace(tmp, self.path)
+
+
+class _Trainable(nn.Module):
+    """The model from stage `start` on: what Opacus wraps (a frozen prefix ran once, earlier)."""
+
+    def __init__(self, model: StagedModel, start: int) -> None:
+        super().__init__()
+        self.model = model
+        self.start = start
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_stages(x, self.start)
+
+
+def train_private_round(
+    model: StagedModel,
+    data: Dataset,
+    *,
+    stages: list[str],
+    cfg: TrainConfig,
+    dp: DPSGDConfig,
+    ledger: PrivacyLedger,
+    planned_rounds: int,
+    start: int = 0,
+    seed: int = 0,
+    device: torch.device,
+) -> tuple[Metrics, float]:
+    """One round of DP-SGD; updates `ledger` and returns the metrics and the run's epsilon so far.
+
+    The noise multiplier is calibrated once, in the first round, for planned_rounds x
+    local_epochs x batches per epoch, so that the whole plan fits target_epsilon.
+    """
+    if len(data) == 0:
+        raise ValueError("no training examples on this client")
+    model.to(device)
+    freeze_all_but(model, stages)
+    set_train_mode(model, stages)
+    trainable = _Trainable(model, start)
+    problems = ModuleValidator.validate(trainable, strict=False)
+    if problems:
+        raise ValueError(f"DP-SGD cannot train these layers (stages {', '.join(stages)}): {problems[0]}")
+
+    loader = DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    steps = cfg.local_epochs * len(loader)
+    if ledger.noise_multiplier is None:
+        ledger.sample_rate = 1 / len(loader)  # Opacus's Poisson sampling rate for this loader
+        ledger.noise_multiplier = dp.noise_multiplier or get_noise_multiplier(
+            target_epsilon=dp.target_epsilon,
+            target_delta=dp.target_delta,
+            sample_rate=ledger.sample_rate,
+            steps=planned_rounds * steps,
+            accountant=dp.accountant,
+        )
+    if dp.target_epsilon is not None:
+        after = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant, extra_steps=steps)
+        if after > dp.target_epsilon:
+            spent = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant)
+            raise PrivacyBudgetExhausted(
+                f"privacy budget: this round would take epsilon from {spent:.3f} to {after:.3f}, "
+                f"past the target {dp.target_epsilon} (delta {dp.target_delta}); the client refuses to train"
+            )
+
+    engine = PrivacyEngine(accountant=dp.accountant)
+    engine.accountant.history = list(ledger.history)
+    optimizer = make_optimizer(model, stages, cfg)
+    module, optimizer, private_loader = engine.make_private(
+        module=trainable,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=ledger.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=dp.poisson_sampling,
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, correct, seen = 0.0, 0, 0
+    for _ in range(cfg.local_epochs):
+        for inputs, targets in private_loader:
+            if len(targets) == 0:  # Poisson sampling can draw an empty batch
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+                continue
+            inputs, targets = inputs.to(device), targets.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            logits = module(inputs)
+            loss = loss_fn(logits, targets)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(targets)
+            correct += (logits.argmax(1) == targets).sum().item()
+            seen += len(targets)
+    model.eval()
+    ledger.history = list(engine.accountant.history)
+    epsilon = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant)
+    metrics = Metrics(loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), num_examples=len(data))
+    return metrics, epsilon

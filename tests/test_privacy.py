@@ -1,0 +1,98 @@
+"""DP-SGD on clients: epsilon over the whole run, checked independently; the budget is never passed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from dp_accounting import dp_event, rdp
+from dp_accounting.pld import pld_privacy_accountant
+from torch.utils.data import TensorDataset
+
+from client.privacy import LedgerStore, PrivacyBudgetExhausted, PrivacyLedger, train_private_round
+from fedtune.backbones import StagedModel, build_model
+from fedtune.config import ConfigError, DPSGDConfig, TrainConfig, load_config
+from fedtune.params import first_trainable_index, trainable_stages
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def lite0() -> StagedModel:
+    torch.manual_seed(0)
+    return build_model("efficientnet_lite0", num_classes=10, weights="imagenet")
+
+
+def head_features() -> TensorDataset:
+    """What a client trains the head on when the backbone is frozen: cached 1280-d features."""
+    generator = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randn(100, 1280, generator=generator), torch.randint(0, 10, (100,), generator=generator))
+
+
+def private_rounds(model: StagedModel, ledger: PrivacyLedger, dp: DPSGDConfig, rounds: int, planned: int) -> list:
+    stages = trainable_stages(model, 0)
+    results = []
+    for server_round in range(rounds):
+        results.append(train_private_round(
+            model, head_features(), stages=stages, cfg=TrainConfig(lr=0.01, batch_size=16, local_epochs=2), dp=dp,
+            ledger=ledger, planned_rounds=planned, start=first_trainable_index(model, stages), seed=server_round,
+            device=CPU,
+        ))
+    return results
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_epsilon_over_rounds_matches_an_independent_accountant(lite0: StagedModel, accountant: str) -> None:
+    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5, accountant=accountant)
+    ledger = PrivacyLedger()
+    results = private_rounds(lite0, ledger, dp, rounds=3, planned=4)
+    epsilons = [epsilon for _, epsilon in results]
+    assert epsilons == sorted(epsilons) and epsilons[0] > 0  # it accumulates across rounds
+
+    # The same mechanism, composed by Google's dp-accounting: RDP for RDP, the exact privacy-loss
+    # distribution (PLD) for Opacus's PRV accountant.
+    steps = sum(s for _, _, s in ledger.history)
+    event = dp_event.PoissonSampledDpEvent(ledger.sample_rate, dp_event.GaussianDpEvent(ledger.noise_multiplier))
+    if accountant == "rdp":
+        independent = rdp.RdpAccountant()
+    else:
+        independent = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    independent.compose(event, steps)
+    assert epsilons[-1] == pytest.approx(independent.get_epsilon(1e-5), rel=0.01)
+
+
+def test_noise_is_calibrated_for_the_whole_plan_and_the_client_refuses_past_it(lite0: StagedModel) -> None:
+    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5)
+    ledger = PrivacyLedger()
+    epsilons = [epsilon for _, epsilon in private_rounds(lite0, ledger, dp, rounds=4, planned=4)]
+    assert max(epsilons) <= 3.0
+    assert epsilons[-1] > 0.95 * 3.0  # the plan spends (almost) all of the budget, not much less
+    with pytest.raises(PrivacyBudgetExhausted, match="past the target 3.0"):
+        private_rounds(lite0, ledger, dp, rounds=1, planned=4)
+    assert ledger.epsilon(delta=1e-5, accountant="rdp") == pytest.approx(epsilons[-1])  # nothing was spent
+
+
+def test_the_ledger_survives_a_client_restart(lite0: StagedModel, tmp_path: Path) -> None:
+    dp = DPSGDConfig(enabled=True, target_epsilon=3.0)
+    uninterrupted = PrivacyLedger()
+    private_rounds(lite0, uninterrupted, dp, rounds=3, planned=4)
+
+    store = LedgerStore(tmp_path, run_id=7)
+    before_restart = PrivacyLedger()
+    private_rounds(lite0, before_restart, dp, rounds=2, planned=4)
+    store.save(before_restart)
+    after_restart = LedgerStore(tmp_path, run_id=7).load()  # a new process reads the node's disk
+    private_rounds(lite0, after_restart, dp, rounds=1, planned=4)
+    assert after_restart.history == uninterrupted.history
+    assert after_restart.epsilon(delta=1e-5, accountant="rdp") == uninterrupted.epsilon(delta=1e-5, accountant="rdp")
+    assert LedgerStore(tmp_path, run_id=8).load() == PrivacyLedger()  # another run starts afresh
+
+
+def test_dp_sgd_settings_that_cannot_work_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="privacy.dp_sgd: cannot be combined with strategy fedprox"):
+        load_config(REPO / "configs/quickstart.yaml", ["privacy.dp_sgd.enabled=true", "strategy.name=fedprox"])
+    with pytest.raises(ConfigError, match="set target_epsilon"):
+        load_config(REPO / "configs/quickstart.yaml", ["privacy.dp_sgd.enabled=true",
+                                                       "privacy.dp_sgd.target_epsilon=null"])
