@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedtune.backbones import StagedModel
 from fedtune.config import DPSGDConfig, TrainConfig
 from fedtune.engine import Metrics, make_optimizer
+from fedtune.messages import PRIVACY_REFUSAL
 from fedtune.params import freeze_all_but, set_train_mode
 
 
@@ -135,7 +136,7 @@ def train_private_round(
         if after > dp.target_epsilon:
             spent = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant)
             raise PrivacyBudgetExhausted(
-                f"privacy budget: this round would take epsilon from {spent:.3f} to {after:.3f}, "
+                f"{PRIVACY_REFUSAL}: this round would take epsilon from {spent:.3f} to {after:.3f}, "
                 f"past the target {dp.target_epsilon} (delta {dp.target_delta}); the client refuses to train"
             )
 

@@ -219,6 +219,15 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
             run_dir.append_round(record)
             progress.round_done(record)
             completed = server_round
+            refusals = [p for p in replies.problems.values() if p.startswith(keys.PRIVACY_REFUSAL)]
+            if refusals and not replies.valid and len(refusals) == len(replies.problems):
+                # Every client that answered is at its budget: the run is over, and that is a
+                # normal end (the guarantee held), not a failure.
+                stop_reason = (
+                    f"{keys.PRIVACY_REFUSAL}: {len(refusals)} clients refused to train in round {server_round}"
+                )
+                progress.message(stop_reason)
+                break
             if record.clients_sampled and not replies.valid:
                 # Every client failing the same way (bad data path, infeasible partitioning) would
                 # otherwise burn all remaining rounds on an unchanged model.

@@ -144,3 +144,16 @@ def test_dp_sgd_federation_reports_each_clients_epsilon_every_round(tmp_path: Pa
         assert trajectory == sorted(trajectory) and 0 < trajectory[0] and trajectory[-1] <= 2.0
     assert [r.extra["epsilon_max"] for r in history[1:]] == [max(e.values()) for e in per_round]
     assert history[-1].central_accuracy > history[0].central_accuracy
+
+
+def test_clients_at_their_privacy_budget_refuse_and_the_run_ends_cleanly(tmp_path: Path) -> None:
+    # A fixed noise multiplier with a small budget: the budget runs out before the planned rounds.
+    cfg = small_config(tmp_path, "federation.rounds=8", "train.unfreeze=[]", "privacy.dp_sgd.enabled=true",
+                       "privacy.dp_sgd.noise_multiplier=2.0", "privacy.dp_sgd.target_epsilon=1.5")
+    outcome = simulate(cfg)
+    history = RunDirectory.load_history(outcome.run_dir / "history.json")
+    assert outcome.stop_reason.startswith("privacy budget exhausted")
+    assert 1 < outcome.rounds_completed < cfg.federation.rounds
+    assert history[-1].clients_ok == 0 and history[-1].clients_failed == cfg.federation.num_clients
+    spent = [r.extra["epsilon_max"] for r in history[1:] if "epsilon_max" in r.extra]
+    assert spent and max(spent) <= 1.5  # no client ever passed its budget
