@@ -84,7 +84,7 @@ def main() -> None:
             "final vs (c)": (rounds[-1].central_accuracy or 0.0) / central_final if central_final else None,
             "rounds to 95% of (c)": reached if reached is not None else "not reached",
             "bytes per round, all clients": sum(r.bytes_sent + r.bytes_received for r in steady) / len(steady),
-            "bytes of backbone, once per client": summary["bytes_backbone_total"],
+            "bytes of backbone, once per client": summary["bytes_sent_backbone_total"],
             "wall seconds": summary["wall_seconds"],
         })
     table = compare_table(rows, list(rows[0]))

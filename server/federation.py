@@ -19,7 +19,7 @@ from fedtune.config import ClientSettings, ExperimentConfig
 from fedtune.data import load_split
 from fedtune.engine import resolve_device
 from fedtune.params import first_trainable_index, load_tensors, state_hash, trainable_stages, trainable_state_dict
-from fedtune.results import RoundProgress, RoundRecord, RunDirectory
+from fedtune.results import RoundProgress, RoundRecord, RunDirectory, summarize_history
 from server.delivery import ModelDelivery, Traffic
 from server.evaluate import CentralEvaluator
 from strategies import build_strategy
@@ -266,7 +266,7 @@ def _finish(
     classes: list[str],
 ) -> RunOutcome:
     """Save the final model, summary and plots."""
-    history = RunDirectory.load_history(run_dir.path / "history.json")
+    history = run_dir.records
     last = history[-1]
     metadata = {
         "backbone": cfg.model.backbone,
@@ -279,18 +279,12 @@ def _finish(
         "rounds": str(completed),
     }
     run_dir.save_model({k: v.detach().cpu() for k, v in model.state_dict().items()}, metadata)
-    rounds = [r for r in history if r.round > 0]
     summary = {
         "name": cfg.name,
         "stop_reason": stop_reason,
-        "rounds_completed": completed,
-        "final_central_accuracy": last.central_accuracy,
+        **summarize_history(history),
         "final_central_loss": last.central_loss,
-        "best_central_accuracy": max(r.central_accuracy for r in history if r.central_accuracy is not None),
         "initial_central_accuracy": history[0].central_accuracy,
-        "bytes_sent_total": sum(r.bytes_sent for r in rounds),
-        "bytes_received_total": sum(r.bytes_received for r in rounds),
-        "bytes_backbone_total": sum(r.bytes_sent_backbone for r in rounds),
         "backbone_deliveries_per_node": {str(k): v for k, v in sorted(delivery.deliveries.items())},
         "wall_seconds": time.monotonic() - started,
     }

@@ -106,7 +106,7 @@ def test_partial_updates_frozen_bits_and_backbone_once(
     again = simulate(small_config(tmp_path, "federation.rounds=1", "train.unfreeze=[]"), client_app=recording_app)
     again_summary = json.loads((again.run_dir / "summary.json").read_text())
     assert again_summary["backbone_deliveries_per_node"] == {}
-    assert again_summary["bytes_backbone_total"] == 0
+    assert again_summary["bytes_sent_backbone_total"] == 0
 
 
 def test_malformed_updates_are_rejected_and_the_run_completes(
