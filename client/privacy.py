@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +81,78 @@ class LedgerStore:
         os.replace(tmp, self.path)
 
 
+class _ChannelAffine(nn.Module):
+    """BatchNorm's affine part, y = weight * x + bias per channel: the only part with Parameters."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+class _StatisticsFrozenBatchNorm(nn.Module):
+    """A BatchNorm layer, for the duration of a DP-SGD round, with its running statistics fixed.
+
+    Each sample is normalised on its own, so per-sample gradients exist and DP-SGD can clip them;
+    the affine weight and bias (the original layer's own Parameters) still train. Opacus refuses
+    trainable layers with buffers, and its validator refuses every BatchNorm whatever its mode:
+    so the statistics are plain tensors here, and the Parameters sit in a child module of their
+    own, which Opacus differentiates per sample with functorch. timm's BatchNormAct2d applies
+    dropout and an activation after normalising: they are kept.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.mean, self.var, self.eps = bn.running_mean, bn.running_var, bn.eps
+        self.affine = _ChannelAffine(bn.weight, bn.bias)
+        self.drop = getattr(bn, "drop", nn.Identity())
+        self.act = getattr(bn, "act", nn.Identity())
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        normalised = (x - self.mean.view(shape)) * torch.rsqrt(self.var.view(shape) + self.eps)
+        scaled = self.affine(normalised)
+        out = self.act(self.drop(scaled))
+        # Opacus's backward hook makes `scaled` a view that must not be modified in place, and
+        # ResNet blocks add the shortcut in place (`out += identity`): hand out a copy then.
+        return scaled.clone() if out is scaled else out
+
+
+@contextmanager
+def _opacus_compatible(modules: list[nn.Module]) -> Iterator[None]:
+    """Within the block, the given modules fit per-sample gradients and compute exactly the same.
+
+    BatchNorm layers become statistics-frozen (they are put back afterwards, so the model's
+    state-dict names never change); in-place activations (ReLU6, Hardswish) stop working in
+    place, since they would overwrite activations that Opacus's hooks keep.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    inplace: list[nn.Module] = []
+
+    def prepare(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                swapped.append((parent, name, child))
+                setattr(parent, name, _StatisticsFrozenBatchNorm(child))
+            if getattr(child, "inplace", False) is True:
+                inplace.append(child)
+                child.inplace = False
+            prepare(child)
+
+    for module in modules:
+        prepare(module)
+    try:
+        yield
+    finally:
+        for parent, name, original in swapped:
+            setattr(parent, name, original)
+        for module in inplace:
+            module.inplace = True
+
+
 class _Trainable(nn.Module):
     """The model from stage `start` on: what Opacus wraps (a frozen prefix ran once, earlier)."""
 
@@ -89,6 +163,30 @@ class _Trainable(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model.forward_stages(x, self.start)
+
+
+def _private_epochs(
+    module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int, device: torch.device
+) -> tuple[float, int, int]:
+    """The DP-SGD loop over Opacus's wrapped module, optimizer and loader: (summed loss, correct, seen)."""
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, correct, seen = 0.0, 0, 0
+    for _ in range(epochs):
+        for inputs, targets in loader:
+            if len(targets) == 0:  # Poisson sampling can draw an empty batch
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+                continue
+            inputs, targets = inputs.to(device), targets.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            logits = module(inputs)
+            loss = loss_fn(logits, targets)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(targets)
+            correct += (logits.argmax(1) == targets).sum().item()
+            seen += len(targets)
+    return total_loss, correct, seen
 
 
 def train_private_round(
@@ -111,14 +209,6 @@ def train_private_round(
     """
     if len(data) == 0:
         raise ValueError("no training examples on this client")
-    model.to(device)
-    freeze_all_but(model, stages)
-    set_train_mode(model, stages)
-    trainable = _Trainable(model, start)
-    problems = ModuleValidator.validate(trainable, strict=False)
-    if problems:
-        raise ValueError(f"DP-SGD cannot train these layers (stages {', '.join(stages)}): {problems[0]}")
-
     loader = DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     steps = cfg.local_epochs * len(loader)
@@ -140,34 +230,28 @@ def train_private_round(
                 f"past the target {dp.target_epsilon} (delta {dp.target_delta}); the client refuses to train"
             )
 
+    model.to(device)
+    freeze_all_but(model, stages)
+    set_train_mode(model, stages, freeze_statistics=True)
     engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant.history = list(ledger.history)
-    optimizer = make_optimizer(model, stages, cfg)
-    module, optimizer, private_loader = engine.make_private(
-        module=trainable,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=ledger.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=dp.poisson_sampling,
-    )
-    loss_fn = nn.CrossEntropyLoss()
-    total_loss, correct, seen = 0.0, 0, 0
-    for _ in range(cfg.local_epochs):
-        for inputs, targets in private_loader:
-            if len(targets) == 0:  # Poisson sampling can draw an empty batch
-                optimizer.zero_grad(set_to_none=True)
-                optimizer.step()
-                continue
-            inputs, targets = inputs.to(device), targets.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            logits = module(inputs)
-            loss = loss_fn(logits, targets)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(targets)
-            correct += (logits.argmax(1) == targets).sum().item()
-            seen += len(targets)
+    with _opacus_compatible([model.stages[stage] for stage in stages]):
+        trainable = _Trainable(model, start)
+        problems = ModuleValidator.validate(trainable, strict=False)
+        if problems:
+            raise ValueError(f"DP-SGD cannot train these layers (stages {', '.join(stages)}): {problems[0]}")
+        module, optimizer, private_loader = engine.make_private(
+            module=trainable,
+            optimizer=make_optimizer(model, stages, cfg),
+            data_loader=loader,
+            noise_multiplier=ledger.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=dp.poisson_sampling,
+        )
+        try:
+            total_loss, correct, seen = _private_epochs(module, optimizer, private_loader, cfg.local_epochs, device)
+        finally:
+            module.to_standard_module()  # removes Opacus's hooks and per-sample gradients from the model
     model.eval()
     ledger.history = list(engine.accountant.history)
     epsilon = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant)

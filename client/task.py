@@ -42,19 +42,13 @@ def restore_model(
     settings: ClientSettings,
     *,
     model_hash: str,
-    backbone: dict[str, Tensor] | None,
     trainable: dict[str, Tensor],
     stages: list[str],
     cache: ModelCache,
 ) -> StagedModel:
-    """The global model of this round: the cached full model with this round's trainable tensors.
-
-    A node that has not seen the model gets it once in `backbone` and keeps it on disk.
-    """
-    if backbone is not None:
-        cache.store(model_hash, backbone)
-    elif not cache.has(model_hash):
-        raise RuntimeError(f"model {model_hash[:12]} is neither cached on this node nor in the message")
+    """The global model of this round: the cached full model with this round's trainable tensors."""
+    if not cache.has(model_hash):
+        raise RuntimeError(f"model {model_hash[:12]} is not cached on this node; the server sends it before training")
     # The architecture is built locally without weights: they come from the cache, not a hub.
     model = build_model(
         settings.model.backbone,
@@ -62,9 +56,9 @@ def restore_model(
         weights="none",
         head_dropout=settings.model.head_dropout,
     )
-    full = backbone if backbone is not None else cache.load(model_hash)
-    model.load_state_dict(full)
-    load_tensors(model, trainable, expected_keys=travelling_keys(model, stages))
+    model.load_state_dict(cache.load(model_hash))
+    expected = travelling_keys(model, stages, statistics=not settings.freeze_statistics)
+    load_tensors(model, trainable, expected_keys=expected)
     return model
 
 

@@ -79,6 +79,7 @@ def train_one_round(
     cfg: TrainConfig,
     start: int = 0,
     proximal_mu: float = 0.0,
+    freeze_statistics: bool = False,
     seed: int = 0,
     device: torch.device,
 ) -> Metrics:
@@ -86,13 +87,13 @@ def train_one_round(
 
     Only `stages` train; frozen stages stay in eval() so their BatchNorm statistics never drift.
     With proximal_mu > 0 the FedProx term mu/2 * ||w - w_global||^2 keeps clients near the
-    global model.
+    global model. With freeze_statistics, BatchNorm keeps its running statistics (see set_train_mode).
     """
     if len(data) == 0:
         raise ValueError("no training examples on this client")
     model.to(device)
     freeze_all_but(model, stages)
-    set_train_mode(model, stages)
+    set_train_mode(model, stages, freeze_statistics=freeze_statistics)
     optimizer = make_optimizer(model, stages, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []

@@ -41,19 +41,23 @@ def stage_of(key: str) -> str:
     return parts[1]
 
 
-def travelling_keys(model: StagedModel, stages: list[str]) -> list[str]:
-    """State-dict keys (parameters and BatchNorm statistics) of the given stages, in model order."""
+def travelling_keys(model: StagedModel, stages: list[str], *, statistics: bool = True) -> list[str]:
+    """State-dict keys of the given stages, in model order: parameters, and BatchNorm statistics
+    unless `statistics` is False (under differential privacy they stay frozen and never travel)."""
     wanted = set(stages)
+    buffers = {name for name, _ in model.named_buffers()}
     return [
         key
         for key in model.state_dict()
-        if stage_of(key) in wanted and not key.endswith(_NOT_TRAVELLING_SUFFIX)
+        if stage_of(key) in wanted
+        and not key.endswith(_NOT_TRAVELLING_SUFFIX)
+        and (statistics or key not in buffers)
     ]
 
 
-def trainable_state_dict(model: StagedModel, stages: list[str]) -> dict[str, Tensor]:
+def trainable_state_dict(model: StagedModel, stages: list[str], *, statistics: bool = True) -> dict[str, Tensor]:
     state = model.state_dict()
-    return {key: state[key].detach().cpu() for key in travelling_keys(model, stages)}
+    return {key: state[key].detach().cpu() for key in travelling_keys(model, stages, statistics=statistics)}
 
 
 def load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], *, expected_keys: list[str]) -> None:
@@ -79,15 +83,21 @@ def freeze_all_but(model: StagedModel, stages: list[str]) -> None:
             parameter.requires_grad_(name in wanted)
 
 
-def set_train_mode(model: StagedModel, stages: list[str]) -> None:
+def set_train_mode(model: StagedModel, stages: list[str], *, freeze_statistics: bool = False) -> None:
     """Training mode for trainable stages only.
 
     requires_grad=False does not stop BatchNorm from updating its running statistics in train():
-    frozen stages stay in eval() so they remain bit-identical to the server's copy.
+    frozen stages stay in eval() so they remain bit-identical to the server's copy. With
+    `freeze_statistics`, BatchNorm layers of trainable stages stay in eval() too: they normalise
+    with the pretrained statistics and train only their affine weight and bias.
     """
     wanted = set(stages)
     for name, stage in model.stages.items():
         stage.train(name in wanted)
+        if freeze_statistics:
+            for module in stage.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
 
 def first_trainable_index(model: StagedModel, stages: list[str]) -> int:

@@ -90,6 +90,39 @@ def test_the_ledger_survives_a_client_restart(lite0: StagedModel, tmp_path: Path
     assert LedgerStore(tmp_path, run_id=8).load() == PrivacyLedger()  # another run starts afresh
 
 
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18"])
+def test_dp_sgd_trains_a_block_with_batchnorm_and_inplace_activations(backbone: str) -> None:
+    """Lite0's conv_head is BatchNormAct2d + ReLU6(inplace); ResNet-18's layer4 has BatchNorm2d and ReLU(inplace)."""
+    torch.manual_seed(0)
+    model = build_model(backbone, num_classes=3, weights="none")
+    stages = trainable_stages(model, 1)
+    start = first_trainable_index(model, stages)
+    model.eval()
+    with torch.no_grad():
+        features = model.forward_stages(torch.randn(24, 3, 64, 64), 0, stop=start)
+        before = model.forward_stages(features, start)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    data = TensorDataset(features, torch.arange(24) % 3)
+    dp = DPSGDConfig(enabled=True, target_epsilon=8.0)
+    train_private_round(model, data, stages=stages, cfg=TrainConfig(lr=0.05, batch_size=8, local_epochs=1), dp=dp,
+                        ledger=PrivacyLedger(), planned_rounds=1, start=start, device=CPU)
+
+    after = model.state_dict()
+    assert after.keys() == initial.keys()  # the same names travel, on server and clients
+    stats = [k for k in initial if stages[0] in k and ("running_" in k or "num_batches" in k)]
+    weights = [k.replace("running_mean", "weight") for k in stats if k.endswith("running_mean")]
+    assert stats and all(torch.equal(after[k], initial[k]) for k in stats)  # statistics stay pretrained
+    assert weights and any(not torch.equal(after[k], initial[k]) for k in weights)  # affine parameters train
+    # The swapped layers compute what BatchNorm computes in eval mode: load the trained tensors
+    # into a plain model and compare outputs.
+    plain = build_model(backbone, num_classes=3, weights="none").eval()
+    plain.load_state_dict(after)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().forward_stages(features, start), plain.forward_stages(features, start),
+                              atol=1e-5)
+        assert not torch.allclose(plain.forward_stages(features, start), before)
+
+
 def test_dp_sgd_settings_that_cannot_work_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="privacy.dp_sgd: cannot be combined with strategy fedprox"):
         load_config(REPO / "configs/quickstart.yaml", ["privacy.dp_sgd.enabled=true", "strategy.name=fedprox"])
