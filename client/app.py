@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch.utils.data import Dataset
 
 from client.cache import FeatureCache, ModelCache
@@ -22,7 +25,20 @@ from fedtune.params import trainable_state_dict
 
 log = logging.getLogger("fedtune.client")
 
-app = ClientApp()
+
+
+def _client_side_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's fixedclipping_mod on the train messages of runs with central DP clipped on clients.
+
+    The mod fails on any message without a clipping norm, so it must not see the others.
+    """
+    config = msg.content.config_records.get(keys.CONFIG)
+    if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[_client_side_clipping])
 
 
 @dataclass(frozen=True)
@@ -44,11 +60,9 @@ def _local_round(msg: Message, context: Context, *, split: Literal["train", "val
     node = NodeIdentity.from_node_config(dict(context.node_config))
     model_hash = str(config[keys.MODEL_HASH])
     stages = [str(s) for s in config[keys.TRAINABLE_STAGES]]
-    backbone = msg.content.array_records.get(keys.BACKBONE)
     model = restore_model(
         settings,
         model_hash=model_hash,
-        backbone=backbone.to_torch_state_dict() if backbone is not None else None,
         trainable=msg.content[keys.ARRAYS].to_torch_state_dict(),
         stages=stages,
         cache=ModelCache(node.cache_root),
@@ -70,10 +84,14 @@ def _local_round(msg: Message, context: Context, *, split: Literal["train", "val
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answers the server's question: is the model with this hash already cached here?"""
+    """Answers whether the model with this hash is cached here, storing it first if the message carries it."""
     node = NodeIdentity.from_node_config(dict(context.node_config))
     model_hash = str(msg.content[keys.CONFIG][keys.MODEL_HASH])
-    has_model = ModelCache(node.cache_root).has(model_hash)
+    cache = ModelCache(node.cache_root)
+    backbone = msg.content.array_records.get(keys.BACKBONE)
+    if backbone is not None:
+        cache.store(model_hash, backbone.to_torch_state_dict())
+    has_model = cache.has(model_hash)
     return Message(RecordDict({keys.METRICS: MetricRecord({keys.HAS_MODEL: int(has_model)})}), reply_to=msg)
 
 
@@ -94,7 +112,8 @@ def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
             ledger=ledger, planned_rounds=settings.rounds, start=local.start, seed=seed, device=local.device,
         )
         ledgers.save(ledger)
-        extra[keys.EPSILON] = epsilon
+        extra = {keys.EPSILON: epsilon, keys.NOISE_MULTIPLIER: float(ledger.noise_multiplier or 0.0),
+                 keys.SAMPLE_RATE: float(ledger.sample_rate or 0.0)}
     else:
         result = train_one_round(
             local.model,
@@ -103,6 +122,7 @@ def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
             cfg=settings.train,
             start=local.start,
             proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
+            freeze_statistics=settings.freeze_statistics,
             seed=seed,
             device=local.device,
         )
@@ -112,7 +132,9 @@ def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
         {keys.NUM_EXAMPLES: result.num_examples, "train_loss": result.loss, "train_accuracy": result.accuracy,
          **extra}
     )
-    arrays = ArrayRecord(trainable_state_dict(local.model.cpu(), local.stages))
+    arrays = ArrayRecord(
+        trainable_state_dict(local.model.cpu(), local.stages, statistics=not settings.freeze_statistics)
+    )
     return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg), local.model
 
 

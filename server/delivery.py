@@ -30,11 +30,12 @@ class Traffic:
 
 @dataclass
 class ModelDelivery:
-    """Sends each node the full model at most once, then only what trains.
+    """Makes sure each node holds the full model before it trains, sending it at most once.
 
     Before a node's first message of a run, the server asks whether it already caches the model
-    (by content hash) from an earlier run; only if not does the backbone ride along. A node
-    that replied successfully to a message that carried it holds it from then on.
+    (by content hash) from an earlier run; only if not is the backbone sent, in a message of its
+    own. Train and evaluate messages then carry only what trains: exactly one ArrayRecord, which
+    is what Flower's mods (client-side clipping, SecAgg+) require.
     """
 
     model_hash: str
@@ -44,48 +45,46 @@ class ModelDelivery:
     deliveries: dict[int, int] = field(default_factory=dict)  # node -> times the backbone was sent
     _backbone_bytes: int | None = None
 
-    def _ask_who_has_it(self, grid: Grid, nodes: list[int], traffic: Traffic) -> None:
-        question = RecordDict({keys.CONFIG: ConfigRecord({keys.MODEL_HASH: self.model_hash})})
-        queries = [Message(content=question, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-        traffic.sent += payload_bytes(question) * len(queries)
+    def _query(self, grid: Grid, nodes: list[int], content: RecordDict, traffic: Traffic, what: str) -> None:
+        """Send `content` as a QUERY to each node; those answering HAS_MODEL=1 become holders."""
+        queries = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        traffic.sent += payload_bytes(content) * len(queries)
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
             if reply.has_error():
                 node, reason = reply.metadata.src_node_id, concise_reason(reply.error.reason)
-                log.warning("client %d did not answer the model query: %s", node, reason)
+                log.warning("client %d did not %s: %s", node, what, reason)
                 continue
             traffic.received += payload_bytes(reply.content)
             metrics = reply.content.metric_records.get(keys.METRICS)
             if metrics is not None and metrics.get(keys.HAS_MODEL) == 1:
                 self.holders.add(reply.metadata.src_node_id)
 
+    def ensure_models(self, grid: Grid, nodes: list[int], traffic: Traffic) -> None:
+        """Ask newcomers whether they cache the model; send it to those that do not."""
+        newcomers = [n for n in nodes if n not in self.holders]
+        if not newcomers:
+            return
+        question = RecordDict({keys.CONFIG: ConfigRecord({keys.MODEL_HASH: self.model_hash})})
+        self._query(grid, newcomers, question, traffic, "answer the model query")
+        lacking = [n for n in newcomers if n not in self.holders]
+        if not lacking:
+            return
+        delivery = RecordDict({**question, keys.BACKBONE: self.backbone})
+        if self._backbone_bytes is None:
+            self._backbone_bytes = payload_bytes(RecordDict({keys.BACKBONE: self.backbone}))
+        for node in lacking:
+            self.deliveries[node] = self.deliveries.get(node, 0) + 1
+        traffic.sent_backbone += self._backbone_bytes * len(lacking)
+        self._query(grid, lacking, delivery, traffic, "store the model")
+
     def send_and_receive(self, grid: Grid, messages: Iterable[Message], traffic: Traffic) -> list[Message]:
         messages = list(messages)
-        newcomers = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.holders]
-        if newcomers:
-            self._ask_who_has_it(grid, newcomers, traffic)
-        outgoing, carried_backbone = [], set()
-        size_of: dict[int, int] = {}
+        self.ensure_models(grid, [m.metadata.dst_node_id for m in messages], traffic)
+        size_of: dict[int, int] = {}  # the strategy shares one content object between messages
         for message in messages:
-            node = message.metadata.dst_node_id
-            content = message.content
-            if node not in self.holders:
-                # A RecordDict of its own: the strategy shares one content object between messages.
-                content = RecordDict({**content, keys.BACKBONE: self.backbone})
-                message = Message(content=content, message_type=message.metadata.message_type, dst_node_id=node)
-                carried_backbone.add(node)
-                self.deliveries[node] = self.deliveries.get(node, 0) + 1
-                if self._backbone_bytes is None:
-                    self._backbone_bytes = payload_bytes(RecordDict({keys.BACKBONE: self.backbone}))
-                traffic.sent_backbone += self._backbone_bytes
-            if id(content) not in size_of:
-                size_of[id(content)] = payload_bytes(content)
-            traffic.sent += size_of[id(content)]
-            outgoing.append(message)
-        replies = list(grid.send_and_receive(outgoing, timeout=self.timeout))
-        for reply in replies:
-            if reply.has_error():
-                continue
-            traffic.received += payload_bytes(reply.content)
-            if reply.metadata.src_node_id in carried_backbone:
-                self.holders.add(reply.metadata.src_node_id)
+            if id(message.content) not in size_of:
+                size_of[id(message.content)] = payload_bytes(message.content)
+            traffic.sent += size_of[id(message.content)]
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        traffic.received += sum(payload_bytes(r.content) for r in replies if not r.has_error())
         return replies
