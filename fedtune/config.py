@@ -71,6 +71,9 @@ class FederationConfig(_Section):
     num_clients: Annotated[int, Field(ge=1, le=10_000)] = 10
     # Clients sampled for training each round; None means all of them.
     clients_per_round: Annotated[int | None, Field(ge=1)] = None
+    # Fewest clients able to train for a round to go ahead: clients at their privacy budget are
+    # left out of sampling, and when fewer than this remain the run ends.
+    min_clients: Annotated[int, Field(ge=1)] = 1
     rounds: Annotated[int, Field(ge=1, le=10_000)] = 5
     # Resources of one virtual client in simulation (Ray). num_gpus may be fractional.
     client_cpus: Annotated[int, Field(ge=1)] = 1
@@ -86,6 +89,9 @@ class FederationConfig(_Section):
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
             )
+        if self.min_clients > (self.clients_per_round or self.num_clients):
+            raise ValueError(f"min_clients ({self.min_clients}) exceeds the clients sampled per round "
+                             f"({self.clients_per_round or self.num_clients})")
         return self
 
 
@@ -170,8 +176,54 @@ class DPSGDConfig(_Section):
         return self
 
 
+class CentralDPConfig(_Section):
+    """User-level differential privacy added by the server (Flower's DP strategy wrappers).
+
+    Each client's whole update is clipped to clipping_norm (by the server, or by the client with
+    `client`), and Gaussian noise of noise_multiplier x clipping_norm / clients_per_round is added
+    to the average. `adaptive` tunes the clipping norm towards a quantile of the update norms.
+    """
+
+    enabled: bool = False
+    clipping: Literal["server", "client", "adaptive"] = "server"
+    noise_multiplier: Annotated[float, Field(gt=0.0)] = 1.0
+    clipping_norm: Annotated[float, Field(gt=0.0)] = 1.0  # the initial norm for `adaptive`
+    target_delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5  # delta of the reported user-level epsilon
+    # `adaptive` only: the quantile of update norms to clip at, and how fast the norm follows it.
+    target_clipped_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    clip_norm_lr: Annotated[float, Field(gt=0.0)] = 0.2
+    # Noise on the count of clipped updates; Flower's default is clients_per_round / 20, and it
+    # must exceed noise_multiplier / 2 (part of the privacy budget goes to this count).
+    clipped_count_stddev: Annotated[float | None, Field(gt=0.0)] = None
+
+
+class SecureAggregationConfig(_Section):
+    """SecAgg+ (Flower's legacy workflow): the server only ever sees the sum of the updates.
+
+    num_shares and reconstruction_threshold are counts of clients, or fractions of the sampled
+    clients when below 1. Updates are clipped to [-clipping_range, clipping_range] and quantised
+    to quantization_range levels before masking.
+    """
+
+    enabled: bool = False
+    num_shares: Annotated[float, Field(gt=0.0)] = 1.0
+    reconstruction_threshold: Annotated[float, Field(gt=0.0)] = 0.67
+    clipping_range: Annotated[float, Field(gt=0.0)] = 8.0
+    quantization_range: Annotated[int, Field(ge=2)] = 4194304
+    max_weight: Annotated[float, Field(gt=0.0)] = 1000.0
+
+
 class PrivacyConfig(_Section):
     dp_sgd: DPSGDConfig = DPSGDConfig()
+    central: CentralDPConfig = CentralDPConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+
+    @property
+    def freezes_statistics(self) -> bool:
+        """BatchNorm running statistics mix the samples of a batch: DP-SGD cannot clip one sample's
+        share of them, and noise added to a running variance can make it negative. Under either
+        kind of DP they stay at the pretrained values (on server and clients alike) and never travel."""
+        return self.dp_sgd.enabled or self.central.enabled
 
 
 class EarlyStoppingConfig(_Section):
@@ -212,6 +264,30 @@ class ExperimentConfig(_Section):
             raise ValueError("privacy.dp_sgd: cannot be combined with strategy fedprox; use fedavg, fedadam or fedyogi")
         if self.data.augment:
             raise ValueError("privacy.dp_sgd: data.augment is not supported with DP-SGD yet")
+        return self
+
+    @model_validator(mode="after")
+    def _central_dp_fits(self) -> ExperimentConfig:
+        central = self.privacy.central
+        if not central.enabled:
+            return self
+        if self.strategy.name != "fedavg":
+            # The noise calibrated to clipping_norm / clients is added to the model the strategy
+            # returns; after a server optimiser step (FedAdam, FedYogi) or with FedProx's local
+            # term that is no longer the sensitivity of what is released.
+            raise ValueError(f"privacy.central: needs strategy fedavg, not {self.strategy.name}: the noise is "
+                             "calibrated to a plain average of clipped updates")
+        if central.clipping == "adaptive":
+            sampled = self.federation.clients_per_round or self.federation.num_clients
+            stddev = central.clipped_count_stddev or sampled / 20
+            if 2 * stddev <= central.noise_multiplier:
+                raise ValueError(
+                    f"privacy.central.clipped_count_stddev: {stddev:g} leaves no noise for the updates: adaptive "
+                    f"clipping needs it above noise_multiplier / 2 ({central.noise_multiplier / 2:g})"
+                )
+        if self.privacy.secure_aggregation.enabled:
+            raise ValueError("privacy.central: cannot be combined with privacy.secure_aggregation yet: Flower's DP "
+                             "wrappers need each client's update, which secure aggregation hides")
         return self
 
     @model_validator(mode="after")
@@ -313,6 +389,8 @@ class ClientSettings(_Section):
     data: DataConfig
     train: TrainConfig
     dp_sgd: DPSGDConfig = DPSGDConfig()
+    # BatchNorm running statistics stay at the initial model's values and do not travel.
+    freeze_statistics: bool = False
 
     @classmethod
     def of(cls, cfg: ExperimentConfig, *, num_classes: int) -> ClientSettings:
@@ -325,6 +403,7 @@ class ClientSettings(_Section):
             data=cfg.data,
             train=cfg.train.model_copy(update={"unfreeze": ()}),  # the server applies the schedule
             dp_sgd=cfg.privacy.dp_sgd,
+            freeze_statistics=cfg.privacy.freezes_statistics,
         )
 
     def to_message(self) -> str:

@@ -15,6 +15,8 @@ MODEL_HASH = "fedtune.model-hash"  # content hash of the full initial model
 TRAINABLE_STAGES = "fedtune.trainable-stages"  # stages that train (and travel) this round
 HAS_MODEL = "fedtune.has-model"  # query reply: 1 if the node holds the model with MODEL_HASH
 EPSILON = "epsilon"  # train reply metric: the client's DP-SGD epsilon over the run so far
+NOISE_MULTIPLIER = "dp-noise-multiplier"  # train reply metric: the DP-SGD noise the client calibrated
+SAMPLE_RATE = "dp-sample-rate"  # train reply metric: the client's DP-SGD sampling rate (1 / batches)
 # How a client's refusal to train past its privacy budget begins, so the server can tell it apart
 # from a failure (it travels as the reason of an error reply).
 PRIVACY_REFUSAL = "privacy budget exhausted"

@@ -34,6 +34,8 @@ SUMMARY_JSON = "summary.json"
 MODEL_FILE = "model.safetensors"
 ACCURACY_PNG = "accuracy.png"
 BYTES_PNG = "bytes.png"
+PRIVACY_JSON = "privacy.json"
+PRIVACY_PNG = "privacy.png"
 
 # Bytes are drawn on a log axis when the largest bar is this many times the smallest: on a linear
 # one, the full-backbone delivery of round 1 flattens every later head-only round to nothing.
@@ -156,6 +158,10 @@ class RunDirectory:
         """summary.json: final metrics, best round, stop reason, byte totals, wall time."""
         return _write_text_atomically(self.path / SUMMARY_JSON, lambda f: _dump_json(summary, f))
 
+    def write_privacy(self, report: dict[str, Any]) -> Path:
+        """privacy.json: mechanisms, their parameters (noise, clipping, delta) and epsilon by round."""
+        return _write_text_atomically(self.path / PRIVACY_JSON, lambda f: _dump_json(report, f))
+
     def save_model(self, state_dict: dict[str, Tensor], metadata: dict[str, str]) -> Path:
         """model.safetensors; metadata (e.g. the config JSON, backbone name) travels inside the file."""
         for key, value in metadata.items():
@@ -168,10 +174,18 @@ class RunDirectory:
         data = save(tensors, metadata=metadata)
         return _replace_atomically(self.path / MODEL_FILE, lambda tmp: tmp.write_bytes(data))
 
-    def write_plots(self) -> list[Path]:
-        """accuracy.png and bytes.png from the history so far; a plot with nothing to show is skipped."""
+    def write_plots(self, *, epsilon_budget: float | None = None) -> list[Path]:
+        """accuracy.png, bytes.png and (under DP) privacy.png from the history so far.
+
+        A plot with nothing to show is skipped; `epsilon_budget` is drawn as a line on privacy.png.
+        """
         written = []
-        for name, draw in ((ACCURACY_PNG, _draw_accuracy), (BYTES_PNG, _draw_bytes)):
+        plots = (
+            (ACCURACY_PNG, _draw_accuracy),
+            (BYTES_PNG, _draw_bytes),
+            (PRIVACY_PNG, partial(_draw_epsilon, budget=epsilon_budget)),
+        )
+        for name, draw in plots:
             figure = Figure(figsize=(8, 4.8), layout="constrained")
             FigureCanvasAgg(figure)  # Agg directly: no pyplot, no global backend, safe off the main thread
             if not draw(figure.add_subplot(), self._records, self.path.name):
@@ -538,5 +552,35 @@ def _draw_bytes(ax: Axes, records: list[RoundRecord], run_name: str) -> bool:
     ax.grid(axis="y", alpha=0.3)
     _round_axis(ax, rounds)
     _mark_unfreezing(ax, records)
+    _legend_below(ax)
+    return True
+
+
+def _draw_epsilon(ax: Axes, records: list[RoundRecord], run_name: str, *, budget: float | None) -> bool:
+    trained = [r for r in records if r.round > 0]
+    clients = sorted({k for r in trained for k in r.extra if k.startswith("epsilon_client_")},
+                     key=lambda k: int(k.rsplit("_", 1)[1]))
+    user = [(r.round, r.extra["epsilon_user"]) for r in trained if "epsilon_user" in r.extra]
+    if not clients and not user:
+        return False
+    for index, key in enumerate(clients):
+        points = [(r.round, r.extra[key]) for r in trained if key in r.extra]
+        xs, ys = zip(*points, strict=True)
+        label = "each client's sample-level epsilon (DP-SGD)" if index == 0 else None
+        ax.plot(xs, ys, color="tab:blue", alpha=0.35, linewidth=1, marker=".", label=label)
+    if clients:
+        points = [(r.round, r.extra["epsilon_max"]) for r in trained if "epsilon_max" in r.extra]
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, color="tab:blue", linewidth=2, marker="o", label="largest client epsilon")
+    if user:
+        xs, ys = zip(*user, strict=True)
+        ax.plot(xs, ys, color="tab:purple", linewidth=2, marker="s", label="user-level epsilon (central DP)")
+    if budget is not None:
+        ax.axhline(budget, color="tab:red", linestyle="--", linewidth=1, label=f"budget epsilon = {budget:g}")
+    ax.set_title(f"Privacy spent by round (cumulative epsilon)\n{run_name}", pad=16)
+    ax.set_ylabel("epsilon")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    _round_axis(ax, [r.round for r in trained])
     _legend_below(ax)
     return True

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
@@ -22,7 +25,8 @@ from fedtune.params import first_trainable_index, load_tensors, state_hash, trai
 from fedtune.results import RoundProgress, RoundRecord, RunDirectory, summarize_history
 from server.delivery import ModelDelivery, Traffic
 from server.evaluate import CentralEvaluator
-from strategies import build_strategy
+from server.privacy_report import PrivacyReport
+from strategies import build_strategy, fit_sampling_to
 from strategies.validation import SortedReplies, sort_replies, specs_of
 
 log = logging.getLogger("fedtune.server")
@@ -76,6 +80,20 @@ def _wait_for_nodes(grid: Grid, cfg: ExperimentConfig) -> None:
         )
 
 
+class _EligibleNodes:
+    """The grid as a strategy sees it when sampling: without the clients that have left the run."""
+
+    def __init__(self, grid: Grid, excluded: set[int]) -> None:
+        self._grid = grid
+        self._excluded = excluded
+
+    def get_node_ids(self) -> list[int]:
+        return [node for node in self._grid.get_node_ids() if node not in self._excluded]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._grid, name)
+
+
 @dataclass
 class _Federation:
     """The server's state during a run, and how one round is played."""
@@ -88,6 +106,14 @@ class _Federation:
     delivery: ModelDelivery
     evaluator: CentralEvaluator
     settings: str  # ClientSettings as sent in every message
+    privacy: PrivacyReport
+    at_budget: set[int] = field(default_factory=set)  # clients that refused to train past their privacy budget
+
+    def eligible_clients(self) -> int:
+        return len(set(self.grid.get_node_ids()) - self.at_budget)
+
+    def travelling(self, stages: list[str]) -> dict[str, torch.Tensor]:
+        return trainable_state_dict(self.model, stages, statistics=not self.cfg.privacy.freezes_statistics)
 
     def central(self, stages: list[str]) -> tuple[float, float]:
         metrics = self.evaluator(self.model, frozen_prefix=first_trainable_index(self.model, stages))
@@ -98,40 +124,44 @@ class _Federation:
         started = time.monotonic()
         blocks = self.cfg.train.trainable_blocks_at(server_round)
         stages = trainable_stages(self.model, blocks)
-        arrays = ArrayRecord(trainable_state_dict(self.model, stages))
+        arrays = ArrayRecord(self.travelling(stages))
         config = ConfigRecord(
             {keys.CLIENT_CONFIG: self.settings, keys.MODEL_HASH: self.model_hash, keys.TRAINABLE_STAGES: stages}
         )
         traffic = Traffic()
 
-        train_messages = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
+        sampling_grid = cast(Grid, _EligibleNodes(self.grid, self.at_budget))
+        train_messages = list(self.strategy.configure_train(server_round, arrays, config, sampling_grid))
         replies = self.delivery.send_and_receive(self.grid, train_messages, traffic)
-        sorted_replies = sort_replies(replies, specs_of(arrays), server_round=server_round)
+        sorted_replies = sort_replies(
+            replies, specs_of(arrays), server_round=server_round,
+            reject_unchanged=arrays if self.cfg.privacy.central.enabled else None,
+        )
         aggregated, train_metrics = self.strategy.aggregate_train(server_round, sorted_replies.valid)
         if aggregated is not None:
             load_tensors(self.model, aggregated.to_torch_state_dict(), expected_keys=list(arrays.keys()))
         else:
             log.warning("round %d: no valid update to aggregate; the model is unchanged", server_round)
 
-        eval_arrays = ArrayRecord(trainable_state_dict(self.model, stages))
-        eval_messages = list(self.strategy.configure_evaluate(server_round, eval_arrays, config, self.grid))
+        eval_arrays = ArrayRecord(self.travelling(stages))
+        eval_messages = list(self.strategy.configure_evaluate(server_round, eval_arrays, config, sampling_grid))
         fed_metrics = None
         if eval_messages:
             eval_replies = self.delivery.send_and_receive(self.grid, eval_messages, traffic)
             answered = [r for r in eval_replies if not r.has_error()]
             fed_metrics = self.strategy.aggregate_evaluate(server_round, answered)
 
+        for node, problem in sorted_replies.problems.items():
+            if problem.startswith(keys.PRIVACY_REFUSAL):
+                log.info("round %d: client %d is at its privacy budget and leaves the run", server_round, node)
+                self.at_budget.add(node)
+
         central_loss, central_accuracy = self.central(stages)
-        # The strategy would average epsilons; the guarantee is per client, so keep each one.
-        reply_metrics = {r.metadata.src_node_id: next(iter(r.content.metric_records.values()))
-                         for r in sorted_replies.valid}
-        epsilons = {
-            f"epsilon_client_{node}": float(metrics[keys.EPSILON])
-            for node, metrics in reply_metrics.items()
-            if keys.EPSILON in metrics
-        }
-        if epsilons:
-            epsilons["epsilon_max"] = max(epsilons.values())
+        privacy_figures = self.privacy.round_figures(
+            sorted_replies.valid,
+            released=aggregated is not None,
+            clipping_norm=getattr(self.strategy, "clipping_norm", None),  # the central-DP wrappers' current norm
+        )
         record = RoundRecord(
             round=server_round,
             trainable_blocks=str(blocks),
@@ -150,14 +180,17 @@ class _Federation:
             central_loss=central_loss,
             central_accuracy=central_accuracy,
             seconds=time.monotonic() - started,
-            extra=epsilons,
+            extra=privacy_figures,
         )
         return record, sorted_replies
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     """Run every round of `cfg` on the nodes behind `grid`; results go to a new run directory."""
+    # Flower samples clients with `random` and draws central-DP noise with numpy's global generator.
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     # Everything that can fail on bad input (data, weights) happens before the run directory
     # exists, so a failed start leaves nothing behind.
     test_set = load_split(cfg.data.source, "test", root=cfg.data.root, download=cfg.data.download, seed=cfg.seed)
@@ -186,6 +219,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
         ),
         evaluator=CentralEvaluator(test_set, device=resolve_device(cfg.train.device)),
         settings=ClientSettings.of(cfg, num_classes=num_classes).to_message(),
+        privacy=PrivacyReport(cfg),
     )
     _wait_for_nodes(grid, cfg)
 
@@ -197,7 +231,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
 
     def finish(completed: int, stop_reason: str) -> RunOutcome:
         return _finish(run_dir, cfg, model, model_hash=model_hash, delivery=federation.delivery,
-                       completed=completed, stop_reason=stop_reason, started=started, classes=test_set.classes)
+                       privacy=federation.privacy, completed=completed, stop_reason=stop_reason, started=started,
+                       classes=test_set.classes)
 
     loss0, acc0 = federation.central(trainable_stages(model, cfg.train.trainable_blocks_at(1)))
     baseline = RoundRecord(
@@ -215,20 +250,22 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     with RoundProgress(cfg.federation.rounds, title=f"{cfg.name}: federated fine-tuning") as progress:
         progress.round_done(baseline)
         for server_round in range(1, cfg.federation.rounds + 1):
+            eligible = federation.eligible_clients()
+            if federation.at_budget and eligible < cfg.federation.min_clients:
+                # Clients at their budget are a normal end (the guarantee held), not a failure.
+                stop_reason = (
+                    f"{keys.PRIVACY_REFUSAL}: {len(federation.at_budget)} clients are at their budget and "
+                    f"{eligible} remain, fewer than federation.min_clients ({cfg.federation.min_clients})"
+                )
+                progress.message(stop_reason)
+                break
+            fit_sampling_to(federation.strategy, cfg, eligible)
             record, replies = federation.play_round(server_round)
             run_dir.append_round(record)
             progress.round_done(record)
             completed = server_round
-            refusals = [p for p in replies.problems.values() if p.startswith(keys.PRIVACY_REFUSAL)]
-            if refusals and not replies.valid and len(refusals) == len(replies.problems):
-                # Every client that answered is at its budget: the run is over, and that is a
-                # normal end (the guarantee held), not a failure.
-                stop_reason = (
-                    f"{keys.PRIVACY_REFUSAL}: {len(refusals)} clients refused to train in round {server_round}"
-                )
-                progress.message(stop_reason)
-                break
-            if record.clients_sampled and not replies.valid:
+            only_refusals = all(p.startswith(keys.PRIVACY_REFUSAL) for p in replies.problems.values())
+            if record.clients_sampled and not replies.valid and not (replies.problems and only_refusals):
                 # Every client failing the same way (bad data path, infeasible partitioning) would
                 # otherwise burn all remaining rounds on an unchanged model.
                 reasons = sorted(set(replies.problems.values())) or ["no replies before the round timeout"]
@@ -260,6 +297,7 @@ def _finish(
     *,
     model_hash: str,
     delivery: ModelDelivery,
+    privacy: PrivacyReport,
     completed: int,
     stop_reason: str,
     started: float,
@@ -289,7 +327,10 @@ def _finish(
         "wall_seconds": time.monotonic() - started,
     }
     run_dir.write_summary(summary)
-    run_dir.write_plots()
+    privacy_summary = privacy.summary(history)
+    if privacy_summary:
+        run_dir.write_privacy(privacy_summary)
+    run_dir.write_plots(epsilon_budget=cfg.privacy.dp_sgd.target_epsilon if cfg.privacy.dp_sgd.enabled else None)
     log.info("results: %s", run_dir.path)
     return RunOutcome(
         run_dir=run_dir.path,

@@ -10,6 +10,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedtune.config import ExperimentConfig
+from strategies.central_dp import UniformFedAvg, with_central_dp
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {}
 
@@ -66,21 +67,37 @@ class PartialFedYogi(_PartialUpdatesMixin, FedYogi):
         self.buffer_keys = buffer_keys
 
 
-def _sampling(cfg: ExperimentConfig) -> dict[str, object]:
+def _sampling(cfg: ExperimentConfig, available: int | None = None) -> dict[str, int | float]:
+    """Flower's sampling settings; with `available`, capped to that many eligible clients."""
     clients = cfg.federation.num_clients
     per_round = cfg.federation.clients_per_round or clients
     evaluate = per_round if cfg.data.val_fraction > 0 else 0
+    cap = clients if available is None else available
     return {
         "fraction_train": per_round / clients,
-        "min_train_nodes": per_round,
+        "min_train_nodes": min(per_round, cap),
         "fraction_evaluate": evaluate / clients,
-        "min_evaluate_nodes": evaluate,
-        "min_available_nodes": clients,
+        "min_evaluate_nodes": min(evaluate, cap),
+        "min_available_nodes": cap,
     }
+
+
+def fit_sampling_to(strategy: Strategy, cfg: ExperimentConfig, available: int) -> None:
+    """Sample from `available` eligible clients from now on (some may have left, at their budget).
+
+    Flower's sampling waits forever for min_available_nodes, so the minimums must shrink with
+    the pool. A wrapper (the central-DP ones) samples through the strategy it wraps.
+    """
+    inner = getattr(strategy, "strategy", strategy)
+    for name, value in _sampling(cfg, available).items():
+        if name.startswith("min_"):
+            setattr(inner, name, value)
 
 
 @register("fedavg")
 def _fedavg(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
+    if cfg.privacy.central.enabled:
+        return with_central_dp(UniformFedAvg(**_sampling(cfg)), cfg)
     return FedAvg(**_sampling(cfg))
 
 

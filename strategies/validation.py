@@ -76,7 +76,20 @@ class SortedReplies:
     problems: dict[int, str] = field(default_factory=dict)  # node -> why it was left out
 
 
-def sort_replies(replies: Iterable[Message], expected: Mapping[str, TensorSpec], *, server_round: int) -> SortedReplies:
+def _unchanged(reply: Message, sent: ArrayRecord) -> bool:
+    arrays = reply.content.array_records[keys.ARRAYS]
+    return all(np.array_equal(arrays[key].numpy(), sent[key].numpy()) for key in sent)
+
+
+def sort_replies(
+    replies: Iterable[Message],
+    expected: Mapping[str, TensorSpec],
+    *,
+    server_round: int,
+    reject_unchanged: ArrayRecord | None = None,
+) -> SortedReplies:
+    """Valid, rejected and failed replies. With `reject_unchanged` (the arrays sent), a reply that
+    returns them unchanged is rejected too: Flower's DP clipping divides by the update's norm."""
     sorted_replies = SortedReplies()
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -87,6 +100,8 @@ def sort_replies(replies: Iterable[Message], expected: Mapping[str, TensorSpec],
             sorted_replies.problems[node] = reason
             continue
         problem = problem_with(reply, expected)
+        if problem is None and reject_unchanged is not None and _unchanged(reply, reject_unchanged):
+            problem = "the update is empty: the tensors are exactly those sent"
         if problem is None:
             sorted_replies.valid.append(reply)
         else:

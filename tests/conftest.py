@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
@@ -23,3 +25,18 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The identity Flower's ServerApp runtime sets before the strategy runs.
+
+    An instruction Message takes run_id, src_node_id and src_task_id from TaskIdentity (see
+    flwr/server/compat/app.py, which sets exactly these three); a reply built with
+    Message(content, reply_to=instruction) derives its metadata from the instruction, as a
+    ClientApp's reply does. monkeypatch restores the unset identity after each test.
+    """
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)  # the SuperLink's node
+    yield

@@ -147,13 +147,24 @@ def test_dp_sgd_federation_reports_each_clients_epsilon_every_round(tmp_path: Pa
 
 
 def test_clients_at_their_privacy_budget_refuse_and_the_run_ends_cleanly(tmp_path: Path) -> None:
-    # A fixed noise multiplier with a small budget: the budget runs out before the planned rounds.
+    # A fixed noise multiplier with a small budget: the budget runs out before the planned rounds,
+    # at different rounds for clients of different sizes (their sampling rates differ).
     cfg = small_config(tmp_path, "federation.rounds=8", "train.unfreeze=[]", "privacy.dp_sgd.enabled=true",
                        "privacy.dp_sgd.noise_multiplier=2.0", "privacy.dp_sgd.target_epsilon=1.5")
     outcome = simulate(cfg)
     history = RunDirectory.load_history(outcome.run_dir / "history.json")
     assert outcome.stop_reason.startswith("privacy budget exhausted")
     assert 1 < outcome.rounds_completed < cfg.federation.rounds
-    assert history[-1].clients_ok == 0 and history[-1].clients_failed == cfg.federation.num_clients
+    # A client that refused is never asked again: each round samples those still under budget.
+    refused = 0
+    for record in history[1:]:
+        assert record.clients_sampled == cfg.federation.num_clients - refused
+        refused += record.clients_failed
+    assert refused == cfg.federation.num_clients
+    assert any(0 < r.clients_sampled < cfg.federation.num_clients for r in history[1:])  # some left early
+    privacy = json.loads((outcome.run_dir / "privacy.json").read_text())["sample_level"]
+    assert len(privacy["epsilon_by_client_by_round"]) == cfg.federation.num_clients
+    assert privacy["target_epsilon"] == 1.5 and set(privacy["noise_multiplier_by_client"].values()) == {2.0}
+    assert (outcome.run_dir / "privacy.png").is_file()
     spent = [r.extra["epsilon_max"] for r in history[1:] if "epsilon_max" in r.extra]
     assert spent and max(spent) <= 1.5  # no client ever passed its budget

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.client_app import ClientAppException
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune import messages as keys
 from fedtune.config import ExperimentConfig, parse_config
@@ -20,19 +17,7 @@ from strategies.validation import concise_reason, problem_with, sort_replies, sp
 # --- building real Flower messages ------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The identity Flower's ServerApp runtime sets before the strategy runs.
-
-    An instruction Message takes run_id, src_node_id and src_task_id from TaskIdentity (see
-    flwr/server/compat/app.py, which sets exactly these three); a reply built with
-    Message(content, reply_to=instruction) derives its metadata from the instruction, as a
-    ClientApp's reply does. monkeypatch restores the unset identity after each test.
-    """
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)  # the SuperLink's node
-    yield
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def _instruction(node: int) -> Message:

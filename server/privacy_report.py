@@ -1,0 +1,124 @@
+"""What a run promised and spent in privacy: the per-round figures and the run's privacy.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import Message
+
+from fedtune import messages as keys
+from fedtune.config import ExperimentConfig
+from fedtune.results import RoundRecord
+from strategies.central_dp import effective_noise_multiplier, user_level_epsilon
+
+
+def _client_metrics(reply: Message) -> dict[str, Any]:
+    return dict(next(iter(reply.content.metric_records.values())))
+
+
+@dataclass
+class PrivacyReport:
+    """Collects each round's privacy figures into the history, and the run's summary at the end."""
+
+    cfg: ExperimentConfig
+    released_noise: list[float] = field(default_factory=list)  # effective noise multiplier of each central-DP release
+    dp_sgd_clients: dict[int, dict[str, float]] = field(default_factory=dict)  # node -> noise, sample rate
+
+    @property
+    def sampling_rate(self) -> float:
+        federation = self.cfg.federation
+        return (federation.clients_per_round or federation.num_clients) / federation.num_clients
+
+    @property
+    def sampled_per_round(self) -> int:
+        return self.cfg.federation.clients_per_round or self.cfg.federation.num_clients
+
+    def user_level_epsilon(self) -> float:
+        return user_level_epsilon(
+            self.cfg.privacy.central, sampling_rate=self.sampling_rate, noise_multipliers=self.released_noise
+        )
+
+    def round_figures(self, valid_replies: list[Message], *, released: bool, clipping_norm: float | None) -> dict:
+        """The history's privacy columns for one round.
+
+        The strategy would average the clients' epsilons; the guarantee is per client, so each
+        one is kept, with the maximum.
+        """
+        figures: dict[str, float] = {}
+        for reply in valid_replies:
+            node, metrics = reply.metadata.src_node_id, _client_metrics(reply)
+            if keys.EPSILON in metrics:
+                figures[f"epsilon_client_{node}"] = float(metrics[keys.EPSILON])
+                self.dp_sgd_clients[node] = {
+                    "noise_multiplier": float(metrics.get(keys.NOISE_MULTIPLIER, 0.0)),
+                    "sample_rate": float(metrics.get(keys.SAMPLE_RATE, 0.0)),
+                }
+        if figures:
+            figures["epsilon_max"] = max(figures.values())
+        central = self.cfg.privacy.central
+        if central.enabled:
+            if released:
+                self.released_noise.append(effective_noise_multiplier(
+                    central, averaged=len(valid_replies), sampled=self.sampled_per_round
+                ))
+            figures["epsilon_user"] = self.user_level_epsilon()
+            if clipping_norm is not None:
+                figures["clipping_norm"] = clipping_norm
+        return figures
+
+    def summary(self, history: list[RoundRecord]) -> dict[str, Any]:
+        """privacy.json: the mechanisms, their parameters, and epsilon by round."""
+        privacy = self.cfg.privacy
+        trained = [r for r in history if r.round > 0]
+        report: dict[str, Any] = {}
+        if privacy.dp_sgd.enabled:
+            dp = privacy.dp_sgd
+            clients = sorted(self.dp_sgd_clients.items())
+            spent = [r.extra["epsilon_max"] for r in trained if "epsilon_max" in r.extra]
+            report["sample_level"] = {
+                "guarantee": "(epsilon, delta)-DP for each example of each client's data, over the whole run",
+                "mechanism": "DP-SGD (Opacus): per-example gradient clipping and Gaussian noise, "
+                + ("Poisson-sampled batches" if dp.poisson_sampling else "shuffled batches"),
+                "accountant": dp.accountant,
+                "target_epsilon": dp.target_epsilon,
+                "delta": dp.target_delta,
+                "max_grad_norm": dp.max_grad_norm,
+                "noise_multiplier_by_client": {str(node): c["noise_multiplier"] for node, c in clients},
+                "sample_rate_by_client": {str(node): c["sample_rate"] for node, c in clients},
+                "rounds": [r.round for r in trained],
+                "epsilon_by_client_by_round": {
+                    str(node): [r.extra.get(f"epsilon_client_{node}") for r in trained] for node, _ in clients
+                },
+                "epsilon_max": max(spent, default=0.0),
+            }
+        if privacy.central.enabled:
+            central = privacy.central
+            sampled = self.sampled_per_round
+            report["user_level"] = {
+                "guarantee": "(epsilon, delta)-DP for each client's whole dataset, over the whole run",
+                "mechanism": f"Gaussian noise on the uniform average of client updates clipped {central.clipping}-side"
+                + (" (adaptive clipping norm)" if central.clipping == "adaptive" else ""),
+                "noise_multiplier": central.noise_multiplier,
+                "clipping_norm": central.clipping_norm,
+                "noise_stddev": central.noise_multiplier * central.clipping_norm / sampled,
+                "clients_per_round": sampled,
+                "sampling_rate": self.sampling_rate,
+                "delta": central.target_delta,
+                "accountant": "RDP of the subsampled Gaussian; fixed-size client sampling treated as Poisson "
+                "sampling at the same rate",
+                "rounds": [r.round for r in trained],
+                "epsilon_by_round": [r.extra.get("epsilon_user") for r in trained],
+                "effective_noise_multiplier_by_round": self.released_noise,
+                "epsilon": self.user_level_epsilon(),
+            }
+        if privacy.secure_aggregation.enabled:
+            secure = privacy.secure_aggregation
+            report["secure_aggregation"] = {
+                "protocol": "SecAgg+ (Flower): the server sees only the sum of the sampled clients' updates",
+                "num_shares": secure.num_shares,
+                "reconstruction_threshold": secure.reconstruction_threshold,
+                "clipping_range": secure.clipping_range,
+                "quantization_range": secure.quantization_range,
+            }
+        return report
