@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from client.cache import FeatureCache, ModelCache
 from client.privacy import LedgerStore, train_private_round
+from client.secure_aggregation import secure_aggregation_mod
 from client.task import NodeIdentity, local_data, model_inputs, restore_model
 from fedtune import messages as keys
 from fedtune.backbones import StagedModel
@@ -38,7 +39,8 @@ def _client_side_clipping(msg: Message, context: Context, call_next: ClientAppCa
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[_client_side_clipping])
+# SecAgg+ outermost: it turns its legacy-layout train messages into fedtune's before the rest see them.
+app = ClientApp(mods=[secure_aggregation_mod, _client_side_clipping])
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,19 @@ class ExperimentConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> ExperimentConfig:
+        secure = self.privacy.secure_aggregation
+        if not secure.enabled:
+            return self
+        if self.strategy.name not in ("fedavg", "fedprox"):
+            raise ValueError(f"privacy.secure_aggregation: needs strategy fedavg or fedprox, not {self.strategy.name}: "
+                             "the server optimisers are not applied to the securely aggregated average yet")
+        if (self.federation.clients_per_round or self.federation.num_clients) < 2:
+            raise ValueError("privacy.secure_aggregation: needs at least 2 clients per round; a sum of one update "
+                             "hides nothing")
+        return self
+
+    @model_validator(mode="after")
     def _weights_file_exists(self) -> ExperimentConfig:
         # Checked here, not in ModelConfig: clients receive the model section but never the file.
         weights = self.model.weights

@@ -12,7 +12,7 @@ from typing import cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -26,8 +26,9 @@ from fedtune.results import RoundProgress, RoundRecord, RunDirectory, summarize_
 from server.delivery import ModelDelivery, Traffic
 from server.evaluate import CentralEvaluator
 from server.privacy_report import PrivacyReport
+from server.secure_aggregation import secure_train_round
 from strategies import build_strategy, fit_sampling_to
-from strategies.validation import SortedReplies, sort_replies, specs_of
+from strategies.validation import sort_replies, specs_of
 
 log = logging.getLogger("fedtune.server")
 
@@ -80,6 +81,18 @@ def _wait_for_nodes(grid: Grid, cfg: ExperimentConfig) -> None:
         )
 
 
+@dataclass
+class _TrainOutcome:
+    """What a round's training produced, however it was aggregated."""
+
+    aggregated: ArrayRecord | None = None
+    metrics: MetricRecord | None = None
+    client_metrics: dict[int, MetricRecord] = field(default_factory=dict)  # node -> its train metrics, if usable
+    problems: dict[int, str] = field(default_factory=dict)  # node -> why its update is not in the aggregate
+    rejected: int = 0
+    failed: int = 0
+
+
 class _EligibleNodes:
     """The grid as a strategy sees it when sampling: without the clients that have left the run."""
 
@@ -119,7 +132,54 @@ class _Federation:
         metrics = self.evaluator(self.model, frozen_prefix=first_trainable_index(self.model, stages))
         return metrics.loss, metrics.accuracy
 
-    def play_round(self, server_round: int) -> tuple[RoundRecord, SortedReplies]:
+    def _train_plain(
+        self, server_round: int, messages: list[Message], arrays: ArrayRecord, traffic: Traffic
+    ) -> _TrainOutcome:
+        """Send, check each reply, aggregate with the strategy (and its DP wrapper, if any)."""
+        replies = self.delivery.send_and_receive(self.grid, messages, traffic)
+        checked = sort_replies(
+            replies, specs_of(arrays), server_round=server_round,
+            reject_unchanged=arrays if self.cfg.privacy.central.enabled else None,
+        )
+        aggregated, metrics = self.strategy.aggregate_train(server_round, checked.valid)
+        return _TrainOutcome(
+            aggregated=aggregated,
+            metrics=metrics,
+            client_metrics={
+                r.metadata.src_node_id: next(iter(r.content.metric_records.values())) for r in checked.valid
+            },
+            problems=checked.problems,
+            rejected=len(checked.rejected),
+            # replies that never came count as failures too
+            failed=len(checked.failed) + len(messages) - len(replies),
+        )
+
+    def _train_secure(
+        self, server_round: int, messages: list[Message], arrays: ArrayRecord, traffic: Traffic
+    ) -> _TrainOutcome:
+        """SecAgg+: the server learns only the average of the sampled clients' updates."""
+        nodes = [m.metadata.dst_node_id for m in messages]
+        self.delivery.ensure_models(self.grid, nodes, traffic)
+        aggregated, metrics, report = secure_train_round(
+            self.grid,
+            server_round=server_round,
+            node_ids=nodes,
+            arrays=arrays,
+            config=messages[0].content[keys.CONFIG],  # with what the strategy added (FedProx's mu)
+            settings=self.cfg.privacy.secure_aggregation,
+            timeout=self.cfg.federation.round_timeout,
+        )
+        return _TrainOutcome(
+            aggregated=aggregated,
+            metrics=metrics,
+            client_metrics=report.client_metrics,
+            problems={node: f"dropped out of secure aggregation at stage {stage!r}"
+                      for node, stage in report.dropped.items()},
+            rejected=0,
+            failed=len(report.dropped),
+        )
+
+    def play_round(self, server_round: int) -> tuple[RoundRecord, _TrainOutcome]:
         """Train (and aggregate), evaluate on clients and centrally; the round's record."""
         started = time.monotonic()
         blocks = self.cfg.train.trainable_blocks_at(server_round)
@@ -132,14 +192,10 @@ class _Federation:
 
         sampling_grid = cast(Grid, _EligibleNodes(self.grid, self.at_budget))
         train_messages = list(self.strategy.configure_train(server_round, arrays, config, sampling_grid))
-        replies = self.delivery.send_and_receive(self.grid, train_messages, traffic)
-        sorted_replies = sort_replies(
-            replies, specs_of(arrays), server_round=server_round,
-            reject_unchanged=arrays if self.cfg.privacy.central.enabled else None,
-        )
-        aggregated, train_metrics = self.strategy.aggregate_train(server_round, sorted_replies.valid)
-        if aggregated is not None:
-            load_tensors(self.model, aggregated.to_torch_state_dict(), expected_keys=list(arrays.keys()))
+        train = self._train_secure if self.cfg.privacy.secure_aggregation.enabled else self._train_plain
+        outcome = train(server_round, train_messages, arrays, traffic) if train_messages else _TrainOutcome()
+        if outcome.aggregated is not None:
+            load_tensors(self.model, outcome.aggregated.to_torch_state_dict(), expected_keys=list(arrays.keys()))
         else:
             log.warning("round %d: no valid update to aggregate; the model is unchanged", server_round)
 
@@ -151,30 +207,29 @@ class _Federation:
             answered = [r for r in eval_replies if not r.has_error()]
             fed_metrics = self.strategy.aggregate_evaluate(server_round, answered)
 
-        for node, problem in sorted_replies.problems.items():
+        for node, problem in outcome.problems.items():
             if problem.startswith(keys.PRIVACY_REFUSAL):
                 log.info("round %d: client %d is at its privacy budget and leaves the run", server_round, node)
                 self.at_budget.add(node)
 
         central_loss, central_accuracy = self.central(stages)
         privacy_figures = self.privacy.round_figures(
-            sorted_replies.valid,
-            released=aggregated is not None,
+            outcome.client_metrics,
+            released=outcome.aggregated is not None,
             clipping_norm=getattr(self.strategy, "clipping_norm", None),  # the central-DP wrappers' current norm
         )
         record = RoundRecord(
             round=server_round,
             trainable_blocks=str(blocks),
             clients_sampled=len(train_messages),
-            clients_ok=len(sorted_replies.valid),
-            clients_rejected=len(sorted_replies.rejected),
-            # replies that never came count as failures too
-            clients_failed=len(sorted_replies.failed) + len(train_messages) - len(replies),
+            clients_ok=len(outcome.client_metrics),
+            clients_rejected=outcome.rejected,
+            clients_failed=outcome.failed,
             bytes_sent=traffic.sent,
             bytes_received=traffic.received,
             bytes_sent_backbone=traffic.sent_backbone,
-            train_loss=_metric(train_metrics, "train_loss"),
-            train_accuracy=_metric(train_metrics, "train_accuracy"),
+            train_loss=_metric(outcome.metrics, "train_loss"),
+            train_accuracy=_metric(outcome.metrics, "train_accuracy"),
             federated_loss=_metric(fed_metrics, "loss"),
             federated_accuracy=_metric(fed_metrics, "accuracy"),
             central_loss=central_loss,
@@ -182,7 +237,7 @@ class _Federation:
             seconds=time.monotonic() - started,
             extra=privacy_figures,
         )
-        return record, sorted_replies
+        return record, outcome
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
@@ -260,15 +315,15 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
                 progress.message(stop_reason)
                 break
             fit_sampling_to(federation.strategy, cfg, eligible)
-            record, replies = federation.play_round(server_round)
+            record, outcome = federation.play_round(server_round)
             run_dir.append_round(record)
             progress.round_done(record)
             completed = server_round
-            only_refusals = all(p.startswith(keys.PRIVACY_REFUSAL) for p in replies.problems.values())
-            if record.clients_sampled and not replies.valid and not (replies.problems and only_refusals):
+            only_refusals = all(p.startswith(keys.PRIVACY_REFUSAL) for p in outcome.problems.values())
+            if record.clients_sampled and outcome.aggregated is None and not (outcome.problems and only_refusals):
                 # Every client failing the same way (bad data path, infeasible partitioning) would
                 # otherwise burn all remaining rounds on an unchanged model.
-                reasons = sorted(set(replies.problems.values())) or ["no replies before the round timeout"]
+                reasons = sorted(set(outcome.problems.values())) or ["no replies before the round timeout"]
                 finish(completed, "aborted: no usable update")
                 raise RuntimeError(
                     f"round {server_round}: no client returned a usable update, so the run stops "

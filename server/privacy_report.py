@@ -5,16 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import MetricRecord
 
 from fedtune import messages as keys
 from fedtune.config import ExperimentConfig
 from fedtune.results import RoundRecord
 from strategies.central_dp import effective_noise_multiplier, user_level_epsilon
-
-
-def _client_metrics(reply: Message) -> dict[str, Any]:
-    return dict(next(iter(reply.content.metric_records.values())))
 
 
 @dataclass
@@ -39,15 +35,16 @@ class PrivacyReport:
             self.cfg.privacy.central, sampling_rate=self.sampling_rate, noise_multipliers=self.released_noise
         )
 
-    def round_figures(self, valid_replies: list[Message], *, released: bool, clipping_norm: float | None) -> dict:
+    def round_figures(
+        self, client_metrics: dict[int, MetricRecord], *, released: bool, clipping_norm: float | None
+    ) -> dict[str, float]:
         """The history's privacy columns for one round.
 
         The strategy would average the clients' epsilons; the guarantee is per client, so each
         one is kept, with the maximum.
         """
         figures: dict[str, float] = {}
-        for reply in valid_replies:
-            node, metrics = reply.metadata.src_node_id, _client_metrics(reply)
+        for node, metrics in client_metrics.items():
             if keys.EPSILON in metrics:
                 figures[f"epsilon_client_{node}"] = float(metrics[keys.EPSILON])
                 self.dp_sgd_clients[node] = {
@@ -60,7 +57,7 @@ class PrivacyReport:
         if central.enabled:
             if released:
                 self.released_noise.append(effective_noise_multiplier(
-                    central, averaged=len(valid_replies), sampled=self.sampled_per_round
+                    central, averaged=len(client_metrics), sampled=self.sampled_per_round
                 ))
             figures["epsilon_user"] = self.user_level_epsilon()
             if clipping_norm is not None:

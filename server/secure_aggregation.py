@@ -1,0 +1,297 @@
+"""One training round under SecAgg+: the server learns the weighted average of the clients' updates only.
+
+Flower 1.41 implements SecAgg+ for its legacy (FitIns/FitRes) workflow alone, so a round runs
+Flower's own `SecAggPlusWorkflow` on a `LegacyContext` made for that round, with a legacy FedAvg
+that targets exactly the nodes fedtune sampled. It replaces configure_train / send / aggregate_train
+of an ordinary round; the clients need `client.secure_aggregation.secure_aggregation_mod`.
+
+The clients send updates (trained minus sent tensors, see client/secure_aggregation.py); the
+protocol returns their average weighted by num-examples, and it is added to the tensors sent.
+
+`SecAggPlusWorkflow` returns nothing, whether it completed or halted (it only logs "Secure
+aggregation halted."), and a halted round would leave the model as it was without anyone
+noticing; here every halt raises `SecureAggregationError`, naming the stage and the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.common import FitIns, FitRes, NDArray, Parameters, Scalar, parameters_to_ndarrays
+from flwr.server import LegacyContext
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from client.secure_aggregation import encode_fit_config
+from fedtune import messages as keys
+from strategies.validation import concise_reason
+
+if TYPE_CHECKING:
+    from fedtune.config import SecureAggregationConfig
+
+log = logging.getLogger("fedtune.server")
+
+# Flower's default; masks and the modular sum live in [0, MODULUS_RANGE).
+MODULUS_RANGE = 2**32
+
+
+class SecureAggregationError(RuntimeError):
+    """A SecAgg+ round did not produce an aggregate; the model must not be taken as updated."""
+
+
+@dataclass(frozen=True)
+class SecureRoundReport:
+    sampled: list[int]
+    completed: list[int]  # nodes whose masked updates are in the aggregate
+    dropped: dict[int, str]  # node -> the protocol stage it dropped out in
+    num_shares: int  # as Flower resolved them for this round
+    threshold: int
+    # SecAgg+ masks the tensors only: num-examples and the metrics travel in plain text.
+    client_metrics: dict[int, MetricRecord] = field(default_factory=dict)
+
+
+def quantization_error_bound(
+    settings: SecureAggregationConfig, num_examples: Sequence[int], max_abs_update: float
+) -> float:
+    """Largest possible |secure average - exact num-examples-weighted average| of the updates, per element.
+
+    Each client i scales its update d_i by w_i = round(n_i / max_weight * T) / T (T the
+    quantization_range), so |w_i - n_i / max_weight| <= 1 / (2T), and stochastically rounds
+    (w_i d_i + c) T / (2c) to an integer (c the clipping_range): an error below one step, 2c / T.
+    The server gets (sum w_i d_i + E) / W with W = sum w_i and |E| < N 2c / T; replacing the weights
+    w_i by n_i / max_weight moves the average by at most N max|d| / (T W). `max_abs_update` bounds
+    |d_i|; the result assumes nothing was clipped (the clients refuse updates that would be).
+    """
+    steps = settings.quantization_range
+    clients = len(num_examples)
+    least_weight = sum(n / settings.max_weight for n in num_examples) - clients / (2 * steps)
+    return clients * (2 * settings.clipping_range + max_abs_update) / (steps * least_weight)
+
+
+def secure_train_round(
+    grid: Grid,
+    *,
+    server_round: int,
+    node_ids: Sequence[int],
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    settings: SecureAggregationConfig,
+    timeout: float | None,
+) -> tuple[ArrayRecord, MetricRecord | None, SecureRoundReport]:
+    """Train `arrays` on `node_ids` under SecAgg+; the num-examples-weighted average of what they trained.
+
+    Returns tensors with the keys, dtypes and shapes of `arrays`, the clients' train metrics averaged
+    like Flower's FedAvg does (None if they sent none besides num-examples), and who took part.
+    `timeout` applies to each of the protocol's four exchanges. Raises SecureAggregationError when
+    the protocol halts (too few clients left to reconstruct the masks, or clients that do not
+    speak SecAgg+), ValueError when the settings cannot work for this many clients.
+    """
+    nodes = list(dict.fromkeys(node_ids))
+    if len(nodes) < 2:
+        raise ValueError(f"secure aggregation needs at least 2 clients per round, round {server_round} has "
+                         f"{len(nodes)}")
+    if len(nodes) * settings.quantization_range >= MODULUS_RANGE:
+        # The modular sum of N values, each up to quantization_range, would wrap around silently.
+        raise ValueError(
+            f"secure aggregation: {len(nodes)} clients x privacy.secure_aggregation.quantization_range="
+            f"{settings.quantization_range} must stay below {MODULUS_RANGE}; lower quantization_range"
+        )
+    names = list(arrays.keys())
+    try:
+        workflow = _ObservedSecAggPlus(
+            _flower_count_or_fraction(settings.num_shares, "num_shares"),
+            _flower_count_or_fraction(settings.reconstruction_threshold, "reconstruction_threshold"),
+            max_weight=settings.max_weight,
+            clipping_range=settings.clipping_range,
+            quantization_range=settings.quantization_range,
+            modulus_range=MODULUS_RANGE,
+            timeout=timeout,
+        )
+    except ValueError as err:  # Flower's own checks of the settings
+        raise ValueError(f"privacy.secure_aggregation: {err}") from err
+
+    fit_config = encode_fit_config(
+        ConfigRecord({**config, keys.SERVER_ROUND: server_round}),
+        names,
+        clipping_range=settings.clipping_range,
+        max_weight=settings.max_weight,
+    )
+    proxies = [GridClientProxy(node, grid, grid.run.run_id) for node in nodes]
+    strategy = _RoundStrategy(proxies, fit_config)
+    context = LegacyContext(
+        Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        strategy=strategy,
+    )
+    for proxy in proxies:
+        context.client_manager.register(proxy)
+    context.state.array_records[MAIN_PARAMS_RECORD] = arrays
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
+
+    workflow(grid, context)
+
+    if workflow.halted_at is not None:
+        raise SecureAggregationError(workflow.diagnosis(server_round))
+    if strategy.results is None:  # the workflow completed without handing over an aggregate
+        raise SecureAggregationError(f"round {server_round}: secure aggregation produced no aggregate")
+    average_update = parameters_to_ndarrays(strategy.results[0][1].parameters)
+    aggregated = _apply_update(arrays, names, average_update, server_round)
+    records = [
+        RecordDict({keys.METRICS: MetricRecord({**res.metrics, keys.NUM_EXAMPLES: res.num_examples})})
+        for _, res in strategy.results
+    ]
+    metrics = aggregate_metricrecords(records, keys.NUM_EXAMPLES)
+    completed = sorted(int(proxy.cid) for proxy, _ in strategy.results)
+    report = SecureRoundReport(
+        sampled=sorted(nodes),
+        completed=completed,
+        dropped={node: stage for node, stage in workflow.dropped_at.items() if node not in completed},
+        num_shares=workflow.state.num_shares,
+        threshold=workflow.state.threshold,
+        client_metrics={
+            int(proxy.cid): record.metric_records[keys.METRICS]
+            for (proxy, _), record in zip(strategy.results, records, strict=True)
+        },
+    )
+    if report.dropped:
+        log.warning("round %d: secure aggregation went on without %d dropped clients: %s", server_round,
+                    len(report.dropped), ", ".join(f"{n} ({s})" for n, s in sorted(report.dropped.items())))
+    return aggregated, (metrics if len(metrics) else None), report
+
+
+def _flower_count_or_fraction(value: float, name: str) -> int | float:
+    """fedtune's setting as SecAggPlusWorkflow reads it: a float is a fraction, an int a count.
+
+    A value up to 1 is a fraction (1.0: all of them); above 1 it must be a whole count. Flower
+    takes a fractional reconstruction_threshold of num_shares, which is the sampled clients for the
+    default num_shares 1.0.
+    """
+    if value <= 1:
+        return float(value)
+    if not float(value).is_integer():
+        raise ValueError(f"privacy.secure_aggregation.{name}={value} must be a fraction up to 1 or a whole count")
+    return int(value)
+
+
+def _apply_update(arrays: ArrayRecord, names: list[str], update: list[NDArray], server_round: int) -> ArrayRecord:
+    """The tensors sent plus the average update, in their own dtypes and shapes."""
+    if len(update) != len(names):
+        raise SecureAggregationError(f"round {server_round}: secure aggregation returned {len(update)} tensors "
+                                     f"for {len(names)} sent")
+    out = {}
+    for name, delta in zip(names, update, strict=True):
+        before = arrays[name].numpy()
+        if delta.size != before.size or not np.isfinite(delta).all():
+            raise SecureAggregationError(f"round {server_round}: the securely aggregated update of {name} is "
+                                         f"malformed (shape {delta.shape}, expected {before.shape}, or not finite)")
+        delta = delta.reshape(before.shape)  # 0-d tensors travel as shape (1,), see the client
+        after = before.astype(np.float64) + delta
+        if not np.issubdtype(before.dtype, np.floating):
+            after = np.rint(after)  # e.g. BatchNorm's num_batches_tracked: the average count
+        out[name] = Array(np.asarray(after.astype(before.dtype)))  # asarray keeps 0-d tensors 0-d
+    return ArrayRecord(out)
+
+
+class _RoundStrategy(FedAvg):
+    """Legacy FedAvg for one SecAgg+ round: trains exactly the given nodes, keeps what it is handed.
+
+    The workflow hands aggregate_fit every client's FitRes with the parameters replaced by the
+    secure aggregate (the updates themselves never reach the server), so there is nothing left to
+    average: re-averaging identical vectors would only add rounding.
+    """
+
+    def __init__(self, proxies: list[GridClientProxy], fit_config: dict[str, Scalar]) -> None:
+        super().__init__(accept_failures=True)
+        self.proxies = proxies
+        self.fit_config = fit_config
+        self.results: list[tuple[ClientProxy, FitRes]] | None = None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        return [(proxy, FitIns(parameters, dict(self.fit_config))) for proxy in self.proxies]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if results:
+            self.results = results
+            return results[0][1].parameters, {}
+        return None, {}
+
+
+_Stage = Callable[[Grid, LegacyContext, WorkflowState], bool]
+
+
+class _ObservedSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, unchanged, remembering where it halted and who dropped out where."""
+
+    def __init__(self, *args: int | float, **kwargs: float | int | None) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.state = WorkflowState()
+        self.halted_at: str | None = None
+        self.dropped_at: dict[int, str] = {}
+        self.problems: list[str] = []  # per stage: who dropped and why
+
+    def _observe(self, stage: str, step: _Stage, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        self.state = state
+        before = set(state.active_node_ids)
+        failures_before = len(state.failures)
+        try:
+            ok = step(grid, context, state)
+        except KeyError as err:
+            # A client that answered the protocol without its records: the mod is missing.
+            raise SecureAggregationError(
+                f"secure aggregation failed at stage '{stage}': a client's reply lacks {err}; do all clients "
+                f"run client.secure_aggregation.secure_aggregation_mod?"
+            ) from err
+        if stage == "setup":
+            before = set(state.sampled_node_ids)
+        lost = before - state.active_node_ids
+        for node in lost:
+            self.dropped_at.setdefault(node, stage)
+        if lost:
+            # Flower keeps the errors but not who sent them (and lists some twice).
+            reasons = sorted({concise_reason(getattr(f.args[0], "reason", str(f))) for f in
+                              state.failures[failures_before:]}) or ["no reply before the timeout"]
+            self.problems.append(f"{len(lost)} dropped at '{stage}': " + " | ".join(reasons))
+        if not ok:
+            self.halted_at = stage
+        return ok
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return self._observe("setup", super().setup_stage, grid, context, state)
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return self._observe("share keys", super().share_keys_stage, grid, context, state)
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return self._observe("collect masked vectors", super().collect_masked_vectors_stage, grid, context, state)
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return self._observe("unmask", super().unmask_stage, grid, context, state)
+
+    def diagnosis(self, server_round: int) -> str:
+        state = self.state
+        text = (
+            f"round {server_round}: secure aggregation halted at stage '{self.halted_at}', the model is not "
+            f"updated: {len(state.active_node_ids)} of {len(state.sampled_node_ids)} sampled clients were still "
+            f"taking part, but every client needs at least {state.threshold} of its {state.num_shares} share "
+            f"holders (itself included) to take part (privacy.secure_aggregation.reconstruction_threshold, "
+            f"num_shares)"
+        )
+        return text + "".join(f"; {problem}" for problem in self.problems)
