@@ -200,9 +200,12 @@ class CentralDPConfig(_Section):
 class SecureAggregationConfig(_Section):
     """SecAgg+ (Flower's legacy workflow): the server only ever sees the sum of the updates.
 
-    num_shares and reconstruction_threshold are counts of clients, or fractions of the sampled
-    clients when below 1. Updates are clipped to [-clipping_range, clipping_range] and quantised
-    to quantization_range levels before masking.
+    num_shares (how many clients hold shares of each client's mask secrets) is a count of clients
+    above 1, or a fraction of the sampled clients up to 1 (1.0: all of them);
+    reconstruction_threshold (how many of those shares must come back) is a count, or a fraction
+    of num_shares. Clients send updates scaled by num_examples / max_weight, which must fit in
+    [-clipping_range, clipping_range] (clients refuse otherwise) and are quantised to
+    quantization_range levels before masking.
     """
 
     enabled: bool = False

@@ -24,6 +24,12 @@ recording_app = ClientApp()
 
 @recording_app.query()
 def _query(msg: Message, context: Context) -> Message:
+    """Answer for real, and note each delivery of the full model."""
+    if keys.BACKBONE in msg.content.array_records:
+        out = Path(os.environ[PROBE_DIR_ENV])
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / f"p{int(context.node_config['partition-id'])}-backbone.log").open("a") as log:
+            log.write("delivered\n")
     return real.query(msg, context)
 
 

@@ -26,7 +26,7 @@ def _stop_superlink(port: int) -> None:
         os.kill(int(pid), signal.SIGTERM)
 
 
-def test_flwr_run_completes_the_default_config(tmp_path: Path) -> None:
+def test_flwr_run_completes_the_default_config_with_dp_sgd(tmp_path: Path) -> None:
     # The CLIs of the environment running the tests, whether or not it is activated.
     bin_dir = Path(sys.executable).parent
     flwr = bin_dir / "flwr"
@@ -42,7 +42,8 @@ def test_flwr_run_completes_the_default_config(tmp_path: Path) -> None:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
     runs = tmp_path / "runs"
-    overrides = f"federation.num_clients=2;federation.rounds=1;train.unfreeze=[];data.image_size=32;output.dir={runs}"
+    overrides = (f"federation.num_clients=2;federation.rounds=1;train.unfreeze=[];data.image_size=32;output.dir={runs};"
+                 "privacy.dp_sgd.enabled=true;privacy.dp_sgd.target_epsilon=8")
     try:
         result = subprocess.run(
             [str(flwr), "run", str(REPO), "--stream",
@@ -58,8 +59,10 @@ def test_flwr_run_completes_the_default_config(tmp_path: Path) -> None:
     assert len(run_dirs) == 1, output[-3000:]
     files = {p.name for p in run_dirs[0].iterdir()}
     assert {"config.json", "config.yaml", "history.json", "history.csv", "model.safetensors", "summary.json",
-            "accuracy.png", "bytes.png"} <= files
+            "accuracy.png", "bytes.png", "privacy.json", "privacy.png"} <= files
     history = json.loads((run_dirs[0] / "history.json").read_text())["rounds"]
     assert [r["round"] for r in history] == [0, 1]
     assert history[1]["clients_ok"] == 2
     assert history[1]["central_accuracy"] > history[0]["central_accuracy"]
+    epsilons = {k: v for k, v in history[1]["extra"].items() if k.startswith("epsilon_client_")}
+    assert len(epsilons) == 2 and 0 < max(epsilons.values()) <= 8
