@@ -23,6 +23,7 @@ class NodeIdentity:
     partition_id: int
     num_partitions: int
     cache_root: Path
+    data_root: Path | None = None  # this node's copy of the dataset, in place of the experiment's data.root
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, object]) -> NodeIdentity:
@@ -35,7 +36,9 @@ class NodeIdentity:
         else:
             # Each virtual node of a simulation gets a cache of its own, as separate machines would.
             cache_root = default_cache_root() / f"node-{partition_id}"
-        return cls(partition_id=partition_id, num_partitions=num_partitions, cache_root=cache_root)
+        data_root = Path(str(node_config["data-root"])) if "data-root" in node_config else None
+        return cls(partition_id=partition_id, num_partitions=num_partitions, cache_root=cache_root,
+                   data_root=data_root)
 
 
 def restore_model(
@@ -80,7 +83,8 @@ def local_data(settings: ClientSettings, node: NodeIdentity) -> LocalData:
         )
     if not 0 <= node.partition_id < settings.num_clients:
         raise ValueError(f"partition-id {node.partition_id} is outside 0..{settings.num_clients - 1}")
-    full = load_split(data.source, "train", root=data.root, download=data.download, seed=settings.seed)
+    root = str(node.data_root) if node.data_root is not None else data.root
+    full = load_split(data.source, "train", root=root, download=data.download, seed=settings.seed)
     parts = partition(
         full.targets,
         scheme=data.partition.scheme,

@@ -139,6 +139,59 @@ def backbones(
         typer.echo(f"    blocks: {', '.join(model.block_names)}")
 
 
+@cli.command()
+def server(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for clients on other machines.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port clients connect to (and the flwr CLI).")] = 9092,
+    certs: Annotated[
+        Path | None, typer.Option(help="Folder with ca.crt, server.crt, server.key (deploy/make-certs.sh).")
+    ] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (only for trusted networks).")] = False,
+    state_dir: Annotated[Path, typer.Option(help="Where the SuperLink keeps its state.")] = Path(".fedtune-server"),
+) -> None:
+    """Run the server node: start Flower's SuperLink, run CONFIG on the clients that connect, then stop."""
+    _load(config, set_)  # a bad experiment file fails here, before anything starts
+    from fedtune.nodes import NodeError, serve
+
+    try:
+        code = serve(config, set_ or [], host=host, port=port, certs=certs, insecure=insecure, state_dir=state_dir)
+    except NodeError as error:
+        _fail(str(error))
+        return
+    raise typer.Exit(code=code)
+
+
+@cli.command()
+def client(
+    server: Annotated[str, typer.Option(help="The server's HOST:PORT.", show_default=False)],
+    partition_id: Annotated[int, typer.Option(help="Which partition of the data this node trains on.")] = 0,
+    num_partitions: Annotated[
+        int | None, typer.Option(help="How many partitions there are (checked against the server's config).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="This node's copy of the dataset (in place of the config's data.root).")
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where this node caches the model and features.")] = None,
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="The server's CA certificate (ca.crt from deploy/make-certs.sh).")
+    ] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, for a server started with --insecure.")] = False,
+    port: Annotated[int, typer.Option(help="Local port of this node's runtime API (one per node on a host).")] = 9094,
+) -> None:
+    """Run a client node: Flower's SuperNode, training on data that never leaves this machine."""
+    from fedtune.nodes import NodeError, join
+
+    try:
+        code = join(server, partition_id=partition_id, num_partitions=num_partitions, data=data,
+                    cache_dir=cache_dir, root_certificates=root_certificates, insecure=insecure, port=port)
+    except NodeError as error:
+        _fail(str(error))
+        return
+    raise typer.Exit(code=code)
+
+
 def main() -> None:
     try:
         cli()
