@@ -83,15 +83,19 @@ class FederationConfig(_Section):
     # Seconds the server waits, before round 1, for num_clients nodes to be connected.
     connect_timeout: Annotated[float, Field(gt=0.0)] = 120.0
 
+    @property
+    def sampled_per_round(self) -> int:
+        return self.clients_per_round or self.num_clients
+
     @model_validator(mode="after")
     def _sample_fits(self) -> FederationConfig:
         if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
             )
-        if self.min_clients > (self.clients_per_round or self.num_clients):
+        if self.min_clients > self.sampled_per_round:
             raise ValueError(f"min_clients ({self.min_clients}) exceeds the clients sampled per round "
-                             f"({self.clients_per_round or self.num_clients})")
+                             f"({self.sampled_per_round})")
         return self
 
 
@@ -281,8 +285,7 @@ class ExperimentConfig(_Section):
             raise ValueError(f"privacy.central: needs strategy fedavg, not {self.strategy.name}: the noise is "
                              "calibrated to a plain average of clipped updates")
         if central.clipping == "adaptive":
-            sampled = self.federation.clients_per_round or self.federation.num_clients
-            stddev = central.clipped_count_stddev or sampled / 20
+            stddev = central.clipped_count_stddev or self.federation.sampled_per_round / 20
             if 2 * stddev <= central.noise_multiplier:
                 raise ValueError(
                     f"privacy.central.clipped_count_stddev: {stddev:g} leaves no noise for the updates: adaptive "
@@ -301,7 +304,7 @@ class ExperimentConfig(_Section):
         if self.strategy.name not in ("fedavg", "fedprox"):
             raise ValueError(f"privacy.secure_aggregation: needs strategy fedavg or fedprox, not {self.strategy.name}: "
                              "the server optimisers are not applied to the securely aggregated average yet")
-        if (self.federation.clients_per_round or self.federation.num_clients) < 2:
+        if self.federation.sampled_per_round < 2:
             raise ValueError("privacy.secure_aggregation: needs at least 2 clients per round; a sum of one update "
                              "hides nothing")
         return self

@@ -23,12 +23,7 @@ class PrivacyReport:
 
     @property
     def sampling_rate(self) -> float:
-        federation = self.cfg.federation
-        return (federation.clients_per_round or federation.num_clients) / federation.num_clients
-
-    @property
-    def sampled_per_round(self) -> int:
-        return self.cfg.federation.clients_per_round or self.cfg.federation.num_clients
+        return self.cfg.federation.sampled_per_round / self.cfg.federation.num_clients
 
     def user_level_epsilon(self) -> float:
         return user_level_epsilon(
@@ -57,7 +52,7 @@ class PrivacyReport:
         if central.enabled:
             if released:
                 self.released_noise.append(effective_noise_multiplier(
-                    central, averaged=len(client_metrics), sampled=self.sampled_per_round
+                    central, averaged=len(client_metrics), sampled=self.cfg.federation.sampled_per_round
                 ))
             figures["epsilon_user"] = self.user_level_epsilon()
             if clipping_norm is not None:
@@ -91,7 +86,7 @@ class PrivacyReport:
             }
         if privacy.central.enabled:
             central = privacy.central
-            sampled = self.sampled_per_round
+            sampled = self.cfg.federation.sampled_per_round
             report["user_level"] = {
                 "guarantee": "(epsilon, delta)-DP for each client's whole dataset, over the whole run",
                 "mechanism": f"Gaussian noise on the uniform average of client updates clipped {central.clipping}-side"

@@ -70,7 +70,7 @@ class PartialFedYogi(_PartialUpdatesMixin, FedYogi):
 def _sampling(cfg: ExperimentConfig, available: int | None = None) -> dict[str, int | float]:
     """Flower's sampling settings; with `available`, capped to that many eligible clients."""
     clients = cfg.federation.num_clients
-    per_round = cfg.federation.clients_per_round or clients
+    per_round = cfg.federation.sampled_per_round
     evaluate = per_round if cfg.data.val_fraction > 0 else 0
     cap = clients if available is None else available
     return {

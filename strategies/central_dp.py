@@ -57,7 +57,7 @@ class UniformFedAvg(FedAvg):
 def with_central_dp(strategy: Strategy, cfg: ExperimentConfig) -> Strategy:
     """`strategy` wrapped in the configured Flower DP wrapper."""
     central = cfg.privacy.central
-    sampled = cfg.federation.clients_per_round or cfg.federation.num_clients
+    sampled = cfg.federation.sampled_per_round
     if central.clipping == "server":
         return DifferentialPrivacyServerSideFixedClipping(
             strategy, central.noise_multiplier, central.clipping_norm, sampled
