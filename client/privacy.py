@@ -235,9 +235,8 @@ def train_private_round(
             steps=planned_rounds * steps,
             accountant=dp.accountant,
         )
-    # The round runs exactly `steps` steps of the planned mechanism, so this is also the epsilon after it.
-    after = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant, extra_steps=steps)
     if dp.target_epsilon is not None:
+        after = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant, extra_steps=steps)
         if after > dp.target_epsilon:
             spent = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant)
             raise PrivacyBudgetExhausted(
