@@ -150,13 +150,19 @@ def server(
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (only for trusted networks).")] = False,
     state_dir: Annotated[Path, typer.Option(help="Where the SuperLink keeps its state.")] = Path(".fedtune-server"),
+    authorized_keys: Annotated[
+        Path | None,
+        typer.Option(help="Only SuperNodes with these public keys may join: a file, one key per line, or a folder "
+                          "of *.pub files (fedtune keygen)."),
+    ] = None,
 ) -> None:
     """Run the server node: start Flower's SuperLink, run CONFIG on the clients that connect, then stop."""
     _load(config, set_)  # a bad experiment file fails here, before anything starts
     from fedtune.nodes import NodeError, serve
 
     try:
-        code = serve(config, set_ or [], host=host, port=port, certs=certs, insecure=insecure, state_dir=state_dir)
+        code = serve(config, set_ or [], host=host, port=port, certs=certs, insecure=insecure, state_dir=state_dir,
+                     authorized_keys=authorized_keys)
     except NodeError as error:
         _fail(str(error))
         return
@@ -179,17 +185,37 @@ def client(
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, for a server started with --insecure.")] = False,
     port: Annotated[int, typer.Option(help="Local port of this node's runtime API (one per node on a host).")] = 9094,
+    auth_key: Annotated[
+        Path | None, typer.Option(help="This node's private key (fedtune keygen), for a server with --authorized-keys.")
+    ] = None,
 ) -> None:
     """Run a client node: Flower's SuperNode, training on data that never leaves this machine."""
     from fedtune.nodes import NodeError, join
 
     try:
         code = join(server, partition_id=partition_id, num_partitions=num_partitions, data=data,
-                    cache_dir=cache_dir, root_certificates=root_certificates, insecure=insecure, port=port)
+                    cache_dir=cache_dir, root_certificates=root_certificates, insecure=insecure, port=port,
+                    auth_key=auth_key)
     except NodeError as error:
         _fail(str(error))
         return
     raise typer.Exit(code=code)
+
+
+@cli.command()
+def keygen(
+    path: Annotated[Path, typer.Argument(help="Where to write the private key; the public key goes to PATH.pub.")],
+) -> None:
+    """Make this client node's key pair for SuperNode authentication; give PATH.pub to the server's operator."""
+    from fedtune.nodes import NodeError, make_node_key
+
+    try:
+        public = make_node_key(path)
+    except NodeError as error:
+        _fail(str(error))
+        return
+    typer.echo(f"private key: {path} (keep it on this node)\npublic key: {public} (add it to the server's "
+               "--authorized-keys)")
 
 
 def main() -> None:

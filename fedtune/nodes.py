@@ -6,11 +6,15 @@ What they take care of, that the plain Flower commands leave to the user:
   and once a different torch);
 - the CLI's connection lives in a private FLWR_HOME, so no `pyproject.toml` or user config is
   rewritten; the SuperLink is stopped when the run ends, even on Ctrl-C;
-- node-local settings (partition, data folder, cache) come from the client node's command line.
+- node-local settings (partition, data folder, cache) come from the client node's command line;
+- SuperNode authentication from plain key files: `fedtune keygen` on a client node, its public key
+  in the server's `--authorized-keys`, which registers it with the SuperLink before the run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import ipaddress
 import json
 import os
@@ -22,6 +26,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 APP_ROOT = Path(__file__).resolve().parents[1]  # the Flower App: pyproject.toml and the packages
 CONNECTION = "fedtune"
@@ -41,11 +48,63 @@ class TLSFiles:
 
     @classmethod
     def in_dir(cls, directory: Path) -> TLSFiles:
+        directory = directory.resolve()  # Flower's CLI config accepts only absolute paths
         files = cls(directory / "ca.crt", directory / "server.crt", directory / "server.key")
         missing = [str(p) for p in (files.ca, files.certificate, files.key) if not p.is_file()]
         if missing:
             raise NodeError(f"missing TLS files: {', '.join(missing)}; make them with deploy/make-certs.sh {directory}")
         return files
+
+
+def make_node_key(path: Path) -> Path:
+    """Write a SuperNode key pair: `path` (private, mode 600) and `path`.pub; returns the public key's path.
+
+    Flower authenticates SuperNodes with NIST elliptic-curve keys in OpenSSH format (P-384 here, as
+    in Flower's docs); the private key never leaves the client node.
+    """
+    public = path.with_name(path.name + ".pub")
+    existing = [str(p) for p in (path, public) if p.exists()]
+    if existing:
+        raise NodeError(f"not overwriting existing key files: {', '.join(existing)}")
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                     serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH) + b"\n")
+    return public
+
+
+def read_authorized_keys(source: Path) -> list[str]:
+    """The public keys of the SuperNodes allowed to join: a file with one OpenSSH key per line
+    (`#` comments allowed), or a folder of `*.pub` files. Every key is checked before anything starts."""
+    if source.is_dir():
+        files = sorted(source.glob("*.pub"))
+        if not files:
+            raise NodeError(f"no *.pub files in {source}: put the clients' public keys there (fedtune keygen)")
+    elif source.is_file():
+        files = [source]
+    else:
+        raise NodeError(f"authorized keys not found: {source}")
+    keys: list[str] = []
+    for file in files:
+        for number, line in enumerate(file.read_text().splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                key = serialization.load_ssh_public_key(line.encode())
+            except (ValueError, TypeError) as error:
+                raise NodeError(f"{file}:{number} is not an OpenSSH public key: {error}") from None
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise NodeError(f"{file}:{number}: Flower needs an elliptic-curve (ecdsa) key; make one with "
+                                "`fedtune keygen PATH`")
+            keys.append(line)
+    if not keys:
+        raise NodeError(f"{source} holds no public keys")
+    return keys
 
 
 def is_loopback(host: str) -> bool:
@@ -87,13 +146,40 @@ def _wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: flo
     raise NodeError(f"the SuperLink did not listen on {dial}:{port} within {timeout:.0f} s")
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """Run in the child before exec: Linux sends it SIGTERM when fedtune's process dies, even by
+    kill -9, so a SuperLink or SuperNode never outlives the command that started it."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start a Flower daemon in a process group of its own, tied to this process's life.
+
+    Flower's daemons start helpers (SuperExec, ServerApp, ClientApp processes) that can outlive
+    them; the group lets `_stop` end them all.
+    """
+    on_linux = sys.platform.startswith("linux")
+    return subprocess.Popen(command, env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent if on_linux else None)
+
+
 def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    """Stop a daemon started by `_start` and every process of its group."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    try:  # helpers of the group that ignored SIGTERM
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _write_connection(flwr_home: Path, port: int, tls: TLSFiles | None) -> None:
@@ -105,6 +191,53 @@ def _write_connection(flwr_home: Path, port: int, tls: TLSFiles | None) -> None:
     )
 
 
+def _register_nodes(
+    superlink: list[str], public_keys: list[str], env: dict[str, str], flwr_home: Path, tls: TLSFiles | None,
+    timeout: float,
+) -> None:
+    """Register each public key in the SuperLink's database, through a SuperLink that only listens on
+    loopback for as long as it takes; only registered SuperNodes may then connect.
+
+    Registrations persist in the database, so a key registered by an earlier start is accepted as
+    it is (Flower answers "already in use"), and its node keeps its node id.
+    """
+    port = _free_loopback_port()
+    _write_connection(flwr_home, port, tls)
+    key_dir = flwr_home.parent / "authorized-keys"
+    key_dir.mkdir(parents=True, exist_ok=True)
+    setup = _start([*superlink, "--host", "127.0.0.1", "--port", str(port)], env)
+    try:
+        _wait_for_port("127.0.0.1", port, setup, timeout)
+        deadline = time.monotonic() + timeout
+        for index, public_key in enumerate(public_keys):
+            key_file = key_dir / f"node-{index}.pub"  # `flwr supernode register` reads keys from files
+            key_file.write_text(public_key + "\n")
+            while True:
+                answer = subprocess.run(
+                    [_executable("flwr"), "supernode", "register", str(key_file), CONNECTION, "--format", "json"],
+                    env=env, cwd=flwr_home.parent, capture_output=True, text=True,
+                )
+                try:
+                    reply = json.loads(answer.stdout)
+                except ValueError:
+                    reply = {"success": False, "error-message": (answer.stderr or answer.stdout).strip()[-300:]}
+                message = str(reply.get("error-message", ""))
+                if reply.get("success") or "already in use" in message:
+                    break
+                # The port accepts connections a little before the Control API answers.
+                if "unavailable" not in message or time.monotonic() > deadline:
+                    raise NodeError(f"could not register the SuperNode key {public_key[:40]}...: {message.strip()}")
+                time.sleep(1)
+    finally:
+        _stop(setup)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def serve(
     config: Path,
     overrides: list[str],
@@ -114,32 +247,42 @@ def serve(
     certs: Path | None,
     insecure: bool,
     state_dir: Path,
+    authorized_keys: Path | None = None,
     startup_timeout: float = 60.0,
 ) -> int:
     """Start a SuperLink, submit one run of `config` to it, stream its logs, stop the SuperLink.
 
-    Returns the exit code of `flwr run`.
+    With `authorized_keys`, only SuperNodes holding one of those keys may connect. Returns the exit
+    code of the run: 1 when the ServerApp failed.
     """
     if not (APP_ROOT / "pyproject.toml").is_file():
         raise NodeError(f"the fedtune app is not at {APP_ROOT}: run the server from a source checkout")
     if certs is not None and insecure:
         raise NodeError("--certs and --insecure contradict each other: choose one")
+    state_dir = state_dir.resolve()  # Flower resolves relative paths against changing working dirs
     tls = TLSFiles.in_dir(certs) if certs is not None else None
     if tls is None and not insecure and not is_loopback(host):
         raise NodeError(
             f"serving on {host} needs TLS: pass --certs DIR (make it with deploy/make-certs.sh DIR <address>), "
             "or --insecure if you really mean it"
         )
-    superlink = [_executable("flower-superlink"), "--host", host, "--port", str(port),
-                 "--disable-runtime-dependency-installation",
+    if authorized_keys is not None and tls is None:
+        raise NodeError("--authorized-keys needs TLS (Flower authenticates SuperNodes only over TLS): pass --certs")
+    public_keys = read_authorized_keys(authorized_keys) if authorized_keys is not None else []
+    superlink = [_executable("flower-superlink"), "--disable-runtime-dependency-installation",
                  "--database", str(state_dir / "superlink.db")]
     superlink += (["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.certificate),
                    "--ssl-keyfile", str(tls.key)] if tls else ["--insecure"])
     state_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = state_dir / "flwr-home"
-    _write_connection(flwr_home, port, tls)
     env = _flower_env(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    process = subprocess.Popen(superlink, env=env)
+    if public_keys:
+        superlink.append("--enable-supernode-auth")
+        # Registered before clients can reach the SuperLink: Flower turns an unregistered node away
+        # for good, so a client started early would otherwise be refused.
+        _register_nodes(superlink, public_keys, env, flwr_home, tls, startup_timeout)
+    _write_connection(flwr_home, port, tls)
+    process = _start([*superlink, "--host", host, "--port", str(port)], env)
     try:
         _wait_for_port(host, port, process, startup_timeout)
         run_config = f"config='{config.resolve()}' set='{';'.join(overrides)}'"
@@ -178,6 +321,7 @@ def join(
     root_certificates: Path | None,
     insecure: bool,
     port: int,
+    auth_key: Path | None = None,
 ) -> int:
     """Run a SuperNode connected to `server` (HOST:PORT) until it is stopped; returns its exit code."""
     host, _, server_port = server.rpartition(":")
@@ -192,6 +336,8 @@ def join(
         )
     if root_certificates is not None and not root_certificates.is_file():
         raise NodeError(f"root certificate not found: {root_certificates}")
+    if auth_key is not None and not auth_key.is_file():
+        raise NodeError(f"SuperNode key not found: {auth_key} (make one with `fedtune keygen {auth_key}`)")
     if data is not None and not data.exists():
         raise NodeError(f"data folder not found: {data}")
     node_config = [f"partition-id={partition_id}"]
@@ -204,4 +350,15 @@ def join(
     command = [_executable("flower-supernode"), "--superlink", server, "--port", str(port),
                "--node-config", " ".join(node_config)]
     command += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
-    return subprocess.run(command, env=_flower_env()).returncode
+    if auth_key is not None:
+        command += ["--auth-supernode-private-key", str(auth_key)]
+    process = _start(command, _flower_env())
+    try:
+        code = process.wait()
+    finally:
+        _stop(process)
+    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+        print(f"error: the SuperNode stopped with exit code {code}; if its log says 'Failed to activate SuperNode', "
+              "the server accepts only known nodes: start this node with --auth-key and have the server's "
+              "operator add its public key to --authorized-keys", file=sys.stderr)
+    return code
