@@ -107,7 +107,7 @@ def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
     seed = settings.seed * 1000 + server_round * 100 + node.partition_id
     extra: dict[str, float] = {}
     if settings.dp_sgd.enabled:
-        ledgers = LedgerStore(node.cache_root, context.run_id)
+        ledgers = LedgerStore(node.cache_root, settings.run_key)
         ledger = ledgers.load()
         result, epsilon = train_private_round(
             local.model, local.inputs, stages=local.stages, cfg=settings.train, dp=settings.dp_sgd,

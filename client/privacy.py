@@ -73,8 +73,10 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 class LedgerStore:
     """The ledger on the node's disk, one file per run, written atomically: it survives restarts."""
 
-    def __init__(self, cache_root: Path, run_id: int) -> None:
-        self.path = cache_root / "privacy" / f"run-{run_id}.json"
+    def __init__(self, cache_root: Path, run_key: str) -> None:
+        # The server's run key, not Flower's run id: a server that resumes a run after a restart
+        # submits a new Flower run, and the budget spent so far must still count.
+        self.path = cache_root / "privacy" / f"run-{run_key}.json"
 
     def load(self) -> PrivacyLedger:
         if not self.path.is_file():
@@ -92,6 +94,8 @@ class LedgerStore:
         with os.fdopen(fd, "w") as file:
             json.dump({"noise_multiplier": ledger.noise_multiplier, "sample_rate": ledger.sample_rate,
                        "history": ledger.history}, file)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the rename: a crash leaves the old ledger or the new one
         os.replace(tmp, self.path)
 
 

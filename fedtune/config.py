@@ -247,6 +247,9 @@ class EarlyStoppingConfig(_Section):
 class OutputConfig(_Section):
     # Each run writes to <dir>/<name>-<timestamp>/ ; relative to the directory the command runs in.
     dir: str = "runs"
+    # Started again after a crash with the same config, a run continues from its last checkpoint
+    # (an unfinished run folder under `dir` with the same config); false starts afresh.
+    resume: bool = True
 
 
 class ExperimentConfig(_Section):
@@ -410,10 +413,14 @@ class ClientSettings(_Section):
     dp_sgd: DPSGDConfig = DPSGDConfig()
     # BatchNorm running statistics stay at the initial model's values and do not travel.
     freeze_statistics: bool = False
+    # Names the run on the clients' disks (the DP-SGD ledger) and stays the same when a killed
+    # server resumes the run; part of a file name, so no path separators.
+    run_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
 
     @classmethod
-    def of(cls, cfg: ExperimentConfig, *, num_classes: int) -> ClientSettings:
+    def of(cls, cfg: ExperimentConfig, *, num_classes: int, run_key: str = "run") -> ClientSettings:
         return cls(
+            run_key=run_key,
             seed=cfg.seed,
             num_clients=cfg.federation.num_clients,
             num_classes=num_classes,

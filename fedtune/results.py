@@ -172,7 +172,7 @@ class RunDirectory:
         # Serialised in memory and written by Python: safetensors' own save_file creates its
         # file owner-only (0600), unlike every other file of the run.
         data = save(tensors, metadata=metadata)
-        return _replace_atomically(self.path / MODEL_FILE, lambda tmp: tmp.write_bytes(data))
+        return replace_atomically(self.path / MODEL_FILE, lambda tmp: tmp.write_bytes(data))
 
     def write_plots(self, *, epsilon_budget: float | None = None) -> list[Path]:
         """accuracy.png, bytes.png and (under DP) privacy.png from the history so far.
@@ -190,7 +190,7 @@ class RunDirectory:
             FigureCanvasAgg(figure)  # Agg directly: no pyplot, no global backend, safe off the main thread
             if not draw(figure.add_subplot(), self._records, self.path.name):
                 continue
-            written.append(_replace_atomically(self.path / name, partial(figure.savefig, format="png", dpi=120)))
+            written.append(replace_atomically(self.path / name, partial(figure.savefig, format="png", dpi=120)))
         return written
 
     @staticmethod
@@ -348,7 +348,7 @@ def _timestamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Have `write` fill a temp file beside `path`, then swap it in; on failure `path` is untouched."""
     # Same folder, so os.replace is a rename within one filesystem (atomic); the leading dot keeps
     # the temp file out of casual listings if the process is killed before cleanup.
@@ -371,7 +371,7 @@ def _write_text_atomically(path: Path, write: Callable[[IO[str]], None]) -> Path
         with open(tmp, "w", encoding="utf-8", newline="") as file:
             write(file)
 
-    return _replace_atomically(path, fill)
+    return replace_atomically(path, fill)
 
 
 def _dump_json(data: Any, file: IO[str]) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import random
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,11 +24,12 @@ from fedtune.data import load_split
 from fedtune.engine import resolve_device
 from fedtune.params import first_trainable_index, load_tensors, state_hash, trainable_stages, trainable_state_dict
 from fedtune.results import RoundProgress, RoundRecord, RunDirectory, summarize_history
+from server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
 from server.delivery import ModelDelivery, Traffic
 from server.evaluate import CentralEvaluator
 from server.privacy_report import PrivacyReport
 from server.secure_aggregation import secure_train_round
-from strategies import build_strategy, fit_sampling_to
+from strategies import build_strategy, fit_sampling_to, restore_strategy_state, strategy_state
 from strategies.validation import sort_replies, specs_of
 
 log = logging.getLogger("fedtune.server")
@@ -66,6 +68,12 @@ class EarlyStopping:
             self.stale += 1
         return self.cfg.enabled and self.stale >= self.cfg.patience
 
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_round": self.best_round, "stale": self.stale}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.best, self.best_round, self.stale = state["best"], int(state["best_round"]), int(state["stale"])
+
 
 def _wait_for_nodes(grid: Grid, cfg: ExperimentConfig) -> None:
     """Strategies wait forever for missing nodes; fail instead, saying how to fix it."""
@@ -101,7 +109,9 @@ class _EligibleNodes:
         self._excluded = excluded
 
     def get_node_ids(self) -> list[int]:
-        return [node for node in self._grid.get_node_ids() if node not in self._excluded]
+        # Sorted: Flower samples from this list with `random`, so a resumed run (same random state,
+        # same node ids) samples the same clients as an uninterrupted one would.
+        return sorted(node for node in self._grid.get_node_ids() if node not in self._excluded)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._grid, name)
@@ -120,7 +130,33 @@ class _Federation:
     evaluator: CentralEvaluator
     settings: str  # ClientSettings as sent in every message
     privacy: PrivacyReport
+    run_key: str  # names the run on the clients' disks; the same after a resume
     at_budget: set[int] = field(default_factory=set)  # clients that refused to train past their privacy budget
+
+    def checkpoint(self, completed: int, stopper: EarlyStopping, elapsed_seconds: float) -> Checkpoint:
+        """Everything the next round depends on, after `completed` rounds."""
+        tensors, scalars = strategy_state(self.strategy)
+        return Checkpoint(
+            round=completed, run_key=self.run_key, model_hash=self.model_hash, elapsed_seconds=elapsed_seconds,
+            model=self.model.state_dict(), strategy_tensors=tensors, strategy_scalars=scalars,
+            random_state=RandomState.capture(), early_stopping=stopper.state(), at_budget=sorted(self.at_budget),
+            privacy=self.privacy.state(), deliveries=dict(self.delivery.deliveries),
+        )
+
+    def restore(self, checkpoint: Checkpoint, stopper: EarlyStopping) -> None:
+        """Back to the state of `checkpoint`: the server continues as if it had never stopped."""
+        if checkpoint.model_hash != self.model_hash:
+            raise CheckpointError(
+                f"the unfinished run's initial model ({checkpoint.model_hash[:12]}) is not this run's "
+                f"({self.model_hash[:12]}): the backbone's weights changed; set output.resume=false to start afresh"
+            )
+        load_tensors(self.model, checkpoint.model, expected_keys=list(self.model.state_dict()))
+        restore_strategy_state(self.strategy, checkpoint.strategy_tensors, checkpoint.strategy_scalars)
+        checkpoint.random_state.restore()
+        stopper.restore(checkpoint.early_stopping)
+        self.at_budget = set(checkpoint.at_budget)
+        self.privacy.restore(checkpoint.privacy)
+        self.delivery.deliveries = dict(checkpoint.deliveries)
 
     def eligible_clients(self) -> int:
         return len(set(self.grid.get_node_ids()) - self.at_budget)
@@ -273,38 +309,53 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
             model_hash=model_hash, backbone=ArrayRecord(initial_state), timeout=cfg.federation.round_timeout
         ),
         evaluator=CentralEvaluator(test_set, device=resolve_device(cfg.train.device)),
-        settings=ClientSettings.of(cfg, num_classes=num_classes).to_message(),
+        settings="",  # below, once the run key is known
         privacy=PrivacyReport(cfg),
+        run_key="",
     )
+    stopper = EarlyStopping(cfg)
+    resumable = find_resumable(cfg) if cfg.output.resume else None
+    checkpoint = Checkpoint.load(resumable) if resumable is not None else None
+    if checkpoint is not None:
+        federation.restore(checkpoint, stopper)
+    federation.run_key = checkpoint.run_key if checkpoint else f"{cfg.name}-{secrets.token_hex(6)}"
+    federation.settings = ClientSettings.of(cfg, num_classes=num_classes, run_key=federation.run_key).to_message()
     _wait_for_nodes(grid, cfg)
 
-    run_dir = RunDirectory.create(cfg.output.dir, cfg.name)
-    run_dir.write_config(cfg.to_json())
-    log.info("run directory: %s", run_dir.path)
     log.info("model %s: %s, %d classes, hash %s", cfg.model.backbone, cfg.model.weights, num_classes, model_hash[:12])
     started = time.monotonic()
+    if checkpoint is not None and resumable is not None:
+        run_dir = RunDirectory(resumable.parent)
+        first_round = checkpoint.round + 1
+        started -= checkpoint.elapsed_seconds
+        log.info("resuming %s after round %d, from its checkpoint", run_dir.path, checkpoint.round)
+    else:
+        run_dir = RunDirectory.create(cfg.output.dir, cfg.name)
+        run_dir.write_config(cfg.to_json())
+        log.info("run directory: %s", run_dir.path)
+        first_round = 1
+        loss0, acc0 = federation.central(trainable_stages(model, cfg.train.trainable_blocks_at(1)))
+        baseline = RoundRecord(
+            round=0, trainable_blocks=str(cfg.train.trainable_blocks), clients_sampled=0, clients_ok=0,
+            clients_rejected=0, clients_failed=0, bytes_sent=0, bytes_received=0, bytes_sent_backbone=0,
+            train_loss=None, train_accuracy=None, federated_loss=None, federated_accuracy=None,
+            central_loss=loss0, central_accuracy=acc0, seconds=0.0,
+        )
+        run_dir.append_round(baseline)
+        stopper.update(baseline)
+        federation.checkpoint(0, stopper, elapsed_seconds=0.0).save(run_dir.path)
 
     def finish(completed: int, stop_reason: str) -> RunOutcome:
         return _finish(run_dir, cfg, model, model_hash=model_hash, delivery=federation.delivery,
                        privacy=federation.privacy, completed=completed, stop_reason=stop_reason, started=started,
                        classes=test_set.classes)
 
-    loss0, acc0 = federation.central(trainable_stages(model, cfg.train.trainable_blocks_at(1)))
-    baseline = RoundRecord(
-        round=0, trainable_blocks=str(cfg.train.trainable_blocks), clients_sampled=0, clients_ok=0,
-        clients_rejected=0, clients_failed=0, bytes_sent=0, bytes_received=0, bytes_sent_backbone=0,
-        train_loss=None, train_accuracy=None, federated_loss=None, federated_accuracy=None,
-        central_loss=loss0, central_accuracy=acc0, seconds=0.0,
-    )
-    run_dir.append_round(baseline)
-    stopper = EarlyStopping(cfg)
-    stopper.update(baseline)
-
     stop_reason = f"completed {cfg.federation.rounds} rounds"
-    completed = 0
+    completed = first_round - 1
     with RoundProgress(cfg.federation.rounds, title=f"{cfg.name}: federated fine-tuning") as progress:
-        progress.round_done(baseline)
-        for server_round in range(1, cfg.federation.rounds + 1):
+        for record in run_dir.records:
+            progress.round_done(record)
+        for server_round in range(first_round, cfg.federation.rounds + 1):
             eligible = federation.eligible_clients()
             if federation.at_budget and eligible < cfg.federation.min_clients:
                 # Clients at their budget are a normal end (the guarantee held), not a failure.
@@ -319,6 +370,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
             run_dir.append_round(record)
             progress.round_done(record)
             completed = server_round
+            early_stop = stopper.update(record)
+            # After the history: a kill between the two replays this round, whose record is then replaced.
+            federation.checkpoint(completed, stopper, elapsed_seconds=time.monotonic() - started).save(run_dir.path)
             only_refusals = all(p.startswith(keys.PRIVACY_REFUSAL) for p in outcome.problems.values())
             if record.clients_sampled and outcome.aggregated is None and not (outcome.problems and only_refusals):
                 # Every client failing the same way (bad data path, infeasible partitioning) would
@@ -329,7 +383,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
                     f"round {server_round}: no client returned a usable update, so the run stops "
                     f"(results so far: {run_dir.path}). Reasons: " + " | ".join(reasons)
                 )
-            if stopper.update(record):
+            if early_stop:
                 stop_reason = (
                     f"early stopping: {cfg.early_stopping.metric} did not improve for "
                     f"{cfg.early_stopping.patience} rounds (best {stopper.best:.4f} in round {stopper.best_round})"
@@ -382,6 +436,8 @@ def _finish(
         "wall_seconds": time.monotonic() - started,
     }
     run_dir.write_summary(summary)
+    # The run is over (summary.json says so): its checkpoint, a second copy of the model, can go.
+    (run_dir.path / CHECKPOINT_FILE).unlink(missing_ok=True)
     privacy_summary = privacy.summary(history)
     if privacy_summary:
         run_dir.write_privacy(privacy_summary)

@@ -21,6 +21,15 @@ class PrivacyReport:
     released_noise: list[float] = field(default_factory=list)  # effective noise multiplier of each central-DP release
     dp_sgd_clients: dict[int, dict[str, float]] = field(default_factory=dict)  # node -> noise, sample rate
 
+    def state(self) -> dict[str, Any]:
+        """The bookkeeping a resumed run needs (JSON)."""
+        return {"released_noise": list(self.released_noise),
+                "dp_sgd_clients": {str(node): figures for node, figures in self.dp_sgd_clients.items()}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.released_noise = [float(x) for x in state["released_noise"]]
+        self.dp_sgd_clients = {int(node): dict(figures) for node, figures in state["dp_sgd_clients"].items()}
+
     @property
     def sampling_rate(self) -> float:
         return self.cfg.federation.sampled_per_round / self.cfg.federation.num_clients

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
@@ -127,3 +128,48 @@ def build_strategy(cfg: ExperimentConfig, *, buffer_keys: frozenset[str] = froze
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[name](cfg, buffer_keys)
+
+
+# What a strategy learns across rounds, by attribute: a server that resumes a run restores it.
+_MOMENTS = ("m_t", "v_t")  # FedAdam's and FedYogi's first and second moments, per tensor
+_SCALARS = ("clipping_norm",)  # central DP's clipping norm: adaptive clipping moves it every round
+
+
+def _layers(strategy: Strategy) -> list[Strategy]:
+    """The strategy and the ones it wraps (the central-DP wrappers hold the aggregating strategy)."""
+    layers = [strategy]
+    while isinstance(getattr(layers[-1], "strategy", None), Strategy):
+        layers.append(layers[-1].strategy)  # type: ignore[attr-defined]
+    return layers
+
+
+def strategy_state(strategy: Strategy) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The strategy's learned state: tensors keyed "<layer>/<attribute>/<tensor>", and scalars."""
+    tensors: dict[str, np.ndarray] = {}
+    scalars: dict[str, Any] = {}
+    for depth, layer in enumerate(_layers(strategy)):
+        for name in _MOMENTS:
+            moments = getattr(layer, name, None)
+            if moments is not None:
+                tensors.update({f"{depth}/{name}/{key}": value for key, value in moments.items()})
+                scalars[f"{depth}/{name}"] = "present"  # an empty dict is state too (vs None: not started)
+        for name in _SCALARS:
+            if hasattr(layer, name):
+                scalars[f"{depth}/{name}"] = float(getattr(layer, name))
+    return tensors, scalars
+
+
+def restore_strategy_state(strategy: Strategy, tensors: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+    """Put back what `strategy_state` took from a strategy built from the same config."""
+    layers = _layers(strategy)
+    for path, value in scalars.items():
+        depth, name = path.split("/")
+        layer = layers[int(depth)]
+        if name in _MOMENTS:
+            prefix = f"{path}/"
+            setattr(layer, name, {key[len(prefix):]: array for key, array in tensors.items()
+                                  if key.startswith(prefix)})
+        elif name in _SCALARS:
+            setattr(layer, name, float(value))
+        else:
+            raise ValueError(f"checkpoint holds unknown strategy state {path!r}")

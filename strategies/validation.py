@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -108,4 +109,16 @@ def sort_replies(
             log.warning("round %d: rejected the update of client %d: %s", server_round, node, problem)
             sorted_replies.rejected.append(reply)
             sorted_replies.problems[node] = problem
+    # Floating-point sums depend on their order. Ordered by content, not by arrival or node id (a
+    # restarted simulation draws new node ids), a resumed run aggregates exactly as an
+    # uninterrupted one.
+    sorted_replies.valid.sort(key=_content_digest)
     return sorted_replies
+
+
+def _content_digest(reply: Message) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    for key, array in sorted(reply.content.array_records[keys.ARRAYS].items()):
+        digest.update(key.encode())
+        digest.update(array.data)
+    return digest.digest()

@@ -79,15 +79,15 @@ def test_the_ledger_survives_a_client_restart(lite0: StagedModel, tmp_path: Path
     uninterrupted = PrivacyLedger()
     private_rounds(lite0, uninterrupted, dp, rounds=3, planned=4)
 
-    store = LedgerStore(tmp_path, run_id=7)
+    store = LedgerStore(tmp_path, run_key="digits-20261124-1")
     before_restart = PrivacyLedger()
     private_rounds(lite0, before_restart, dp, rounds=2, planned=4)
     store.save(before_restart)
-    after_restart = LedgerStore(tmp_path, run_id=7).load()  # a new process reads the node's disk
+    after_restart = LedgerStore(tmp_path, run_key="digits-20261124-1").load()  # a new process reads the node's disk
     private_rounds(lite0, after_restart, dp, rounds=1, planned=4)
     assert after_restart.history == uninterrupted.history
     assert after_restart.epsilon(delta=1e-5, accountant="rdp") == uninterrupted.epsilon(delta=1e-5, accountant="rdp")
-    assert LedgerStore(tmp_path, run_id=8).load() == PrivacyLedger()  # another run starts afresh
+    assert LedgerStore(tmp_path, run_key="digits-20261124-2").load() == PrivacyLedger()  # another run starts afresh
 
 
 @pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18"])

@@ -1,0 +1,164 @@
+"""Server checkpoints: what a killed server needs to resume its run as if it had never stopped.
+
+One file per run folder, `checkpoint.safetensors`, rewritten atomically after every round: the
+global model, the strategy's learned state (FedAdam's moments, the adaptive clipping norm), the
+random generators, early stopping, the privacy bookkeeping and the clients that left at their
+privacy budget. Restored, the next round starts from exactly the state the killed server had after
+its last completed round, so the run ends with the same model as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from fedtune.config import ExperimentConfig
+from fedtune.results import CONFIG_JSON, SUMMARY_JSON, replace_atomically
+
+log = logging.getLogger("fedtune.server")
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+_STATE = "fedtune.checkpoint"  # safetensors metadata key holding everything that is not a tensor
+_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says which file and why."""
+
+
+@dataclass
+class RandomState:
+    """Every generator the server draws from: `random` (Flower's client sampling), numpy's global
+    generator (central-DP noise) and torch's."""
+
+    python: list[Any]
+    numpy: dict[str, Any]
+    torch: torch.Tensor
+
+    @classmethod
+    def capture(cls) -> RandomState:
+        name, keys, position, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+        return cls(
+            python=_as_lists(random.getstate()),
+            numpy={"name": name, "keys": [int(k) for k in keys], "position": int(position),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            torch=torch.get_rng_state(),
+        )
+
+    def restore(self) -> None:
+        version, internal, gauss = self.python
+        random.setstate((version, tuple(internal), gauss))
+        n = self.numpy
+        np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["position"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        torch.set_rng_state(self.torch)
+
+
+@dataclass
+class Checkpoint:
+    """The server's state after `round` completed rounds."""
+
+    round: int
+    run_key: str  # names the run on clients' disks (their DP ledgers); kept across restarts
+    model_hash: str  # of the initial model: a resumed run must start from the same one
+    elapsed_seconds: float  # wall time of the run so far, over all the server's lives
+    model: dict[str, torch.Tensor]  # the global model's full state dict
+    strategy_tensors: dict[str, np.ndarray]
+    strategy_scalars: dict[str, Any]
+    random_state: RandomState
+    early_stopping: dict[str, Any]
+    at_budget: list[int]  # clients that left at their privacy budget
+    privacy: dict[str, Any]  # PrivacyReport's bookkeeping
+    deliveries: dict[int, int] = field(default_factory=dict)  # node -> times the backbone was sent
+
+    def save(self, run_dir: Path) -> Path:
+        """Write run_dir/checkpoint.safetensors atomically: a kill leaves the previous one intact."""
+        tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in self.model.items()}
+        tensors |= {f"strategy/{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                    self.strategy_tensors.items()}
+        tensors["random/torch"] = self.random_state.torch
+        state = {
+            "format": _FORMAT, "round": self.round, "run_key": self.run_key, "model_hash": self.model_hash,
+            "elapsed_seconds": self.elapsed_seconds, "strategy_scalars": self.strategy_scalars,
+            "random": {"python": self.random_state.python, "numpy": self.random_state.numpy},
+            "early_stopping": self.early_stopping, "at_budget": self.at_budget, "privacy": self.privacy,
+            "deliveries": {str(k): v for k, v in self.deliveries.items()},
+        }
+        data = save_tensors(tensors, metadata={_STATE: json.dumps(state)})
+        return replace_atomically(run_dir / CHECKPOINT_FILE, lambda tmp: tmp.write_bytes(data))
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        try:
+            raw = path.read_bytes()
+            tensors = load_tensors(raw)
+            state = json.loads(_metadata(raw)[_STATE])
+        except (OSError, SafetensorError, KeyError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {path} cannot be read ({error}); move its run folder away, or set "
+                                  "output.resume=false to start afresh") from None
+        if state.get("format") != _FORMAT:
+            raise CheckpointError(f"checkpoint {path} has format {state.get('format')}, this fedtune reads {_FORMAT}")
+        return cls(
+            round=int(state["round"]),
+            run_key=str(state["run_key"]),
+            model_hash=str(state["model_hash"]),
+            elapsed_seconds=float(state["elapsed_seconds"]),
+            model={k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")},
+            strategy_tensors={k.removeprefix("strategy/"): v.numpy() for k, v in tensors.items()
+                              if k.startswith("strategy/")},
+            strategy_scalars=dict(state["strategy_scalars"]),
+            random_state=RandomState(python=state["random"]["python"], numpy=state["random"]["numpy"],
+                                     torch=tensors["random/torch"]),
+            early_stopping=dict(state["early_stopping"]),
+            at_budget=[int(n) for n in state["at_budget"]],
+            privacy=dict(state["privacy"]),
+            deliveries={int(k): int(v) for k, v in state["deliveries"].items()},
+        )
+
+
+def find_resumable(cfg: ExperimentConfig) -> Path | None:
+    """The checkpoint of the latest unfinished run of this very config under cfg.output.dir, if any.
+
+    Unfinished: it has a checkpoint but no summary.json (written when a run ends, however it ends).
+    The same config: its config.json equals this one, so `--set` overrides count too.
+    """
+    root = Path(cfg.output.dir)
+    if not root.is_dir():
+        return None
+    wanted = json.loads(cfg.to_json())
+    candidates = []
+    for checkpoint in root.glob(f"{cfg.name}-*/{CHECKPOINT_FILE}"):
+        run_dir = checkpoint.parent
+        if (run_dir / SUMMARY_JSON).exists():
+            continue
+        try:
+            same = json.loads((run_dir / CONFIG_JSON).read_text()) == wanted
+        except (OSError, ValueError):
+            same = False
+        if same:
+            candidates.append(checkpoint)
+        else:
+            log.info("not resuming %s: its config differs from this run's", run_dir)
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _metadata(raw: bytes) -> dict[str, str]:
+    # safetensors' header: 8 bytes of little-endian length, then JSON with "__metadata__".
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + length])["__metadata__"]
+
+
+def _as_lists(value: Any) -> Any:
+    """Tuples to lists, recursively: JSON's shape of random.getstate()."""
+    return [_as_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+

@@ -1,0 +1,120 @@
+"""Server checkpoints: written atomically every round, and a crashed run resumes to the same model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtune.config import load_config
+from fedtune.results import RunDirectory
+from fedtune.simulation import simulate
+from server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
+from strategies import build_strategy, restore_strategy_state, strategy_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, *overrides: str):  # noqa: ANN202 - an ExperimentConfig
+    return load_config(REPO / "configs" / "quickstart.yaml", [
+        "data.image_size=32", "federation.num_clients=2", "federation.rounds=3", "train.local_epochs=1",
+        "train.unfreeze=[{from_round: 3, trainable_blocks: 1}]", "strategy.name=fedadam",
+        f"output.dir={tmp_path / 'runs'}", *overrides,
+    ])
+
+
+def test_checkpoint_round_trip_restores_moments_and_random_generators(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    strategy = build_strategy(cfg)
+    strategy.m_t = {"head.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}  # type: ignore[attr-defined]
+    strategy.v_t = {"head.weight": np.full((2, 3), 0.5, dtype=np.float32)}  # type: ignore[attr-defined]
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    tensors, scalars = strategy_state(strategy)
+    checkpoint = Checkpoint(
+        round=2, run_key="quickstart-abc", model_hash="f" * 64, elapsed_seconds=12.5,
+        model={"head.weight": torch.randn(2, 3)}, strategy_tensors=tensors, strategy_scalars=scalars,
+        random_state=RandomState.capture(), early_stopping={"best": 0.5, "best_round": 1, "stale": 1},
+        at_budget=[42], privacy={"released_noise": [], "dp_sgd_clients": {"42": {"noise_multiplier": 1.0}}},
+        deliveries={7: 1},
+    )
+    expected_draws = (random.random(), np.random.rand(), torch.rand(1))
+    path = checkpoint.save(tmp_path)
+
+    loaded = Checkpoint.load(path)
+    fresh = build_strategy(cfg)
+    restore_strategy_state(fresh, loaded.strategy_tensors, loaded.strategy_scalars)
+    assert np.array_equal(fresh.m_t["head.weight"], strategy.m_t["head.weight"])  # type: ignore[attr-defined]
+    assert np.array_equal(fresh.v_t["head.weight"], strategy.v_t["head.weight"])  # type: ignore[attr-defined]
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    loaded.random_state.restore()
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected_draws
+    assert torch.equal(loaded.model["head.weight"], checkpoint.model["head.weight"])
+    assert (loaded.round, loaded.run_key, loaded.at_budget, loaded.deliveries) == (2, "quickstart-abc", [42], {7: 1})
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]  # no temp file left behind
+
+
+def test_a_damaged_checkpoint_is_named_and_nothing_is_overwritten(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    run_dir = RunDirectory.create(cfg.output.dir, cfg.name)
+    run_dir.write_config(cfg.to_json())
+    (run_dir.path / CHECKPOINT_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    found = find_resumable(cfg)
+    assert found == run_dir.path / CHECKPOINT_FILE
+    with pytest.raises(CheckpointError, match="cannot be read.*output.resume=false"):
+        Checkpoint.load(found)
+    assert (run_dir.path / CHECKPOINT_FILE).read_bytes().endswith(b"not a header")
+    # A different config (here: one more round) is a different run, never resumed.
+    assert find_resumable(_config(tmp_path, "federation.rounds=4")) is None
+
+
+def test_a_crashed_run_resumes_and_ends_with_the_uninterrupted_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FedAdam (server-side moments) and DP-SGD (client ledgers): stop the server after round 2
+    trained but before it was checkpointed, start it again, compare with an uninterrupted run."""
+    private = ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.target_epsilon=null",
+               "privacy.dp_sgd.noise_multiplier=1.0"]
+    uninterrupted = simulate(_config(tmp_path / "a", *private))
+
+    cfg = _config(tmp_path / "b", *private)
+    append_round = RunDirectory.append_round
+
+    def crash_in_round_2(self: RunDirectory, record) -> None:  # noqa: ANN001
+        if record.round == 2:
+            raise KeyboardInterrupt("the server is killed")
+        append_round(self, record)
+
+    monkeypatch.setattr(RunDirectory, "append_round", crash_in_round_2)
+    with pytest.raises((KeyboardInterrupt, RuntimeError)):
+        simulate(cfg)
+    monkeypatch.setattr(RunDirectory, "append_round", append_round)
+    (run_dir,) = Path(cfg.output.dir).iterdir()
+    assert Checkpoint.load(run_dir / CHECKPOINT_FILE).round == 1
+
+    resumed = simulate(cfg)
+
+    assert resumed.run_dir == run_dir and resumed.rounds_completed == 3
+    assert not (run_dir / CHECKPOINT_FILE).exists()  # the finished run keeps only its model
+    final, expected = load_file(resumed.run_dir / "model.safetensors"), load_file(uninterrupted.run_dir /
+                                                                                   "model.safetensors")
+    assert final.keys() == expected.keys()
+    different = [key for key in final if not torch.equal(final[key], expected[key])]
+    assert not different, f"tensors differ after the resume: {different[:5]}"
+    history = RunDirectory.load_history(run_dir / "history.json")
+    assert [r.round for r in history] == [0, 1, 2, 3]
+    # The clients' ledgers span the restart (one per client, keyed by the run, not by Flower's run):
+    # round 2 ran twice on the clients, and both count, so epsilon is at least the uninterrupted one.
+    assert json.loads((run_dir / "summary.json").read_text())["stop_reason"] == "completed 3 rounds"
+    epsilon_resumed = max(v for k, v in history[-1].extra.items() if k.startswith("epsilon_client_"))
+    reference = RunDirectory.load_history(uninterrupted.run_dir / "history.json")[-1]
+    epsilon_reference = max(v for k, v in reference.extra.items() if k.startswith("epsilon_client_"))
+    assert epsilon_resumed > epsilon_reference
