@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,10 @@ class DataConfig(_Section):
         return self
 
 
+# A host name, an IPv4 address, or an IPv6 address in brackets (as in [fd00::5]:6379).
+_RAY_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+
+
 class FederationConfig(_Section):
     num_clients: Annotated[int, Field(ge=1, le=10_000)] = 10
     # Clients sampled for training each round; None means all of them.
@@ -82,10 +87,33 @@ class FederationConfig(_Section):
     round_timeout: Annotated[float, Field(gt=0.0)] = 3600.0
     # Seconds the server waits, before round 1, for num_clients nodes to be connected.
     connect_timeout: Annotated[float, Field(gt=0.0)] = 120.0
+    # Simulation only: the Ray cluster that runs the virtual clients. None starts a Ray of this
+    # run's own on this machine; "HOST:PORT" attaches to the head started with
+    # `ray start --head --port PORT`; "auto" lets Ray find one (RAY_ADDRESS, else the cluster
+    # `ray start` last started on this machine). deploy/README.md has the recipe.
+    ray_address: str | None = None
 
     @property
     def sampled_per_round(self) -> int:
         return self.clients_per_round or self.num_clients
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address_form(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        if "://" in value:
+            # Ray Client would run the virtual clients' driver here and its workers elsewhere with
+            # this machine's paths; start `fedtune simulate` on a node of the cluster instead.
+            raise ValueError("Ray Client addresses (ray://...) are not supported: run fedtune simulate on a node "
+                             "of the cluster, with HOST:PORT of the head's GCS (ray start --head --port)")
+        if value == "local":
+            raise ValueError("leave ray_address unset (null) for a local Ray of this run's own")
+        host, _, port = value.rpartition(":")
+        if not _RAY_HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be 'auto' or HOST:PORT of a Ray head (the port given to ray start --head "
+                             "--port, default 6379), e.g. 10.0.0.5:6379 or [fd00::5]:6379")
+        return value
 
     @model_validator(mode="after")
     def _sample_fits(self) -> FederationConfig:

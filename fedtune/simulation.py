@@ -1,7 +1,8 @@
-"""Local simulation: many virtual clients on this machine through Flower's Ray-backed engine."""
+"""Simulation: many virtual clients through Flower's Ray-backed engine, on this machine or an existing Ray cluster."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 
     from server.federation import RunOutcome
 
+log = logging.getLogger("fedtune.simulation")
+
 
 def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> RunOutcome:
     """Run `cfg` with cfg.federation.num_clients virtual clients; returns the run's outcome.
@@ -24,6 +27,8 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
     `flwr run .` takes the experiment file from the run config; here the validated config object
     itself is handed to the ServerApp, so `--set` overrides need no round trip through TOML.
     `client_app` replaces the stock ClientApp (tests use it to inject misbehaving clients).
+    With cfg.federation.ray_address set, the virtual clients run on that Ray cluster's workers;
+    this process drives the run and writes its results.
     """
     # Imported here: these pull in torch and the whole server, which `fedtune --help` need not.
     from client.app import app as default_client_app
@@ -37,16 +42,24 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
     def _main(grid: Grid, context: Context) -> None:
         outcome.append(run_federation(grid, cfg))
 
-    # Workers inherit the environment: say where virtual nodes keep their caches, and keep each
-    # worker's torch to the cores Ray gave it.
+    # Workers of a local Ray inherit the environment: say where virtual nodes keep their caches,
+    # and keep each worker's torch to the cores Ray gave it. Workers of an existing cluster get
+    # the environment of `ray start` on their own machine instead (deploy/README.md).
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.federation.client_cpus))
+    address = cfg.federation.ray_address
+    if address is not None:
+        log.info("attaching to the Ray cluster at %s", address)
     run_simulation(
         server_app=server_app,
         client_app=client_app or default_client_app,
         num_supernodes=cfg.federation.num_clients,
         backend_config={
             "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
-            "init_args": {"include_dashboard": False},
+            # Flower's Ray backend hands init_args to ray.init (unless Ray is already initialised in
+            # this process). Without an address Ray would attach to a cluster named by RAY_ADDRESS
+            # or last started by `ray start` on this machine; "local" keeps an unset
+            # federation.ray_address meaning a Ray of this run's own.
+            "init_args": {"include_dashboard": False, "address": address or "local"},
         },
     )
     if not outcome:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from flwr.app import Context
@@ -14,6 +15,7 @@ from server.federation import run_federation
 # The app bundle's root: `flwr run` ships configs/ inside it, so a relative config path is
 # looked up there when it is not found in the working directory.
 APP_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("fedtune.server")
 
 
 def config_from_run_config(run_config: dict[str, object]) -> ExperimentConfig:
@@ -32,4 +34,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
-    run_federation(grid, config_from_run_config(dict(context.run_config)))
+    cfg = config_from_run_config(dict(context.run_config))
+    if cfg.federation.ray_address is not None:
+        # Here Flower started Ray (or there is none: real nodes) before this app ran; say so
+        # rather than let the setting look obeyed.
+        log.warning("federation.ray_address applies to `fedtune simulate` only and is ignored here; with `flwr run`, "
+                    "set RAY_ADDRESS in the environment the local SuperLink starts from (deploy/README.md)")
+    run_federation(grid, cfg)
