@@ -24,6 +24,7 @@ class NodeIdentity:
     num_partitions: int
     cache_root: Path
     data_root: Path | None = None  # this node's copy of the dataset, in place of the experiment's data.root
+    own_data: bool = False  # data_root is this node's own dataset, used whole instead of one partition
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, object]) -> NodeIdentity:
@@ -37,8 +38,11 @@ class NodeIdentity:
             # Each virtual node of a simulation gets a cache of its own, as separate machines would.
             cache_root = default_cache_root() / f"node-{partition_id}"
         data_root = Path(str(node_config["data-root"])) if "data-root" in node_config else None
+        own_data = str(node_config.get("own-data", "false")).lower() == "true"
+        if own_data and data_root is None:
+            raise ValueError("this node's config says own-data but gives no data-root (start it with --data PATH)")
         return cls(partition_id=partition_id, num_partitions=num_partitions, cache_root=cache_root,
-                   data_root=data_root)
+                   data_root=data_root, own_data=own_data)
 
 
 def restore_model(
@@ -74,27 +78,14 @@ class LocalData:
 
 
 def local_data(settings: ClientSettings, node: NodeIdentity) -> LocalData:
-    """This node's partition of the training split, with its local validation part held out."""
+    """This node's training data (its partition, or its own dataset whole), with a local validation part held out."""
     data = settings.data
-    if node.num_partitions and node.num_partitions != settings.num_clients:
-        raise ValueError(
-            f"the federation has {node.num_partitions} nodes but the experiment expects "
-            f"federation.num_clients = {settings.num_clients}"
-        )
-    if not 0 <= node.partition_id < settings.num_clients:
-        raise ValueError(f"partition-id {node.partition_id} is outside 0..{settings.num_clients - 1}")
     root = str(node.data_root) if node.data_root is not None else data.root
     full = load_split(data.source, "train", root=root, download=data.download, seed=settings.seed)
-    parts = partition(
-        full.targets,
-        scheme=data.partition.scheme,
-        num_partitions=settings.num_clients,
-        seed=settings.seed,
-        alpha=data.partition.alpha,
-        shards_per_partition=data.partition.shards_per_client,
-        min_examples=data.partition.min_examples,
-    )
-    mine = parts[node.partition_id]
+    if node.own_data:
+        mine = list(range(len(full.targets)))
+    else:
+        mine = _partition_of(settings, node, full.targets)
     train_idx, val_idx = split_validation(
         mine, full.targets, fraction=data.val_fraction, seed=settings.seed + node.partition_id
     )
@@ -107,6 +98,27 @@ def local_data(settings: ClientSettings, node: NodeIdentity) -> LocalData:
         train_identity=f"{fingerprint(full, train_idx)}|{pre}",
         validation_identity=f"{fingerprint(full, val_idx)}|{pre}",
     )
+
+
+def _partition_of(settings: ClientSettings, node: NodeIdentity, targets: list[int]) -> list[int]:
+    data = settings.data
+    if node.num_partitions and node.num_partitions != settings.num_clients:
+        raise ValueError(
+            f"the federation has {node.num_partitions} nodes but the experiment expects "
+            f"federation.num_clients = {settings.num_clients}"
+        )
+    if not 0 <= node.partition_id < settings.num_clients:
+        raise ValueError(f"partition-id {node.partition_id} is outside 0..{settings.num_clients - 1}")
+    parts = partition(
+        targets,
+        scheme=data.partition.scheme,
+        num_partitions=settings.num_clients,
+        seed=settings.seed,
+        alpha=data.partition.alpha,
+        shards_per_partition=data.partition.shards_per_client,
+        min_examples=data.partition.min_examples,
+    )
+    return parts[node.partition_id]
 
 
 def model_inputs(
