@@ -172,7 +172,11 @@ def server(
 @cli.command()
 def client(
     server: Annotated[str, typer.Option(help="The server's HOST:PORT.", show_default=False)],
-    partition_id: Annotated[int, typer.Option(help="Which partition of the data this node trains on.")] = 0,
+    partition_id: Annotated[
+        int | None,
+        typer.Option(help="Train on this partition of the dataset (of --data, or of the config's data.root). "
+                          "Without it, --data is this node's own dataset, used whole."),
+    ] = None,
     num_partitions: Annotated[
         int | None, typer.Option(help="How many partitions there are (checked against the server's config).")
     ] = None,
@@ -188,6 +192,10 @@ def client(
     auth_key: Annotated[
         Path | None, typer.Option(help="This node's private key (fedtune keygen), for a server with --authorized-keys.")
     ] = None,
+    give_up_after: Annotated[
+        float, typer.Option(help="Seconds to keep trying when the server refuses this node (its key not yet "
+                                 "registered), before exiting.")
+    ] = 600.0,
 ) -> None:
     """Run a client node: Flower's SuperNode, training on data that never leaves this machine."""
     from fedtune.nodes import NodeError, join
@@ -195,7 +203,7 @@ def client(
     try:
         code = join(server, partition_id=partition_id, num_partitions=num_partitions, data=data,
                     cache_dir=cache_dir, root_certificates=root_certificates, insecure=insecure, port=port,
-                    auth_key=auth_key)
+                    auth_key=auth_key, give_up_after=give_up_after)
     except NodeError as error:
         _fail(str(error))
         return

@@ -191,51 +191,34 @@ def _write_connection(flwr_home: Path, port: int, tls: TLSFiles | None) -> None:
     )
 
 
-def _register_nodes(
-    superlink: list[str], public_keys: list[str], env: dict[str, str], flwr_home: Path, tls: TLSFiles | None,
-    timeout: float,
-) -> None:
-    """Register each public key in the SuperLink's database, through a SuperLink that only listens on
-    loopback for as long as it takes; only registered SuperNodes may then connect.
+def _register_nodes(public_keys: list[str], env: dict[str, str], state_dir: Path, timeout: float) -> None:
+    """Register each public key with the running SuperLink; only registered SuperNodes may connect.
 
-    Registrations persist in the database, so a key registered by an earlier start is accepted as
-    it is (Flower answers "already in use"), and its node keeps its node id.
+    A client that connects before its key is registered is refused; `fedtune client` then tries
+    again a few seconds later.
     """
-    port = _free_loopback_port()
-    _write_connection(flwr_home, port, tls)
-    key_dir = flwr_home.parent / "authorized-keys"
+    key_dir = state_dir / "authorized-keys"
     key_dir.mkdir(parents=True, exist_ok=True)
-    setup = _start([*superlink, "--host", "127.0.0.1", "--port", str(port)], env)
-    try:
-        _wait_for_port("127.0.0.1", port, setup, timeout)
-        deadline = time.monotonic() + timeout
-        for index, public_key in enumerate(public_keys):
-            key_file = key_dir / f"node-{index}.pub"  # `flwr supernode register` reads keys from files
-            key_file.write_text(public_key + "\n")
-            while True:
-                answer = subprocess.run(
-                    [_executable("flwr"), "supernode", "register", str(key_file), CONNECTION, "--format", "json"],
-                    env=env, cwd=flwr_home.parent, capture_output=True, text=True,
-                )
-                try:
-                    reply = json.loads(answer.stdout)
-                except ValueError:
-                    reply = {"success": False, "error-message": (answer.stderr or answer.stdout).strip()[-300:]}
-                message = str(reply.get("error-message", ""))
-                if reply.get("success") or "already in use" in message:
-                    break
-                # The port accepts connections a little before the Control API answers.
-                if "unavailable" not in message or time.monotonic() > deadline:
-                    raise NodeError(f"could not register the SuperNode key {public_key[:40]}...: {message.strip()}")
-                time.sleep(1)
-    finally:
-        _stop(setup)
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    deadline = time.monotonic() + timeout
+    for index, public_key in enumerate(public_keys):
+        key_file = key_dir / f"node-{index}.pub"  # `flwr supernode register` reads keys from files
+        key_file.write_text(public_key + "\n")
+        while True:
+            answer = subprocess.run(
+                [_executable("flwr"), "supernode", "register", str(key_file), CONNECTION, "--format", "json"],
+                env=env, cwd=state_dir, capture_output=True, text=True,
+            )
+            try:
+                reply = json.loads(answer.stdout)
+            except ValueError:
+                reply = {"success": False, "error-message": (answer.stderr or answer.stdout).strip()[-300:]}
+            message = str(reply.get("error-message", ""))
+            if reply.get("success") or "already in use" in message:
+                break
+            # The port accepts connections a little before the Control API answers.
+            if "unavailable" not in message or time.monotonic() > deadline:
+                raise NodeError(f"could not register the SuperNode key {public_key[:40]}...: {message.strip()}")
+            time.sleep(1)
 
 
 def serve(
@@ -269,8 +252,11 @@ def serve(
     if authorized_keys is not None and tls is None:
         raise NodeError("--authorized-keys needs TLS (Flower authenticates SuperNodes only over TLS): pass --certs")
     public_keys = read_authorized_keys(authorized_keys) if authorized_keys is not None else []
-    superlink = [_executable("flower-superlink"), "--disable-runtime-dependency-installation",
-                 "--database", str(state_dir / "superlink.db")]
+    # The SuperLink's state stays in memory (Flower's default). With a database file, under load
+    # (or with a large backbone in flight) its SQLite writers time out on each other's locks
+    # ("database is locked") and runs fail; nothing in it is needed after the run: the server's
+    # own checkpoint is what a restart resumes from.
+    superlink = [_executable("flower-superlink"), "--disable-runtime-dependency-installation"]
     superlink += (["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.certificate),
                    "--ssl-keyfile", str(tls.key)] if tls else ["--insecure"])
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -278,13 +264,12 @@ def serve(
     env = _flower_env(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     if public_keys:
         superlink.append("--enable-supernode-auth")
-        # Registered before clients can reach the SuperLink: Flower turns an unregistered node away
-        # for good, so a client started early would otherwise be refused.
-        _register_nodes(superlink, public_keys, env, flwr_home, tls, startup_timeout)
     _write_connection(flwr_home, port, tls)
     process = _start([*superlink, "--host", host, "--port", str(port)], env)
     try:
         _wait_for_port(host, port, process, startup_timeout)
+        if public_keys:
+            _register_nodes(public_keys, env, state_dir, startup_timeout)
         run_config = f"config='{config.resolve()}' set='{';'.join(overrides)}'"
         command = [_executable("flwr"), "run", str(APP_ROOT), CONNECTION, "--stream", "--run-config", run_config]
         code = subprocess.run(command, env=env, cwd=state_dir).returncode
@@ -314,7 +299,7 @@ def _latest_run_status(env: dict[str, str], cwd: Path) -> tuple[str, str]:
 def join(
     server: str,
     *,
-    partition_id: int,
+    partition_id: int | None,
     num_partitions: int | None,
     data: Path | None,
     cache_dir: Path | None,
@@ -322,8 +307,12 @@ def join(
     insecure: bool,
     port: int,
     auth_key: Path | None = None,
+    give_up_after: float = 600.0,
 ) -> int:
-    """Run a SuperNode connected to `server` (HOST:PORT) until it is stopped; returns its exit code."""
+    """Run a SuperNode connected to `server` (HOST:PORT) until it is stopped; returns its exit code.
+
+    A SuperNode refused by the server is started again every few seconds for `give_up_after` s.
+    """
     host, _, server_port = server.rpartition(":")
     if not host or not server_port.isdigit():
         raise NodeError(f"--server must be HOST:PORT, got {server!r}")
@@ -340,7 +329,11 @@ def join(
         raise NodeError(f"SuperNode key not found: {auth_key} (make one with `fedtune keygen {auth_key}`)")
     if data is not None and not data.exists():
         raise NodeError(f"data folder not found: {data}")
-    node_config = [f"partition-id={partition_id}"]
+    if partition_id is None and data is None:
+        raise NodeError("say what this node trains on: --data PATH (its own dataset, used whole) or --partition-id N "
+                        "(a partition of the experiment's dataset, or of --data)")
+    # Without a partition, the node's own dataset is used whole; partition-id 0 only seeds it.
+    node_config = [f"partition-id={partition_id or 0}"] + (["own-data=true"] if partition_id is None else [])
     if num_partitions is not None:
         node_config.append(f"num-partitions={num_partitions}")
     if data is not None:
@@ -352,13 +345,29 @@ def join(
     command += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key)]
-    process = _start(command, _flower_env())
-    try:
-        code = process.wait()
-    finally:
-        _stop(process)
-    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-        print(f"error: the SuperNode stopped with exit code {code}; if its log says 'Failed to activate SuperNode', "
-              "the server accepts only known nodes: start this node with --auth-key and have the server's "
-              "operator add its public key to --authorized-keys", file=sys.stderr)
-    return code
+    return _supervise(command, give_up_after)
+
+
+def _supervise(command: list[str], give_up_after: float, retry_every: float = 5.0) -> int:
+    """Run the SuperNode; start it again when it stops on an error, for up to `give_up_after` s.
+
+    Flower's SuperNode keeps retrying a server that is down, but exits when the server refuses
+    it, as a server with node authentication does until it has registered the node's key.
+    """
+    deadline = time.monotonic() + give_up_after
+    while True:
+        process = _start(command, _flower_env())
+        try:
+            code = process.wait()
+        finally:
+            _stop(process)
+        if code in (0, -signal.SIGTERM, -signal.SIGINT):
+            return code
+        if time.monotonic() + retry_every > deadline:
+            print(f"error: the SuperNode stopped with exit code {code}; if its log says 'Failed to activate "
+                  "SuperNode', the server accepts only known nodes: start this node with --auth-key and have the "
+                  "server's operator add its public key to --authorized-keys", file=sys.stderr)
+            return code
+        print(f"the SuperNode stopped with exit code {code}; starting it again in {retry_every:.0f} s",
+              file=sys.stderr)
+        time.sleep(retry_every)
