@@ -132,9 +132,15 @@ def _executable(name: str) -> str:
     return found
 
 
+def _local_address(host: str) -> str:
+    """Where the server's own machine reaches a SuperLink listening on `host`: loopback for the
+    wildcard addresses, otherwise `host` itself (bound to one interface, it does not answer on 127.0.0.1)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 def _wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    dial = _local_address(host)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise NodeError(f"the SuperLink exited with code {process.returncode} before listening on port {port}")
@@ -182,12 +188,14 @@ def _stop(process: subprocess.Popen) -> None:
         pass
 
 
-def _write_connection(flwr_home: Path, port: int, tls: TLSFiles | None) -> None:
+def _write_connection(flwr_home: Path, host: str, port: int, tls: TLSFiles | None) -> None:
     flwr_home.mkdir(parents=True, exist_ok=True)
     security = f'root-certificates = "{tls.ca}"' if tls else "insecure = true"
+    dial = _local_address(host)
+    dial = f"[{dial}]" if ":" in dial else dial  # an IPv6 address in HOST:PORT form
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\n{security}\n'
+        f'address = "{dial}:{port}"\n{security}\n'
     )
 
 
@@ -264,7 +272,7 @@ def serve(
     env = _flower_env(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     if public_keys:
         superlink.append("--enable-supernode-auth")
-    _write_connection(flwr_home, port, tls)
+    _write_connection(flwr_home, host, port, tls)
     process = _start([*superlink, "--host", host, "--port", str(port)], env)
     try:
         _wait_for_port(host, port, process, startup_timeout)
