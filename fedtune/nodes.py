@@ -356,26 +356,32 @@ def join(
     return _supervise(command, give_up_after)
 
 
-def _supervise(command: list[str], give_up_after: float, retry_every: float = 5.0) -> int:
-    """Run the SuperNode; start it again when it stops on an error, for up to `give_up_after` s.
+_SETTLED = 60.0  # seconds a SuperNode has run when its exit is no longer part of a failing start
 
-    Flower's SuperNode keeps retrying a server that is down, but exits when the server refuses
-    it, as a server with node authentication does until it has registered the node's key.
+
+def _supervise(command: list[str], give_up_after: float, retry_every: float = 5.0) -> int:
+    """Run the SuperNode until this process is stopped, starting it again whenever it ends.
+
+    Flower's SuperNode retries a server that is down, but it exits when the server refuses it: a
+    server with node authentication before it has registered the node's key, or a restarted
+    server that no longer knows the node. After `give_up_after` s of such exits in a row, stop.
     """
-    deadline = time.monotonic() + give_up_after
+    failing_since: float | None = None
     while True:
+        started = time.monotonic()
         process = _start(command, _flower_env())
         try:
             code = process.wait()
         finally:
             _stop(process)
-        if code in (0, -signal.SIGTERM, -signal.SIGINT):
-            return code
-        if time.monotonic() + retry_every > deadline:
-            print(f"error: the SuperNode stopped with exit code {code}; if its log says 'Failed to activate "
-                  "SuperNode', the server accepts only known nodes: start this node with --auth-key and have the "
-                  "server's operator add its public key to --authorized-keys", file=sys.stderr)
-            return code
-        print(f"the SuperNode stopped with exit code {code}; starting it again in {retry_every:.0f} s",
-              file=sys.stderr)
+        if time.monotonic() - started > _SETTLED:
+            failing_since = None  # it had been running: this is a new failure, not one more of a streak
+        failing_since = failing_since if failing_since is not None else started
+        if time.monotonic() - failing_since >= give_up_after:
+            print(f"error: the SuperNode stopped (exit code {code}); if its log says 'Failed to activate SuperNode', "
+                  "the server accepts only known nodes: start this node with --auth-key and have the server's "
+                  "operator add its public key to --authorized-keys", file=sys.stderr)
+            return code or 1
+        print(f"the SuperNode stopped (exit code {code}); starting it again in {retry_every:.0f} s", file=sys.stderr)
         time.sleep(retry_every)
+
