@@ -15,6 +15,9 @@ from safetensors.torch import load_file
 
 from fedtune.results import RunDirectory
 
+# Two and three real federations of real processes: minutes each on 2 cores, so not in the default run.
+pytestmark = pytest.mark.slow
+
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 # Small and private: FedAdam keeps moments on the server, DP-SGD keeps a ledger on each client.
 SMALL_PRIVATE = ["federation.rounds=3", "train.unfreeze=[]", "data.image_size=32", "train.local_epochs=1",
@@ -80,7 +83,7 @@ def test_client_killed_mid_round_rejoins_with_its_ledger(tmp_path: Path, certs: 
     try:
         clients = [nodes.start_client(p) for p in range(3)]
         runs = tmp_path / "runs"
-        server = nodes.start_server(QUICKSTART, *SMALL_PRIVATE, "federation.round_timeout=45",
+        server = nodes.start_server(QUICKSTART, *SMALL_PRIVATE, "federation.round_timeout=300",
                                     f"output.dir={runs}")
         wait_for_checkpoint(runs, 1, server, timeout=300)
         # Round 2 starts as soon as round 1 is checkpointed: its train messages are on their way.

@@ -198,6 +198,7 @@ def test_nodes_refuse_to_run_without_tls_in_their_namespaces(network: Network, t
     assert "needs TLS: pass --root-certificates" in client.stderr
 
 
+@pytest.mark.slow  # a real federation across namespaces: minutes on 2 cores
 def test_server_and_clients_on_separate_hosts_over_tls(network: Network, certs: Path, tmp_path: Path) -> None:
     server_ip, runs, logs = network.server.address, tmp_path / "runs", tmp_path / "logs"
     logs.mkdir()
