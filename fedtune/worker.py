@@ -6,7 +6,7 @@ from the SuperNode's Runtime API and starts `flwr-clientapp --token TOKEN` for i
 one message, then exits (flwr/supernode/runtime/run_clientapp.py:151-234: one `pull_task_input`,
 then `flwr_exit`). Each message thus paid a Python start and the import of torch and the app,
 3.5-6 s here. Flower's warm executor pools would avoid that, but only on Kubernetes and only for
-AgentApp/model/connector tasks (flwr/supercore/superexec/executor/warm_executor_pool.py:31-33).
+AgentApp/model/connector tasks (flwr/supercore/superexec/executor/warm_executor_pool.py:33-35).
 
 This worker takes the place of the SuperExec and of `flwr-clientapp` at once, through the same
 Runtime API: it acquires a task (`AcquireTask`, as `flower-superexec` does), then does what
