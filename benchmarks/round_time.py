@@ -1,6 +1,8 @@
 """Round time on real nodes with no training work: stock Flower against fedtune's setup.
 
-    python benchmarks/round_time.py --rounds 6 --out benchmarks/results/round-time
+    python benchmarks/round_time.py --rounds 6
+    python benchmarks/round_time.py --rounds 4 --setups app-subprocess app-worker \
+        --out benchmarks/results/round-time-app
 
 On loopback, one SuperLink (`--insecure`, no runtime dependency installation) and 2 client nodes
 run the no-op app in benchmarks/noop_app: every round, each node gets a train message and replies
@@ -20,10 +22,10 @@ message, "return" is the ClientApp's reply to the server having it. Round 1 is r
 (in (a) and (b) the ClientApp's first import happens in it or before it); the median is over the
 later rounds.
 
-Then the real app, with little work: `fedtune server` + 2 `fedtune client` on quickstart at 32 px,
-head only (train and evaluate messages, central evaluation), (d) with `--isolation subprocess`
-(Flower's per-message processes) and (e) as `fedtune client` runs by default; round times are the
-run's own (history.json). Logs of every process go to OUT/<setup>/.
+The second command runs the real app, with little work: `fedtune server` + 2 `fedtune client` on
+quickstart at 32 px, head only (train and evaluate messages, central evaluation), (d) with
+`--isolation subprocess` (Flower's per-message processes) and (e) as `fedtune client` runs by
+default; round times are the run's own (history.json). Logs of every process go to OUT/<setup>/.
 """
 
 from __future__ import annotations
@@ -254,11 +256,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6, help="Rounds per setup (the first is reported apart).")
     parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--setups", nargs="+", choices=[s.key for s in SETUPS], default=[s.key for s in SETUPS])
+    parser.add_argument("--setups", nargs="+", choices=[s.key for s in SETUPS], default=["stock", "fedtune", "probe"])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "round-time")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2: round 1 is reported apart from the median")
+    args.out = args.out.resolve()  # the processes run in folders of their own
     args.out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     rows = []
@@ -267,12 +270,15 @@ def main() -> None:
         logs = args.out / setup.key
         shutil.rmtree(logs, ignore_errors=True)
         logs.mkdir(parents=True)
-        rows.append(summarize(setup.label, setup.run(args.rounds, args.nodes, logs), args.nodes))
+        try:
+            rows.append(summarize(setup.label, setup.run(args.rounds, args.nodes, logs), args.nodes))
+        except RuntimeError as error:  # one setup that fails is a result too; the others still run
+            rows.append({"setup": setup.label, "failed": str(error)})
         print(compare_table(rows[-1:], list(rows[-1])), flush=True)
     note = (f"{args.nodes} nodes on loopback, {args.rounds} rounds per setup; "
             f"{os.cpu_count()} CPU cores shared with other work (1-min load average {load_before:.1f} before, "
             f"{os.getloadavg()[0]:.1f} after).")
-    table = compare_table(rows, list(rows[0]))
+    table = compare_table(rows, list(dict.fromkeys(column for row in rows for column in row)))
     command = "python benchmarks/round_time.py " + " ".join(sys.argv[1:])
     (args.out / "table.md").write_text(f"{table}\n\n{note}\n\nCommand: `{command}`\n")
     (args.out / "table.json").write_text(json.dumps({"rows": rows, "note": note, "command": command}, indent=2))
