@@ -196,6 +196,11 @@ def client(
         float, typer.Option(help="Seconds to keep trying when the server refuses this node (its key not yet "
                                  "registered), before exiting.")
     ] = 600.0,
+    isolation: Annotated[
+        str,
+        typer.Option(help="process: one long-lived ClientApp worker handles every message; "
+                          "subprocess: Flower's default, a new ClientApp process (importing torch) per message."),
+    ] = "process",
 ) -> None:
     """Run a client node: Flower's SuperNode, training on data that never leaves this machine."""
     from fedtune.nodes import NodeError, join
@@ -203,7 +208,7 @@ def client(
     try:
         code = join(server, partition_id=partition_id, num_partitions=num_partitions, data=data,
                     cache_dir=cache_dir, root_certificates=root_certificates, insecure=insecure, port=port,
-                    auth_key=auth_key, give_up_after=give_up_after)
+                    auth_key=auth_key, give_up_after=give_up_after, isolation=isolation)
     except NodeError as error:
         _fail(str(error))
         return

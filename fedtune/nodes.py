@@ -32,6 +32,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 APP_ROOT = Path(__file__).resolve().parents[1]  # the Flower App: pyproject.toml and the packages
 CONNECTION = "fedtune"
+# Client isolation: "process" = fedtune's long-lived ClientApp worker, "subprocess" = Flower's default.
+ISOLATION_PROCESS = "process"
+ISOLATIONS = (ISOLATION_PROCESS, "subprocess")
+# A worker that keeps dying (say, it cannot import torch) is restarted no more often than this.
+WORKER_RESTART_INTERVAL = 5.0
 
 
 class NodeError(RuntimeError):
@@ -316,11 +321,17 @@ def join(
     port: int,
     auth_key: Path | None = None,
     give_up_after: float = 600.0,
+    isolation: str = ISOLATION_PROCESS,
 ) -> int:
     """Run a SuperNode connected to `server` (HOST:PORT) until it is stopped; returns its exit code.
 
     A SuperNode refused by the server is started again every few seconds for `give_up_after` s.
+    With `isolation="process"` (the default) the SuperNode hands its messages to one long-lived
+    ClientApp worker (fedtune/worker.py) that runs beside it; with "subprocess" the SuperNode starts
+    a new ClientApp process for every message, as Flower does by default.
     """
+    if isolation not in ISOLATIONS:
+        raise NodeError(f"--isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
     host, _, server_port = server.rpartition(":")
     if not host or not server_port.isdigit():
         raise NodeError(f"--server must be HOST:PORT, got {server!r}")
@@ -353,25 +364,68 @@ def join(
     command += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key)]
-    return _supervise(command, give_up_after)
+    if isolation != ISOLATION_PROCESS:
+        return _supervise(command, give_up_after)
+    worker = _Worker([sys.executable, "-m", "fedtune.worker", "--runtime-api-address", f"127.0.0.1:{port}",
+                      "--parent-pid", str(os.getpid())])
+    try:
+        return _supervise([*command, "--isolation", ISOLATION_PROCESS], give_up_after, worker=worker)
+    finally:
+        worker.stop()
+
+
+class _Worker:
+    """fedtune's ClientApp worker beside a SuperNode started with `--isolation process`.
+
+    Started again whenever it exits (an app that crashed the process, say), at most once per
+    WORKER_RESTART_INTERVAL; it waits for the SuperNode's Runtime API by itself, also across a
+    restart of the SuperNode.
+    """
+
+    def __init__(self, command: list[str]) -> None:
+        self._command = command
+        self._process: subprocess.Popen | None = None
+        self._started = 0.0
+
+    def keep_alive(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            return
+        if self._process is not None:
+            _stop(self._process)  # anything it started
+            if time.monotonic() < self._started + WORKER_RESTART_INTERVAL:
+                return  # not yet: the next call starts it
+            print(f"fedtune: the ClientApp worker exited with code {self._process.returncode}; starting another",
+                  file=sys.stderr, flush=True)
+        self._started = time.monotonic()
+        self._process = _start(self._command, _flower_env())
+
+    def stop(self) -> None:
+        if self._process is not None:
+            _stop(self._process)
 
 
 _SETTLED = 60.0  # seconds a SuperNode has run when its exit is no longer part of a failing start
 
 
-def _supervise(command: list[str], give_up_after: float, retry_every: float = 5.0) -> int:
+def _supervise(
+    command: list[str], give_up_after: float, retry_every: float = 5.0, worker: _Worker | None = None
+) -> int:
     """Run the SuperNode until this process is stopped, starting it again whenever it ends.
 
     Flower's SuperNode retries a server that is down, but it exits when the server refuses it: a
     server with node authentication before it has registered the node's key, or a restarted
     server that no longer knows the node. After `give_up_after` s of such exits in a row, stop.
+    A `worker` is kept running meanwhile.
     """
     failing_since: float | None = None
     while True:
         started = time.monotonic()
         process = _start(command, _flower_env())
         try:
-            code = process.wait()
+            while (code := process.poll()) is None:
+                if worker is not None:
+                    worker.keep_alive()
+                time.sleep(0.5)
         finally:
             _stop(process)
         if time.monotonic() - started > _SETTLED:
@@ -384,4 +438,3 @@ def _supervise(command: list[str], give_up_after: float, retry_every: float = 5.
             return code or 1
         print(f"the SuperNode stopped (exit code {code}); starting it again in {retry_every:.0f} s", file=sys.stderr)
         time.sleep(retry_every)
-
