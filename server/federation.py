@@ -299,6 +299,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
                          f"its stages: {', '.join(model.stages)}")
     initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     model_hash = state_hash(initial_state)
+    resumable = find_resumable(cfg) if cfg.output.resume else None
+    checkpoint = Checkpoint.load(resumable) if resumable is not None else None
+    # Names the run on the clients' disks; a resumed run keeps its key, so their ledgers continue.
+    run_key = checkpoint.run_key if checkpoint else f"{cfg.name}-{secrets.token_hex(6)}"
     federation = _Federation(
         grid=grid,
         cfg=cfg,
@@ -309,17 +313,13 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
             model_hash=model_hash, backbone=ArrayRecord(initial_state), timeout=cfg.federation.round_timeout
         ),
         evaluator=CentralEvaluator(test_set, device=resolve_device(cfg.train.device)),
-        settings="",  # below, once the run key is known
+        settings=ClientSettings.of(cfg, num_classes=num_classes, run_key=run_key).to_message(),
         privacy=PrivacyReport(cfg),
-        run_key="",
+        run_key=run_key,
     )
     stopper = EarlyStopping(cfg)
-    resumable = find_resumable(cfg) if cfg.output.resume else None
-    checkpoint = Checkpoint.load(resumable) if resumable is not None else None
     if checkpoint is not None:
         federation.restore(checkpoint, stopper)
-    federation.run_key = checkpoint.run_key if checkpoint else f"{cfg.name}-{secrets.token_hex(6)}"
-    federation.settings = ClientSettings.of(cfg, num_classes=num_classes, run_key=federation.run_key).to_message()
     _wait_for_nodes(grid, cfg)
 
     log.info("model %s: %s, %d classes, hash %s", cfg.model.backbone, cfg.model.weights, num_classes, model_hash[:12])
