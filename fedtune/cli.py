@@ -149,7 +149,9 @@ def server(
         Path | None, typer.Option(help="Folder with ca.crt, server.crt, server.key (deploy/make-certs.sh).")
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (only for trusted networks).")] = False,
-    state_dir: Annotated[Path, typer.Option(help="The flwr CLI's connection and the registered node keys.")] = Path(".fedtune-server"),
+    state_dir: Annotated[
+        Path, typer.Option(help="The flwr CLI's connection and the registered node keys.")
+    ] = Path(".fedtune-server"),
     authorized_keys: Annotated[
         Path | None,
         typer.Option(help="Only SuperNodes with these public keys may join: a file, one key per line, or a folder "
