@@ -81,7 +81,8 @@ def local_data(settings: ClientSettings, node: NodeIdentity) -> LocalData:
     """This node's training data (its partition, or its own dataset whole), with a local validation part held out."""
     data = settings.data
     root = str(node.data_root) if node.data_root is not None else data.root
-    full = load_split(data.source, "train", root=root, download=data.download, seed=settings.seed)
+    full = load_split(data.source, "train", root=root, download=data.download, seed=settings.seed,
+                      bad_images=data.bad_images)
     if node.own_data:
         mine = list(range(len(full.targets)))
     else:

@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+
+from fedtune import strict_yaml
+
+# Experiment files are a few KB; this bounds what a mistaken path (a dataset, a log) costs to read.
+MAX_CONFIG_BYTES = 1 << 20
+# Values and keys quoted in error messages are cut to this many characters.
+MAX_SHOWN_CHARS = 80
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+def cut(text: str) -> str:
+    """Text from the user for an error message, cut to MAX_SHOWN_CHARS: a value may be megabytes long."""
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    return f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)"
+
+
+def shown(value: object) -> str:
+    """repr(value), cut for an error message."""
+    return cut(repr(value))
+
+
 class _Section(BaseModel):
     # Unknown keys are errors (typos must not be silently ignored); configs never change after load.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: `true` is not the number 1, and 1e18 or 2.5 is not an integer (a whole float would
+    # otherwise be truncated into one); integers are still accepted where a float is expected.
+    # Infinities and NaN are no setting's meaningful value.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -32,7 +53,7 @@ class ModelConfig(_Section):
         from fedtune.backbones import BACKBONES
 
         if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(sorted(BACKBONES))}")
+            raise ValueError(f"unknown backbone {shown(self.backbone)}; known: {', '.join(sorted(BACKBONES))}")
         return self
 
 
@@ -54,17 +75,19 @@ class DataConfig(_Section):
     # Side of the square image given to the backbone; None keeps the weights' own crop size.
     image_size: Annotated[int | None, Field(ge=16, le=1024)] = None
     augment: bool = False
+    # An image file that cannot be decoded safely (not an image, corrupt, truncated, or more pixels
+    # than fedtune.data.MAX_IMAGE_PIXELS): "error" stops, naming the file; "skip" leaves it out with
+    # a warning naming it (every image is then decoded once when the data is loaded, to find them).
+    bad_images: Literal["error", "skip"] = "error"
     partition: PartitionConfig = PartitionConfig()
     # Fraction of each client's examples kept aside for its local validation.
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
 
     @model_validator(mode="after")
     def _source_known(self) -> DataConfig:
-        from fedtune.data import SOURCES
+        from fedtune.data import check_source
 
-        name = self.source.split(":", 1)[0]
-        if name not in SOURCES:
-            raise ValueError(f"unknown data source {self.source!r}; known: {', '.join(sorted(SOURCES))}")
+        check_source(self.source)  # names the source and its argument (torchvision:<a dataset class>)
         return self
 
 
@@ -136,7 +159,7 @@ class TrainConfig(_Section):
     # How many of the backbone's last blocks train with the head: 0 is feature extraction,
     # "all" is full fine-tuning. An unfreeze schedule raises it at given rounds.
     trainable_blocks: Annotated[int, Field(ge=0)] | Literal["all"] = 0
-    unfreeze: tuple[UnfreezeStep, ...] = ()
+    unfreeze: Annotated[tuple[UnfreezeStep, ...], Strict(False)] = ()  # a YAML list is welcome here
     local_epochs: Annotated[int, Field(ge=1)] = 1
     batch_size: Annotated[int, Field(ge=1)] = 32
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -345,7 +368,7 @@ class ExperimentConfig(_Section):
         # Checked here, not in ModelConfig: clients receive the model section but never the file.
         weights = self.model.weights
         if weights not in ("imagenet", "none") and not Path(weights).is_file():
-            raise ValueError(f"model.weights: no weights file at {weights} (or use 'imagenet' or 'none')")
+            raise ValueError(f"model.weights: no weights file at {cut(weights)} (or use 'imagenet' or 'none')")
         return self
 
     @model_validator(mode="after")
@@ -366,7 +389,7 @@ def _format_error(error: ValidationError) -> str:
     """One line per problem, each naming the dotted key and what is allowed."""
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-after"))
+        key = ".".join(cut(str(part)) for part in item["loc"] if not str(part).startswith("function-after"))
         # pydantic appends the branch name of a union to the location; keep the user's key only.
         key = key.replace(".int", "").replace(".literal['all']", "")
         message = item["msg"].removeprefix("Value error, ")
@@ -374,31 +397,37 @@ def _format_error(error: ValidationError) -> str:
             message = "unknown key"
         # The offending value helps when it is a scalar; a whole section would drown the message.
         scalar = not isinstance(item["input"], dict | list | tuple)
-        shown = f" (got {item['input']!r})" if scalar and item["type"] not in ("extra_forbidden", "missing") else ""
-        lines.append(f"{key}: {message}{shown}" if key else f"{message}{shown}")
+        quoted = scalar and item["type"] not in ("extra_forbidden", "missing")
+        value = f" (got {shown(item['input'])})" if quoted else ""
+        lines.append(f"{key}: {message}{value}" if key else f"{message}{value}")
     return "; ".join(dict.fromkeys(lines))
+
+
+def _parse_yaml(text: str, *, source: str) -> Any:
+    try:
+        return strict_yaml.load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {strict_yaml.describe_error(error)}") from None
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one `key.sub=value` override in place; the value is parsed as YAML."""
     if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} is not of the form key=value")
+        raise ConfigError(f"override {shown(assignment)} is not of the form key=value")
     dotted, _, text = assignment.partition("=")
     keys = dotted.strip().split(".")
     if not all(keys):
-        raise ConfigError(f"override {assignment!r} has an empty key")
+        raise ConfigError(f"override {shown(assignment)} has an empty key")
     node = raw
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {key!r} is a value, not a section")
+            raise ConfigError(f"{cut(dotted)}: {shown(key)} is a value, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+    node[keys[-1]] = _parse_yaml(text, source=f"--set {cut(dotted)}") if text.strip() else None
 
 
 def parse_config(raw: Any, *, source: str = "config") -> ExperimentConfig:
-    if raw is None:
-        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, not {type(raw).__name__}")
     try:
@@ -407,16 +436,33 @@ def parse_config(raw: Any, *, source: str = "config") -> ExperimentConfig:
         raise ConfigError(f"{source}: {_format_error(error)}") from None
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read, override and validate an experiment file. Raises ConfigError naming the key."""
-    path = Path(path)
+def read_config_text(path: Path) -> str:
+    """The text of an experiment file: at most MAX_CONFIG_BYTES, UTF-8. Raises ConfigError naming the file."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    raw = {} if raw is None else raw
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KB; is it really an experiment file?")
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is fine
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                          "save it as UTF-8") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read, override and validate an experiment file. Raises ConfigError naming the key."""
+    path = Path(path)
+    raw = _parse_yaml(read_config_text(path), source=str(path))
+    if raw is None:
+        # Most likely the wrong file, or one whose contents were lost: running the whole default
+        # experiment instead would hide that.
+        raise ConfigError(f"{path}: the file is empty (or holds only comments); to run with every default "
+                          "setting, write {} in it")
     if isinstance(raw, dict):
         for assignment in overrides:
             apply_override(raw, assignment)
@@ -425,7 +471,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def config_from_json(text: str) -> ExperimentConfig:
     """Rebuild a config saved with a run (or sent in a message)."""
-    return parse_config(json.loads(text), source="saved config")
+    try:
+        return ExperimentConfig.model_validate_json(text)
+    except ValidationError as error:
+        raise ConfigError(f"saved config: {_format_error(error)}") from None
 
 
 class ClientSettings(_Section):

@@ -6,12 +6,15 @@ import copy
 import functools
 import hashlib
 import inspect
+import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +30,27 @@ from torchvision.transforms.v2 import functional as F
 
 Split = Literal["train", "test"]
 Transform = Callable[[Tensor], Any]
+# What to do with an image file that cannot be decoded safely: stop, naming it, or leave it out.
+BadImages = Literal["error", "skip"]
+
+log = logging.getLogger("fedtune.data")
+
+# PIL's own default bound (Image.MAX_IMAGE_PIXELS), kept here so that it holds whatever another
+# library sets PIL's global to: 89.5 million pixels is about 9,460 x 9,460, and decoding it takes
+# 268 MB as RGB. Every image is resized to a few hundred pixels a side anyway.
+MAX_IMAGE_PIXELS = 89_478_485
+# The only PIL decoders tried on a file (the ImageFolder extensions, plus GIF): a file of any other
+# format, whatever its name, is not an image here.
+IMAGE_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded safely; the message names the file (or item) and the problem."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"cannot use image {where}: {problem}")
+        self.where = where
+        self.problem = problem
 
 
 class ImageStore(Protocol):
@@ -115,15 +139,7 @@ class _FileImages:
         return len(self.paths)
 
     def __call__(self, index: int) -> Tensor:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                # convert() forces the full decode, so truncated files fail here, naming the file,
-                # rather than deep inside a transform.
-                rgb = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as error:
-            raise OSError(f"cannot decode image file {path}: {error}") from error
-        return F.pil_to_tensor(rgb)
+        return F.pil_to_tensor(read_image(self.paths[index]))
 
 
 class _TorchvisionImages:
@@ -136,17 +152,104 @@ class _TorchvisionImages:
         return len(self.dataset)
 
     def __call__(self, index: int) -> Tensor:
-        image, _ = self.dataset[index]
-        return _to_uint8_tensor(image)
+        try:
+            image, _ = self.dataset[index]
+            return _to_uint8_tensor(image)
+        except Exception as error:  # noqa: BLE001 - whatever the dataset's own decoder raises on a bad file
+            raise BadImageError(f"{index} of torchvision {type(self.dataset).__name__}", str(error)) from error
 
 
 def _to_uint8_tensor(image: Any) -> Tensor:
     if isinstance(image, Tensor):
         return image if image.ndim == 3 else image.unsqueeze(0)
     # grayscale datasets (MNIST) stay one channel; the preprocessing makes three
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB")
-    return F.pil_to_tensor(image)
+    return F.pil_to_tensor(_eight_bit(image))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding image files safely
+# ---------------------------------------------------------------------------------------------
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """The image as 8-bit 'L' (grey) or 'RGB'. 16-bit grey is scaled to 8 bits: convert() would
+    clip every value above 255, and a 16-bit scan would come out all white."""
+    if image.mode in ("L", "RGB"):
+        return image
+    # Pillow reads 16-bit grey PNGs as I;16 (older versions: I, which a PNG uses for nothing else).
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        pixels = np.asarray(image).astype(np.float32)
+        return Image.fromarray(np.rint(pixels / 257.0).astype(np.uint8))  # 0..65535 -> 0..255
+    if image.mode in ("I", "F"):
+        raise ValueError(f"its pixels are 32-bit {'integers' if image.mode == 'I' else 'floats'}, which have no "
+                         "standard 8-bit scale; convert it to 8 or 16 bits per channel")
+    return image.convert("RGB")
+
+
+def _open_image(path: str | Path) -> Image.Image:
+    """The opened (not yet decoded) image; BadImageError unless it is a known format within MAX_IMAGE_PIXELS."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns past its own bound (and refuses past twice that); ours is checked below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as error:
+        raise BadImageError(str(path), f"too large to decode safely ({error})") from None
+    except Image.UnidentifiedImageError:
+        raise BadImageError(str(path), f"not an image of a known format ({', '.join(IMAGE_FORMATS)})") from None
+    except Exception as error:  # noqa: BLE001 - a hostile header can make a PIL plugin raise anything
+        raise BadImageError(str(path), f"its header cannot be read ({type(error).__name__}: {error})") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS or width < 1 or height < 1:
+        image.close()
+        raise BadImageError(str(path), f"{width}x{height} pixels; fedtune decodes images of 1 to "
+                                       f"{MAX_IMAGE_PIXELS:,} pixels")
+    return image
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An image file, fully decoded, as 8-bit RGB; BadImageError naming the file if that cannot be done safely."""
+    with _open_image(path) as image:
+        try:
+            # convert() forces the full decode, so truncated files fail here, naming the file,
+            # rather than deep inside a transform.
+            return _eight_bit(image).convert("RGB")
+        except Exception as error:  # noqa: BLE001 - corrupt data can make a decoder raise anything
+            raise BadImageError(str(path), f"cannot be decoded ({type(error).__name__}: {error})") from None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _image_problem(path: str, size: int, mtime_ns: int, *, decode: bool) -> str | None:
+    """Why a file cannot be used (None if it can), remembered per file version: a simulation's
+    server and clients, in one process, check the same files."""
+    try:
+        if decode:
+            read_image(path)
+        else:
+            _open_image(path).close()
+    except BadImageError as error:
+        return error.problem
+    return None
+
+
+def check_image_files(
+    paths: Sequence[str], labels: Sequence[int], *, bad_images: BadImages, decode: bool = False
+) -> tuple[list[str], list[int]]:
+    """The (paths, labels) whose images can be used: each file's header is read (format, size);
+    with `decode` or bad_images="skip", each is decoded in full too (a truncated or corrupt file is
+    found only so). A bad file raises BadImageError naming it, or with "skip" is left out with a warning."""
+    kept_paths, kept_labels = [], []
+    for path, label in zip(paths, labels, strict=True):
+        stat = os.stat(path)
+        problem = _image_problem(path, stat.st_size, stat.st_mtime_ns, decode=decode or bad_images == "skip")
+        if problem is None:
+            kept_paths.append(path)
+            kept_labels.append(label)
+        elif bad_images == "error":
+            raise BadImageError(path, f"{problem} (set data.bad_images: skip to leave such files out)")
+        else:
+            log.warning("leaving out image %s: %s", path, problem)
+    return kept_paths, kept_labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,29 +260,82 @@ SourceLoader = Callable[..., ImageDataset]
 SOURCES: dict[str, SourceLoader] = {}
 
 
-def register_source(name: str) -> Callable[[SourceLoader], SourceLoader]:
+# Sources that can fetch their data when data.download is true.
+DOWNLOADING_SOURCES: set[str] = set()
+# Checks of what follows the colon in "<source>:<argument>", for the sources that take one.
+_ARGUMENT_CHECKS: dict[str, Callable[[str | None], object]] = {}
+MAX_SOURCE_CHARS = 100
+
+
+def register_source(
+    name: str, *, downloads: bool = False, argument: Callable[[str | None], object] | None = None
+) -> Callable[[SourceLoader], SourceLoader]:
+    """File a loader under `name`; `argument` raises ValueError for an argument the source does not take."""
+
     def decorate(loader: SourceLoader) -> SourceLoader:
         if name in SOURCES:
             raise ValueError(f"data source {name!r} registered twice")
         SOURCES[name] = loader
+        if downloads:
+            DOWNLOADING_SOURCES.add(name)
+        if argument is not None:
+            _ARGUMENT_CHECKS[name] = argument
         return loader
 
     return decorate
 
 
-def load_split(source: str, split: Split, *, root: str | None, download: bool, seed: int) -> ImageDataset:
+def check_source(source: str) -> None:
+    """Raise ValueError unless `source` names a registered source, with an argument it takes."""
+    if len(source) > MAX_SOURCE_CHARS:
+        raise ValueError(f"a data source of {len(source)} characters; known: {', '.join(sorted(SOURCES))}")
+    name, _, argument = source.partition(":")
+    if name not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}; known: {', '.join(sorted(SOURCES))}")
+    check = _ARGUMENT_CHECKS.get(name, functools.partial(_no_argument, name))
+    check(argument or None)
+
+
+def load_split(
+    source: str,
+    split: Split,
+    *,
+    root: str | None,
+    download: bool,
+    seed: int,
+    bad_images: BadImages = "error",
+    decode_now: bool = False,
+) -> ImageDataset:
     """One split of a source, without transform (items are uint8 CHW tensors).
 
     `source` is a registered name, optionally with an argument after a colon
     ("torchvision:CIFAR10"). `seed` is passed to the source; the built-in sources have fixed
     splits and do not use it (the server's held-out set must not change between runs).
+    Image files are checked as check_image_files says; `decode_now` decodes each in full now
+    rather than when first used, so that a corrupt one is found before anything starts.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    check_source(source)
     name, _, argument = source.partition(":")
-    if name not in SOURCES:
-        raise ValueError(f"unknown data source {source!r}; known: {', '.join(sorted(SOURCES))}")
-    return SOURCES[name](split, root=root, download=download, seed=seed, argument=argument or None)
+    dataset = SOURCES[name](split, root=root, download=download, seed=seed, argument=argument or None)
+    return _usable_images(dataset, bad_images=bad_images, decode=decode_now)
+
+
+def _usable_images(dataset: ImageDataset, *, bad_images: BadImages, decode: bool) -> ImageDataset:
+    """The dataset without the image files that cannot be used (or BadImageError, with "error")."""
+    store = dataset._images
+    if not isinstance(store, _FileImages):
+        return dataset  # pixels in memory, or decoded by a torchvision dataset when used
+    paths, targets = check_image_files(store.paths, dataset.targets, bad_images=bad_images, decode=decode)
+    if len(paths) == len(store.paths):
+        return dataset
+    if not paths:
+        raise ValueError(f"none of the {len(store.paths)} images of {dataset.identity} can be used")
+    # Other files, other pixels: feature caches keyed by the identity must not mistake one for the other.
+    left_out = hashlib.sha256("\n".join(sorted(set(store.paths) - set(paths))).encode()).hexdigest()[:16]
+    return ImageDataset(_FileImages(paths), targets=targets, classes=dataset.classes,
+                        identity=f"{dataset.identity}:without-{left_out}", transform=dataset.transform)
 
 
 def _no_argument(name: str, argument: str | None) -> None:
@@ -441,7 +597,7 @@ def _download_hymenoptera(root: Path) -> Path:
     return destination
 
 
-@register_source("hymenoptera")
+@register_source("hymenoptera", downloads=True)
 def load_hymenoptera(
     split: Split, *, root: str | None, download: bool, seed: int, argument: str | None = None
 ) -> ImageDataset:
@@ -493,31 +649,35 @@ def _torchvision_targets(dataset: Any) -> list[int]:
     return [int(dataset[i][1]) for i in range(len(dataset))]
 
 
-@register_source("torchvision")
+def _torchvision_class(argument: str | None) -> type:
+    """The class of torchvision.datasets that `torchvision:<argument>` names; ValueError if it names none."""
+    import torchvision.datasets
+    from torchvision.datasets import VisionDataset
+
+    examples = ", ".join(_TORCHVISION_EXAMPLES)
+    if argument is None:
+        raise ValueError(f"name the dataset class: torchvision:<DatasetClass>, e.g. {examples}")
+    # A class name, checked before it is looked up: nothing else of the module may be reached.
+    cls = getattr(torchvision.datasets, argument, None) if re.fullmatch(r"[A-Z][A-Za-z0-9_]{0,63}", argument) else None
+    if not (inspect.isclass(cls) and issubclass(cls, VisionDataset) and cls is not VisionDataset):
+        raise ValueError(f"unknown torchvision dataset {argument[:64]!r}; known ones include {examples} "
+                         "(class names of torchvision.datasets, case-sensitive)")
+    parameters = inspect.signature(cls).parameters
+    if "train" not in parameters and "split" not in parameters:
+        raise ValueError(f"torchvision dataset {argument} takes neither train= nor split=; use the imagefolder source")
+    return cls
+
+
+@register_source("torchvision", downloads=True, argument=_torchvision_class)
 def load_torchvision(
     split: Split, *, root: str | None, download: bool, seed: int, argument: str | None = None
 ) -> ImageDataset:
     """`torchvision:<DatasetClass>`, e.g. torchvision:CIFAR10, built with train=(split == 'train')
     (or split='train'/'test' for classes such as SVHN that take a split name)."""
-    import torchvision.datasets
-    from torchvision.datasets import VisionDataset
-
-    if argument is None:
-        examples = ", ".join(_TORCHVISION_EXAMPLES[:4])
-        raise ValueError(f"name the dataset class: torchvision:<DatasetClass>, e.g. {examples}")
-    cls = getattr(torchvision.datasets, argument, None)
-    if not (inspect.isclass(cls) and issubclass(cls, VisionDataset)):
-        raise ValueError(
-            f"unknown torchvision dataset {argument!r}; known ones include {', '.join(_TORCHVISION_EXAMPLES)} "
-            f"(class names of torchvision.datasets, case-sensitive)"
-        )
-    parameters = inspect.signature(cls).parameters
-    if "train" in parameters:
-        split_argument: dict[str, Any] = {"train": split == "train"}
-    elif "split" in parameters:
-        split_argument = {"split": split}
-    else:
-        raise ValueError(f"torchvision dataset {argument} takes neither train= nor split=; use the imagefolder source")
+    cls = _torchvision_class(argument)
+    split_argument: dict[str, Any] = (
+        {"train": split == "train"} if "train" in inspect.signature(cls).parameters else {"split": split}
+    )
     if root is None:
         raise ValueError(f"torchvision:{argument} needs data.root: the folder holding (or to download) the dataset")
     path = Path(root).expanduser().resolve()

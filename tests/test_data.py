@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import shutil
 import urllib.error
@@ -14,10 +15,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from image_files import write_bomb_png, write_gray16_png, write_image_folder, write_truncated_png
 from PIL import Image
 
 from fedtune import data
-from fedtune.data import SOURCES, ImageDataset, fingerprint, load_split, partition, split_validation
+from fedtune.data import (
+    SOURCES,
+    BadImageError,
+    ImageDataset,
+    check_source,
+    fingerprint,
+    load_split,
+    partition,
+    read_image,
+    split_validation,
+)
 from fedtune.preprocessing import Preprocessing
 
 HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared/data/hymenoptera_data"
@@ -277,17 +289,82 @@ def test_imagefolder_errors_are_clear(tmp_path: Path) -> None:
         load_split("imagefolder", "train", root=None, download=False, seed=0)
 
 
-def test_imagefolder_corrupt_image_names_the_file(tmp_path: Path) -> None:
+def test_imagefolder_undecodable_header_names_the_file(tmp_path: Path) -> None:
     _folder(tmp_path, {"ok": 2})
     broken = tmp_path / "bad" / "broken.jpg"
     broken.parent.mkdir()
     broken.write_bytes(b"\xff\xd8\xff\xe0 definitely not a JPEG body")
-    dataset = load_split("imagefolder", "train", root=str(tmp_path), download=False, seed=0)
-    index = dataset.targets.index(dataset.classes.index("bad"))
 
-    with pytest.raises(OSError, match=r"cannot decode image file .*bad/broken\.jpg"):
-        dataset[index]
-    assert dataset[len(dataset) - 1][0].shape == (3, 16, 12)  # the good images still load
+    with pytest.raises(BadImageError, match=r"cannot use image .*bad/broken\.jpg: its header cannot be read.*"
+                                            r"data\.bad_images: skip"):
+        load_split("imagefolder", "train", root=str(tmp_path), download=False, seed=0)
+
+
+def test_bad_images_stop_the_load_or_are_skipped_with_a_warning_naming_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_image_folder(tmp_path / "train", {"cat": 3, "dog": 3})
+    write_image_folder(tmp_path / "test", {"cat": 2, "dog": 2})
+    clean = load_split("imagefolder", "test", root=str(tmp_path), download=False, seed=0)
+    bomb = write_bomb_png(tmp_path / "test" / "cat" / "huge.png")
+    truncated = write_truncated_png(tmp_path / "test" / "dog" / "cut.png")
+    text = tmp_path / "test" / "dog" / "notes.png"
+    text.write_text("a text file with an image's name")
+
+    with pytest.raises(BadImageError, match=rf"{bomb}: too large to decode safely"):
+        load_split("imagefolder", "test", root=str(tmp_path), download=False, seed=0)
+
+    with caplog.at_level(logging.WARNING, logger="fedtune.data"):
+        test = load_split("imagefolder", "test", root=str(tmp_path), download=False, seed=0, bad_images="skip")
+    assert test.targets == clean.targets == [0, 0, 1, 1]
+    assert [image.shape for image, _ in test] == [(3, 16, 12)] * 4
+    warnings = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"leaving out image {bomb}: too large" in warnings
+    assert f"leaving out image {truncated}: cannot be decoded" in warnings
+    assert f"leaving out image {text}: not an image" in warnings
+    # Without the left-out files the pixels are those of another dataset: caches must not mix them up.
+    assert test.identity != clean.identity and fingerprint(test, [0, 1]) != fingerprint(clean, [0, 1])
+
+
+def test_a_truncated_image_is_found_when_decoded_and_named(tmp_path: Path) -> None:
+    """Its header is intact, so the cheap check at load passes it; decoding it names it, and the
+    check that decodes everything up front (decode_now, as `fedtune check` does) finds it at once."""
+    write_image_folder(tmp_path, {"a": 2})
+    truncated = write_truncated_png(tmp_path / "a" / "z-cut.png")
+    dataset = load_split("imagefolder", "train", root=str(tmp_path), download=False, seed=0)
+
+    assert dataset[0][0].shape == (3, 16, 12)  # the good images still load
+    with pytest.raises(BadImageError, match=rf"{truncated}: cannot be decoded"):
+        dataset[2]
+    with pytest.raises(BadImageError, match=rf"{truncated}: cannot be decoded"):
+        load_split("imagefolder", "train", root=str(tmp_path), download=False, seed=0, decode_now=True)
+
+
+def test_fedtunes_own_pixel_bound_holds_below_pils_refusal(tmp_path: Path) -> None:
+    # 100 million pixels: PIL only warns (it refuses past twice its bound); fedtune refuses.
+    big = tmp_path / "big.png"
+    Image.new("1", (10_000, 10_000)).save(big)
+    with pytest.raises(BadImageError, match=r"10000x10000 pixels; fedtune decodes images of 1 to 89,478,485"):
+        read_image(big)
+
+
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white(tmp_path: Path) -> None:
+    ramp = write_gray16_png(tmp_path / "scans" / "ramp.png")
+    expected = np.rint(ramp / 257.0).astype(np.uint8)
+
+    rgb = np.asarray(read_image(tmp_path / "scans" / "ramp.png"))
+    image, _ = load_split("imagefolder", "train", root=str(tmp_path), download=False, seed=0)[0]
+
+    assert rgb.shape == (8, 32, 3) and np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+    assert expected[0, 0] == 0 and expected[0, -1] == 255 and 120 <= expected[0, 15] <= 135
+    assert np.array_equal(image[0].numpy(), expected)
+
+
+def test_32_bit_float_pixels_are_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "depth.tif"
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(path)
+    with pytest.raises(BadImageError, match=r"depth\.tif: cannot be decoded.*32-bit floats"):
+        read_image(path)
 
 
 # --- torchvision ------------------------------------------------------------------------------
@@ -298,6 +375,12 @@ def test_torchvision_unknown_class_lists_known_ones() -> None:
         load_split("torchvision:CIFAR11", "train", root="/tmp", download=False, seed=0)
     with pytest.raises(ValueError, match="torchvision:<DatasetClass>"):
         load_split("torchvision", "train", root="/tmp", download=False, seed=0)
+    # Only a class name is looked up in torchvision.datasets, and the message stays short.
+    for argument in ("__builtins__", "VisionDataset", "ImageFolder", "x" * 90):
+        with pytest.raises(ValueError, match=r"unknown torchvision dataset|takes neither|characters") as error:
+            check_source(f"torchvision:{argument}")
+        assert len(str(error.value)) < 300
+    check_source("torchvision:CIFAR10")
 
 
 def test_torchvision_missing_data_without_download_is_explained(tmp_path: Path) -> None:
