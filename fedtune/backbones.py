@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import timm
 import torch
 import torchvision
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -125,22 +127,39 @@ def imagenet_model(name: str) -> nn.Module:
     return native.eval()
 
 
-def _load_weights_file(native: nn.Module, path: Path, *, classifier: str) -> None:
-    """Load a native-layout state dict; only the classifier, which the new head replaces, may be absent."""
+def _read_weights_file(path: Path) -> dict[str, Tensor]:
+    """The tensors of a .safetensors file or a plain torch state dict; ValueError naming the file otherwise."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        state = load_file(path, device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        # A truncated or foreign file: safetensors and torch name neither the file nor what to do.
+        kind = "safetensors file" if path.suffix == ".safetensors" else "torch state dict (weights_only)"
+        problem = " ".join(str(error).split())[:300]
+        raise ValueError(f"weights file {path} is not a readable {kind}: {problem}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"weights file {path}: expected a state dict (tensor names to tensors), got "
+                         f"{type(state).__name__}")
+    for key, value in state.items():
+        # NaN or infinite weights give NaN outputs, which the run would blame on the clients.
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"weights file {path}: tensor {key[:100]} holds NaN or infinite values")
+    return state
+
+
+def _load_weights_file(native: nn.Module, path: Path, *, classifier: str) -> None:
+    """Load a native-layout state dict; only the classifier, which the new head replaces, may be absent."""
+    state = _read_weights_file(path)
     # The head is rebuilt for the new task, so the file's classifier (1000-class or none) never matters.
     head_prefix = classifier + "."
     state = {key: value for key, value in state.items() if not key.startswith(head_prefix)}
     expected = {key: value for key, value in native.state_dict().items() if not key.startswith(head_prefix)}
     missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
+    unexpected = [key[:100] for key in state if key not in expected]  # the file's names may be any length
     mismatched = [
         f"{key} {tuple(state[key].shape)} != {tuple(value.shape)}"
         for key, value in expected.items()

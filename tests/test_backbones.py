@@ -197,3 +197,36 @@ def test_unknown_backbone_lists_known_ones() -> None:
         build_model("resnet9", num_classes=2)
     with pytest.raises(ValueError, match="unknown backbone"):
         preprocessing_for("resnet9")
+
+
+def test_truncated_weights_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "cut.safetensors"
+    save_file(BACKBONES["mobilenet_v3_small"].build().state_dict(), str(path))
+    path.write_bytes(path.read_bytes()[:100_000])
+
+    with pytest.raises(ValueError, match=r"weights file .*cut\.safetensors is not a readable safetensors file"):
+        build_model("mobilenet_v3_small", num_classes=2, weights=str(path))
+
+    not_torch = tmp_path / "junk.pt"
+    not_torch.write_bytes(b"neither a zip nor a pickle")
+    with pytest.raises(ValueError, match=r"junk\.pt is not a readable torch state dict"):
+        build_model("mobilenet_v3_small", num_classes=2, weights=str(not_torch))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path: Path, bad: float) -> None:
+    state = BACKBONES["resnet18"].build().state_dict()
+    state["layer3.1.conv2.weight"][0, 0, 0, 0] = bad
+    path = tmp_path / "poisoned.safetensors"
+    save_file(state, str(path))
+
+    expected = r"poisoned\.safetensors: tensor layer3\.1\.conv2\.weight holds NaN or infinite"
+    with pytest.raises(ValueError, match=expected):
+        build_model("resnet18", num_classes=2, weights=str(path))
+
+
+def test_a_weights_file_that_is_not_a_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "list.pt"
+    torch.save([torch.ones(1)], path)
+    with pytest.raises(ValueError, match=r"list\.pt: expected a state dict .* got list"):
+        build_model("resnet18", num_classes=2, weights=str(path))
