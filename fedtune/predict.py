@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
-from fedtune.config import ExperimentConfig, config_from_json
-from fedtune.data import load_split
-from fedtune.results import load_model_file
+from fedtune.config import ExperimentConfig, config_from_json, read_config_text
+from fedtune.data import BadImageError, BadImages, load_split, read_image
+from fedtune.results import class_names_of, load_model_file
+
+log = logging.getLogger("fedtune.predict")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -31,22 +33,22 @@ def load_saved(path: str | Path) -> SavedRun:
     path = Path(path)
     model_file = path / "model.safetensors" if path.is_dir() else path
     tensors, meta = load_model_file(model_file)
-    for key in ("backbone", "num_classes", "classes"):
-        if key not in meta:
-            raise ValueError(f"{model_file}: metadata lacks {key!r}; was it saved by fedtune?")
-    model = build_model(meta["backbone"], num_classes=int(meta["num_classes"]), weights="none",
-                        head_dropout=float(meta.get("head_dropout", 0.0)))
-    model.load_state_dict(tensors)
+    if "backbone" not in meta:
+        raise ValueError(f"{model_file}: metadata lacks 'backbone'; was it saved by fedtune?")
+    classes = class_names_of(meta, source=model_file)
+    try:
+        image_size = int(meta["image_size"]) if meta.get("image_size") else None
+        model = build_model(meta["backbone"], num_classes=len(classes), weights="none",
+                            head_dropout=float(meta.get("head_dropout", 0.0)))
+        model.load_state_dict(tensors)
+    except (ValueError, RuntimeError) as error:  # RuntimeError: tensors of another model or class count
+        problem = " ".join(str(error).split())[:300]
+        raise ValueError(f"{model_file}: does not hold a {meta['backbone'][:64]} model with {len(classes)} classes "
+                         f"({problem})") from None
     model.eval()
     config_file = model_file.parent / "config.json"
-    config = config_from_json(config_file.read_text()) if config_file.is_file() else None
-    return SavedRun(
-        model=model,
-        backbone=meta["backbone"],
-        classes=meta["classes"].split(","),
-        image_size=int(meta["image_size"]) if meta.get("image_size") else None,
-        config=config,
-    )
+    config = config_from_json(read_config_text(config_file)) if config_file.is_file() else None
+    return SavedRun(model=model, backbone=meta["backbone"], classes=classes, image_size=image_size, config=config)
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,12 @@ class Prediction:
     label: str | None
 
 
-def predict_folder(run: SavedRun, folder: str | Path) -> list[Prediction]:
-    """Images directly in `folder` (unlabelled), or in `folder/<class>/` (labelled by folder name)."""
+def predict_folder(run: SavedRun, folder: str | Path, *, bad_images: BadImages = "error") -> list[Prediction]:
+    """Images directly in `folder` (unlabelled), or in `folder/<class>/` (labelled by folder name).
+
+    An image that cannot be decoded safely raises BadImageError naming it, or with bad_images="skip"
+    is left out with a warning naming it.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
@@ -70,10 +76,13 @@ def predict_folder(run: SavedRun, folder: str | Path) -> list[Prediction]:
     with torch.no_grad():
         for file in files:
             try:
-                with Image.open(file) as image:
-                    batch = pre(image.convert("RGB")).unsqueeze(0)
-            except (UnidentifiedImageError, OSError) as error:
-                raise ValueError(f"cannot read image {file}: {error}") from None
+                batch = pre(read_image(file)).unsqueeze(0)
+            except BadImageError as error:
+                if bad_images == "error":
+                    raise BadImageError(error.where, f"{error.problem} (pass --bad-images skip to leave such "
+                                                     "files out)") from None
+                log.warning("leaving out image %s: %s", error.where, error.problem)
+                continue
             probabilities = run.model(batch).softmax(1)[0]
             confidence, index = probabilities.max(0)
             label = file.parent.name if file.parent != folder and file.parent.name in run.classes else None
@@ -81,12 +90,19 @@ def predict_folder(run: SavedRun, folder: str | Path) -> list[Prediction]:
     return predictions
 
 
-def predict_test_split(run: SavedRun, *, batch_size: int = 128) -> list[Prediction]:
-    """The held-out split of the data source the run was trained on."""
+def predict_test_split(
+    run: SavedRun, *, bad_images: BadImages | None = None, batch_size: int = 128
+) -> list[Prediction]:
+    """The held-out split of the data source the run was trained on; bad images as the run's
+    data.bad_images says, unless `bad_images` is given."""
     if run.config is None:
         raise ValueError("the model is not inside its run directory (no config.json): pass --images FOLDER")
     data = run.config.data
-    dataset = load_split(data.source, "test", root=data.root, download=data.download, seed=run.config.seed)
+    dataset = load_split(data.source, "test", root=data.root, download=data.download, seed=run.config.seed,
+                         bad_images=bad_images or data.bad_images)
+    if dataset.classes != run.classes:
+        raise ValueError(f"the run's test split has classes {dataset.classes[:10]}, the model {run.classes[:10]}: "
+                         "the data under data.root changed since the run")
     pre = preprocessing_for(run.backbone).at_size(run.image_size)
     dataset = dataset.with_transform(pre.transform())
     predictions = []

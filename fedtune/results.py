@@ -36,6 +36,10 @@ ACCURACY_PNG = "accuracy.png"
 BYTES_PNG = "bytes.png"
 PRIVACY_JSON = "privacy.json"
 PRIVACY_PNG = "privacy.png"
+# model.safetensors metadata key: the class names, in label order, as a JSON list of strings. (Files
+# of earlier fedtune versions joined them with commas under "classes", which a name with a comma broke.)
+CLASS_NAMES = "class_names"
+_LEGACY_CLASSES = "classes"
 
 # Bytes are drawn on a log axis when the largest bar is this many times the smallest: on a linear
 # one, the full-backbone delivery of round 1 flattens every later head-only round to nothing.
@@ -113,7 +117,10 @@ class RunDirectory:
     def create(cls, root: str | Path, name: str) -> RunDirectory:
         """A new folder root/<name>-<YYYYmmdd-HHMMSS>, suffixed -1, -2, ... if that exists."""
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # root, or a folder above it, is a file; or not writable
+            raise ValueError(f"cannot make the output folder {root} (output.dir): {error.strerror or error}") from None
         stem = f"{name}-{_timestamp()}"
         suffix = 0
         while True:
@@ -206,6 +213,26 @@ class RunDirectory:
             return [_record_from_dict(row) for row in rows]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"{path}: not a fedtune history file ({error})") from None
+
+
+def encode_class_names(classes: list[str]) -> str:
+    """The CLASS_NAMES metadata value of a model file."""
+    return json.dumps(classes)
+
+
+def class_names_of(metadata: dict[str, str], *, source: str | Path) -> list[str]:
+    """The class names a model file's metadata carries (CLASS_NAMES, or the older comma-joined "classes")."""
+    if CLASS_NAMES in metadata:
+        try:
+            names = json.loads(metadata[CLASS_NAMES])
+        except ValueError:
+            names = None
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{source}: metadata {CLASS_NAMES!r} is not a JSON list of class names")
+        return names
+    if _LEGACY_CLASSES in metadata:
+        return metadata[_LEGACY_CLASSES].split(",")
+    raise ValueError(f"{source}: metadata lacks the class names ({CLASS_NAMES!r}); was it saved by fedtune?")
 
 
 def load_model_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:

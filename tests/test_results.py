@@ -14,11 +14,14 @@ from rich.console import Console
 
 from fedtune import results
 from fedtune.results import (
+    CLASS_NAMES,
     RECORD_COLUMNS,
     RoundProgress,
     RoundRecord,
     RunDirectory,
+    class_names_of,
     compare_table,
+    encode_class_names,
     format_bytes,
     load_model_file,
 )
@@ -192,6 +195,25 @@ def test_model_round_trip_with_metadata(run: RunDirectory) -> None:
     for name, tensor in state.items():
         assert torch.equal(tensors[name], tensor)
     assert loaded_metadata == metadata
+
+
+def test_class_names_travel_as_a_list_and_older_files_still_read(run: RunDirectory) -> None:
+    classes = ["cat,dog", "bird", 'quote " and \\ backslash', "ünïcode"]
+    path = run.save_model({"w": torch.ones(1)}, {CLASS_NAMES: encode_class_names(classes)})
+
+    assert class_names_of(load_model_file(path)[1], source=path) == classes
+    assert class_names_of({"classes": "ants,bees"}, source=path) == ["ants", "bees"]  # before CLASS_NAMES
+    for broken in ({CLASS_NAMES: "ants,bees"}, {CLASS_NAMES: "[1, 2]"}, {CLASS_NAMES: "[]"}, {}):
+        with pytest.raises(ValueError, match=r"model\.safetensors: metadata .*class names"):
+            class_names_of(broken, source=path)
+
+
+def test_an_output_folder_that_is_a_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "runs").write_text("a file where the runs should go")
+    with pytest.raises(ValueError, match=r"cannot make the output folder .*runs \(output\.dir\)"):
+        RunDirectory.create(tmp_path / "runs", "exp")
+    with pytest.raises(ValueError, match=r"cannot make the output folder .*runs/below \(output\.dir\)"):
+        RunDirectory.create(tmp_path / "runs" / "below", "exp")
 
 
 def test_model_metadata_must_be_strings(run: RunDirectory) -> None:
