@@ -5,10 +5,15 @@ global model, the strategy's learned state (FedAdam's moments, the adaptive clip
 random generators, early stopping, the privacy bookkeeping and the clients that left at their
 privacy budget. Restored, the next round starts from exactly the state the killed server had after
 its last completed round, so the run ends with the same model as an uninterrupted one.
+
+A SHA-256 over every tensor (name, dtype, shape, bytes) and the JSON state is stored with them and
+checked on load: a flipped bit anywhere (one exponent bit turned a weight into 5.6e33) makes the
+checkpoint refused, never used, and left as it is for the user to look at.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -22,14 +27,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from fedtune.config import ExperimentConfig
+from fedtune.config import ExperimentConfig, shown
 from fedtune.results import CONFIG_JSON, SUMMARY_JSON, replace_atomically
 
 log = logging.getLogger("fedtune.server")
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 _STATE = "fedtune.checkpoint"  # safetensors metadata key holding everything that is not a tensor
-_FORMAT = 1
+_CHECKSUM = "fedtune.checkpoint.sha256"  # metadata key: _digest of the tensors and the state
+_FORMAT = 2  # 2: with _CHECKSUM
+_WHAT_TO_DO = ("it was not used and is left as it is; move its run folder away to start afresh, or set "
+               "output.resume=false")
 
 
 class CheckpointError(RuntimeError):
@@ -94,20 +102,42 @@ class Checkpoint:
             "early_stopping": self.early_stopping, "at_budget": self.at_budget, "privacy": self.privacy,
             "deliveries": {str(k): v for k, v in self.deliveries.items()},
         }
-        data = save_tensors(tensors, metadata={_STATE: json.dumps(state)})
+        state_text = json.dumps(state)
+        data = save_tensors(tensors, metadata={_STATE: state_text, _CHECKSUM: _digest(tensors, state_text)})
         return replace_atomically(run_dir / CHECKPOINT_FILE, lambda tmp: tmp.write_bytes(data))
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:
+        """The checkpoint at `path`, verified; CheckpointError naming the file if it cannot be used."""
         try:
             raw = path.read_bytes()
             tensors = load_tensors(raw)
-            state = json.loads(_metadata(raw)[_STATE])
-        except (OSError, SafetensorError, KeyError, ValueError) as error:
-            raise CheckpointError(f"checkpoint {path} cannot be read ({error}); move its run folder away, or set "
-                                  "output.resume=false to start afresh") from None
-        if state.get("format") != _FORMAT:
-            raise CheckpointError(f"checkpoint {path} has format {state.get('format')}, this fedtune reads {_FORMAT}")
+            metadata = _metadata(raw)
+            state_text = metadata[_STATE]
+            state = json.loads(state_text)
+        except (OSError, SafetensorError, KeyError, ValueError, TypeError) as error:
+            problem = " ".join(str(error).split())[:200]
+            raise CheckpointError(f"checkpoint {path} cannot be read ({problem}); {_WHAT_TO_DO}") from None
+        checksum = metadata.get(_CHECKSUM)
+        if checksum is None:
+            written_by = state.get("format") if isinstance(state, dict) else None
+            raise CheckpointError(f"checkpoint {path} has no checksum (format {shown(written_by)}; this fedtune "
+                                  f"writes {_FORMAT}), so it cannot be verified; {_WHAT_TO_DO}")
+        if checksum != _digest(tensors, state_text):
+            raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match its checksum; "
+                                  f"{_WHAT_TO_DO}")
+        try:
+            return cls._from_parts(state, tensors)
+        except KeyError as error:
+            raise CheckpointError(f"checkpoint {path} lacks {shown(error.args[0])}; {_WHAT_TO_DO}") from None
+        except (TypeError, ValueError, AttributeError) as error:
+            problem = " ".join(str(error).split())[:200]
+            raise CheckpointError(f"checkpoint {path} holds a malformed value ({problem}); {_WHAT_TO_DO}") from None
+
+    @classmethod
+    def _from_parts(cls, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Checkpoint:
+        if state["format"] != _FORMAT:
+            raise ValueError(f"format {shown(state['format'])}, this fedtune reads {_FORMAT}")
         return cls(
             round=int(state["round"]),
             run_key=str(state["run_key"]),
@@ -150,6 +180,16 @@ def find_resumable(cfg: ExperimentConfig) -> Path | None:
         else:
             log.info("not resuming %s: its config differs from this run's", run_dir)
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _digest(tensors: dict[str, torch.Tensor], state_text: str) -> str:
+    """SHA-256 of the state JSON and of every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256(state_text.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _metadata(raw: bytes) -> dict[str, str]:

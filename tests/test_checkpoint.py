@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from fedtune.config import load_config
 from fedtune.results import RunDirectory
 from fedtune.simulation import simulate
+from server import checkpoint as checkpoint_module
 from server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
 from strategies import build_strategy, restore_strategy_state, strategy_state
 
@@ -69,11 +72,94 @@ def test_a_damaged_checkpoint_is_named_and_nothing_is_overwritten(tmp_path: Path
     (run_dir.path / CHECKPOINT_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
     found = find_resumable(cfg)
     assert found == run_dir.path / CHECKPOINT_FILE
-    with pytest.raises(CheckpointError, match="cannot be read.*output.resume=false"):
+    with pytest.raises(CheckpointError, match="cannot be read.*not used and is left as it is.*output.resume=false"):
         Checkpoint.load(found)
     assert (run_dir.path / CHECKPOINT_FILE).read_bytes().endswith(b"not a header")
     # A different config (here: one more round) is a different run, never resumed.
     assert find_resumable(_config(tmp_path, "federation.rounds=4")) is None
+
+
+def _saved_checkpoint(folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    checkpoint = Checkpoint(
+        round=2, run_key="exp-0123456789ab", model_hash="a" * 64, elapsed_seconds=3.0,
+        model={"head.weight": torch.full((4, 3), 0.5), "head.bias": torch.zeros(4)}, strategy_tensors={},
+        strategy_scalars={}, random_state=RandomState.capture(), early_stopping={"best": None, "best_round": 0,
+                                                                                  "stale": 0},
+        at_budget=[], privacy={}, deliveries={},
+    )
+    return checkpoint.save(folder)
+
+
+def _header(raw: bytes) -> tuple[int, dict]:
+    length = int.from_bytes(raw[:8], "little")
+    return 8 + length, json.loads(raw[8:8 + length])
+
+
+def _expect_refused(path: Path, match: str) -> None:
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=match) as error:
+        Checkpoint.load(path)
+    assert str(path) in str(error.value) and "it was not used and is left as it is" in str(error.value)
+    assert path.read_bytes() == before  # never rewritten, never deleted
+
+
+def test_an_exponent_bit_flipped_in_a_weight_is_caught_by_the_checksum(tmp_path: Path) -> None:
+    path = _saved_checkpoint(tmp_path)
+    assert torch.equal(Checkpoint.load(path).model["head.weight"], torch.full((4, 3), 0.5))
+    raw = bytearray(path.read_bytes())
+    data_start, header = _header(bytes(raw))
+    first_byte = data_start + header["model/head.weight"]["data_offsets"][0]
+    raw[first_byte + 3] ^= 0x40  # float32 little-endian: 0.5 becomes 1.7e38
+    path.write_bytes(bytes(raw))
+
+    _expect_refused(path, "is damaged: its contents do not match its checksum")
+
+
+def test_a_changed_state_is_caught_by_the_checksum(tmp_path: Path) -> None:
+    path = _saved_checkpoint(tmp_path)
+    raw = path.read_bytes()
+    assert raw.count(b'\\"round\\": 2') == 1  # the state is JSON inside the JSON header
+    path.write_bytes(raw.replace(b'\\"round\\": 2', b'\\"round\\": 7'))
+
+    _expect_refused(path, "is damaged: its contents do not match its checksum")
+
+
+def _rewrite_state(path: Path, change: Callable[[dict], None], *, recompute_checksum: bool) -> None:
+    raw = path.read_bytes()
+    tensors = checkpoint_module.load_tensors(raw)
+    metadata = dict(_header(raw)[1]["__metadata__"])
+    state = json.loads(metadata["fedtune.checkpoint"])
+    change(state)
+    metadata["fedtune.checkpoint"] = json.dumps(state)
+    if recompute_checksum:  # as a checkpoint written by another program (or version) would be
+        metadata["fedtune.checkpoint.sha256"] = checkpoint_module._digest(tensors, metadata["fedtune.checkpoint"])
+    path.write_bytes(save_tensors(tensors, metadata=metadata))
+
+
+def test_a_checkpoint_lacking_a_key_is_named_not_a_bare_key_error(tmp_path: Path) -> None:
+    path = _saved_checkpoint(tmp_path)
+    _rewrite_state(path, lambda state: state.pop("round"), recompute_checksum=False)
+    _expect_refused(path, "is damaged")
+
+    path = _saved_checkpoint(tmp_path / "consistent")
+    _rewrite_state(path, lambda state: state.pop("round"), recompute_checksum=True)
+    _expect_refused(path, "lacks 'round'")
+
+    path = _saved_checkpoint(tmp_path / "malformed")
+    _rewrite_state(path, lambda state: state.update(at_budget="everyone"), recompute_checksum=True)
+    _expect_refused(path, "holds a malformed value")
+
+
+def test_a_checkpoint_without_a_checksum_is_not_used(tmp_path: Path) -> None:
+    """Checkpoints of the format before checksums (1) cannot be verified, so they are not resumed."""
+    path = _saved_checkpoint(tmp_path)
+    raw = path.read_bytes()
+    metadata = dict(_header(raw)[1]["__metadata__"])
+    del metadata["fedtune.checkpoint.sha256"]
+    path.write_bytes(save_tensors(checkpoint_module.load_tensors(raw), metadata=metadata))
+
+    _expect_refused(path, r"has no checksum \(format 2; this fedtune writes 2\), so it cannot be verified")
 
 
 def test_a_crashed_run_resumes_and_ends_with_the_uninterrupted_model(
