@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 from pathlib import Path
@@ -21,6 +22,11 @@ SetOpt = Annotated[
 ]
 
 
+class BadImagesChoice(enum.StrEnum):
+    error = "error"
+    skip = "skip"
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
@@ -34,10 +40,27 @@ def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
         raise  # unreachable: _fail exits
 
 
+def _prepare(config: Path, overrides: list[str] | None, *, simulation: bool) -> ExperimentConfig:
+    """The validated experiment, after the checks that need its files, data and model (server/preflight.py)."""
+    cfg = _load(config, overrides)
+    from server.preflight import PreflightError, preflight
+
+    try:
+        preflight(cfg, simulation=simulation)
+    except PreflightError as error:
+        _fail(f"{config}: {error}")
+    return cfg
+
+
 @cli.command()
 def check(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Validate an experiment file and print the resolved settings."""
-    cfg = _load(config, set_)
+    """Validate an experiment file and print the resolved settings.
+
+    Beyond the file itself, checks what `fedtune simulate` would need: the data under data.root
+    (every test image decoded), the model and its weights file, trainable_blocks and
+    lr_multipliers against the backbone, output.dir, and the checkpoint a run would resume from.
+    """
+    cfg = _prepare(config, set_, simulation=True)
     typer.echo(cfg.to_json())
 
 
@@ -67,14 +90,17 @@ def simulate(
     ] = False,
 ) -> None:
     """Run a federation of virtual clients on this machine (Flower simulation engine, Ray)."""
-    cfg = _load(config, set_)
+    cfg = _prepare(config, set_, simulation=True)
+    scratch_cfg = None
+    if compare_scratch and cfg.model.weights != "none":
+        scratch_cfg = _prepare(config, [*(set_ or []), "model.weights=none", f"name={cfg.name}-scratch"],
+                               simulation=True)
     from fedtune.simulation import simulate as run
 
     try:
         outcome = run(cfg)
         rows = [_comparison_row(f"{cfg.model.weights} weights", outcome, outcome.run_dir / "history.json")]
-        if compare_scratch and cfg.model.weights != "none":
-            scratch_cfg = _load(config, [*(set_ or []), "model.weights=none", f"name={cfg.name}-scratch"])
+        if scratch_cfg is not None:
             scratch = run(scratch_cfg)
             rows.append(_comparison_row("random init (scratch)", scratch, scratch.run_dir / "history.json"))
     except (FileNotFoundError, ValueError, RuntimeError, ConnectionError) as error:
@@ -98,14 +124,24 @@ def predict(
         typer.Option(help="Folder of images (class subfolders give labels); default: the run's test split."),
     ] = None,
     show: Annotated[int, typer.Option(help="How many predictions to print.")] = 10,
+    bad_images: Annotated[
+        BadImagesChoice | None,
+        typer.Option(help="An image that cannot be decoded safely (corrupt, truncated, too large): stop with an "
+                          "error, or skip it with a warning. Default: error, or the run's data.bad_images for its "
+                          "test split.", show_default=False),
+    ] = None,
 ) -> None:
     """Classify images with a saved model; prints accuracy where labels are known."""
     from fedtune.predict import accuracy, load_saved, predict_folder, predict_test_split
 
+    policy = bad_images.value if bad_images is not None else None
     try:
         run = load_saved(model)
-        predictions = predict_folder(run, images) if images else predict_test_split(run)
-    except (FileNotFoundError, ValueError) as error:
+        if images:
+            predictions = predict_folder(run, images, bad_images=policy or "error")
+        else:
+            predictions = predict_test_split(run, bad_images=policy)
+    except (FileNotFoundError, ValueError) as error:  # ConfigError and BadImageError are ValueErrors
         _fail(str(error))
         return
     for p in predictions[:show]:
@@ -159,7 +195,7 @@ def server(
     ] = None,
 ) -> None:
     """Run the server node: start Flower's SuperLink, run CONFIG on the clients that connect, then stop."""
-    _load(config, set_)  # a bad experiment file fails here, before anything starts
+    _prepare(config, set_, simulation=False)  # a bad experiment fails here, before anything starts
     from fedtune.nodes import NodeError, serve
 
     try:

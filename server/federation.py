@@ -23,10 +23,11 @@ from fedtune.config import ClientSettings, ExperimentConfig
 from fedtune.data import load_split
 from fedtune.engine import resolve_device
 from fedtune.params import first_trainable_index, load_tensors, state_hash, trainable_stages, trainable_state_dict
-from fedtune.results import RoundProgress, RoundRecord, RunDirectory, summarize_history
+from fedtune.results import CLASS_NAMES, RoundProgress, RoundRecord, RunDirectory, encode_class_names, summarize_history
 from server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
 from server.delivery import ModelDelivery, Traffic
 from server.evaluate import CentralEvaluator
+from server.preflight import check_model_fits
 from server.privacy_report import PrivacyReport
 from server.secure_aggregation import secure_train_round
 from strategies import build_strategy, fit_sampling_to, restore_strategy_state, strategy_state
@@ -284,19 +285,15 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     np.random.seed(cfg.seed)
     # Everything that can fail on bad input (data, weights) happens before the run directory
     # exists, so a failed start leaves nothing behind.
-    test_set = load_split(cfg.data.source, "test", root=cfg.data.root, download=cfg.data.download, seed=cfg.seed)
+    test_set = load_split(cfg.data.source, "test", root=cfg.data.root, download=cfg.data.download, seed=cfg.seed,
+                          bad_images=cfg.data.bad_images, decode_now=True)  # a corrupt image fails here, not in round 0
     preprocessing = preprocessing_for(cfg.model.backbone).at_size(cfg.data.image_size)
     test_set = test_set.with_transform(preprocessing.transform(augment=False))
     num_classes = len(test_set.classes)
     model = build_model(
         cfg.model.backbone, num_classes=num_classes, weights=cfg.model.weights, head_dropout=cfg.model.head_dropout
     )
-    for blocks in {cfg.train.trainable_blocks, *(s.trainable_blocks for s in cfg.train.unfreeze)}:
-        trainable_stages(model, blocks)  # fails early, naming the blocks, if a setting does not fit
-    unknown = sorted(set(cfg.train.lr_multipliers) - set(model.stages))
-    if unknown:
-        raise ValueError(f"train.lr_multipliers names no stage of {cfg.model.backbone}: {', '.join(unknown)}; "
-                         f"its stages: {', '.join(model.stages)}")
+    check_model_fits(cfg, model)  # fails early, naming the key, if trainable_blocks or lr_multipliers do not fit
     initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     model_hash = state_hash(initial_state)
     resumable = find_resumable(cfg) if cfg.output.resume else None
@@ -418,7 +415,7 @@ def _finish(
     metadata = {
         "backbone": cfg.model.backbone,
         "num_classes": str(len(classes)),
-        "classes": ",".join(classes),
+        CLASS_NAMES: encode_class_names(classes),
         "head_dropout": str(cfg.model.head_dropout),
         "image_size": str(cfg.data.image_size or ""),
         "data_source": cfg.data.source,
