@@ -30,6 +30,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedtune import messages as keys
+from fedtune.config import MAX_SECAGG_SCALE
 from fedtune.protocol import MAX_SETTINGS_CHARS, RefusedMessage, excerpt, parse_number
 
 # Entries of the legacy FitIns config. Legacy configs hold scalars only (Flower's compat layer
@@ -42,7 +43,6 @@ MAX_WEIGHT = "fedtune.secagg.max-weight"
 
 # Bounds of what a client accepts in those entries (fedtune/protocol.py bounds the rest).
 _MAX_CONFIG_CHARS = 4 * MAX_SETTINGS_CHARS  # the train config, client settings inside, escaped once more
-_MAX_SECAGG_SCALE = 1e12  # clipping range and maximum weight: finite and positive
 
 # Legacy layout record names (Flower's compat functions write and read these).
 _FITINS_PARAMETERS = "fitins.parameters"
@@ -109,9 +109,9 @@ def _parse_fit_config(fit_config: ConfigRecord) -> tuple[ConfigRecord, list[str]
         raise RefusedMessage(ARRAY_KEYS, "must hold a JSON list of tensor names")
     if len(set(names)) != len(names):
         raise RefusedMessage(ARRAY_KEYS, "names a tensor twice")
-    clipping_range = parse_number(fit_config.get(CLIPPING_RANGE), CLIPPING_RANGE, low=0.0, high=_MAX_SECAGG_SCALE,
+    clipping_range = parse_number(fit_config.get(CLIPPING_RANGE), CLIPPING_RANGE, low=0.0, high=MAX_SECAGG_SCALE,
                                   low_inclusive=False)
-    max_weight = parse_number(fit_config.get(MAX_WEIGHT), MAX_WEIGHT, low=0.0, high=_MAX_SECAGG_SCALE,
+    max_weight = parse_number(fit_config.get(MAX_WEIGHT), MAX_WEIGHT, low=0.0, high=MAX_SECAGG_SCALE,
                               low_inclusive=False)
     return config, names, clipping_range, max_weight
 

@@ -25,7 +25,9 @@ MAX_LOCAL_EPOCHS = 1_000
 MAX_BATCH_SIZE = 65_536
 MAX_BLOCKS = 1_000  # trainable_blocks, unfreeze steps, lr_multipliers entries (backbones have tens of stages)
 MAX_RATE = 1_000.0  # lr, weight_decay, lr multipliers
-MAX_DP_SCALE = 1e6  # DP-SGD epsilon, noise multiplier, clipping norm
+MAX_DP_SCALE = 1e6  # DP-SGD epsilon, noise multiplier and clipping norm; central DP's clipping norm
+MAX_PROXIMAL_MU = 1_000.0  # FedProx's paper tries 0.001 .. 1
+MAX_SECAGG_SCALE = 1e12  # SecAgg+ clipping range and maximum weight
 MAX_NAME_CHARS = 256  # backbone and data source names
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
@@ -200,7 +202,7 @@ class TrainConfig(_Section):
 class StrategyConfig(_Section):
     name: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
     # FedProx: weight of the proximal term clients add to their loss.
-    proximal_mu: Annotated[float, Field(ge=0.0)] = 0.01
+    proximal_mu: Annotated[float, Field(ge=0.0, le=MAX_PROXIMAL_MU)] = 0.01
     # FedAdam / FedYogi server optimiser.
     eta: Annotated[float, Field(gt=0.0)] = 0.01
     beta_1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
@@ -239,7 +241,7 @@ class CentralDPConfig(_Section):
     enabled: bool = False
     clipping: Literal["server", "client", "adaptive"] = "server"
     noise_multiplier: Annotated[float, Field(gt=0.0)] = 1.0
-    clipping_norm: Annotated[float, Field(gt=0.0)] = 1.0  # the initial norm for `adaptive`
+    clipping_norm: Annotated[float, Field(gt=0.0, le=MAX_DP_SCALE)] = 1.0  # the initial norm for `adaptive`
     target_delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5  # delta of the reported user-level epsilon
     # `adaptive` only: the quantile of update norms to clip at, and how fast the norm follows it.
     target_clipped_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
@@ -263,9 +265,9 @@ class SecureAggregationConfig(_Section):
     enabled: bool = False
     num_shares: Annotated[float, Field(gt=0.0)] = 1.0
     reconstruction_threshold: Annotated[float, Field(gt=0.0)] = 0.67
-    clipping_range: Annotated[float, Field(gt=0.0)] = 8.0
+    clipping_range: Annotated[float, Field(gt=0.0, le=MAX_SECAGG_SCALE)] = 8.0
     quantization_range: Annotated[int, Field(ge=2)] = 4194304
-    max_weight: Annotated[float, Field(gt=0.0)] = 1000.0
+    max_weight: Annotated[float, Field(gt=0.0, le=MAX_SECAGG_SCALE)] = 1000.0
 
 
 class PrivacyConfig(_Section):
@@ -301,8 +303,9 @@ class OutputConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "experiment"
-    seed: int = 0
+    # Part of the run key clients name files with (name-<12 hex>, at most 200 characters).
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)] = "experiment"
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()

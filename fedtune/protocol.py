@@ -20,7 +20,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch import Tensor
 
 from fedtune import messages as keys
-from fedtune.config import MAX_ROUNDS, ClientSettings, ConfigError
+from fedtune.config import MAX_DP_SCALE, MAX_PROXIMAL_MU, MAX_ROUNDS, ClientSettings, ConfigError
 
 # fedtune.params.state_hash: a sha256 hex digest, lowercase.
 MODEL_HASH_FORM = re.compile(r"[0-9a-f]{64}")
@@ -28,8 +28,6 @@ MODEL_HASH_FORM = re.compile(r"[0-9a-f]{64}")
 STAGE_NAME_FORM = re.compile(r"[A-Za-z0-9_]{1,64}")
 MAX_SETTINGS_CHARS = 64 * 1024  # the settings JSON is about 300-3,000 characters
 MAX_STAGES = 256  # the registered backbones have at most 20 stages
-MAX_PROXIMAL_MU = 1_000.0  # FedProx's paper tries 0.001 .. 1
-MAX_CLIPPING_NORM = 1e6  # central DP's clipping norm (also after adaptive clipping moved it)
 MAX_PARTITION_LABEL = 2**31 - 1
 MAX_REASON_CHARS = 1_000  # of an error reply's reason, and of what the server logs of one
 _EXCERPT_CHARS = 40
@@ -117,7 +115,7 @@ def parse_proximal_mu(value: object) -> float:
 
 def parse_clipping_norm(value: object) -> float:
     """Central DP's clipping norm, which Flower's fixedclipping_mod applies to this node's update."""
-    return parse_number(value, KEY_CLIPPING_NORM, low=0.0, high=MAX_CLIPPING_NORM, low_inclusive=False)
+    return parse_number(value, KEY_CLIPPING_NORM, low=0.0, high=MAX_DP_SCALE, low_inclusive=False)
 
 
 def parse_settings(value: object) -> ClientSettings:
@@ -274,13 +272,14 @@ def parse_query_answer(reply: Message) -> QueryAnswer:
         return QueryAnswer(has_model=False, partition=None, problems=(f"no {keys.METRICS!r} record",))
     problems = []
     has_model = metrics.get(keys.HAS_MODEL)
-    if type(has_model) is not int or has_model not in (0, 1):
+    well_formed = type(has_model) is int and has_model in (0, 1)
+    if not well_formed:
         problems.append(f"{keys.HAS_MODEL} must be 0 or 1, got {excerpt(has_model)}")
     label = metrics.get(keys.PARTITION)
     partition = label if type(label) is int and 0 <= label <= MAX_PARTITION_LABEL else None
     if partition is None and label is not None:
         problems.append(f"{keys.PARTITION} must be an integer in [0, {MAX_PARTITION_LABEL}], got {excerpt(label)}")
-    return QueryAnswer(has_model=has_model == 1, partition=partition, problems=tuple(problems))
+    return QueryAnswer(has_model=well_formed and has_model == 1, partition=partition, problems=tuple(problems))
 
 
 def says_model_missing(reply: Message) -> bool:

@@ -78,12 +78,13 @@ def round_config(model: GlobalModel | None = None, *, settings_json: str | None 
 
 
 def instruction(config: dict[str, Any], *, arrays: dict[str, torch.Tensor] | None = None,
-                message_type: str = MessageType.TRAIN, model: GlobalModel | None = None) -> Message:
+                message_type: str = MessageType.TRAIN, model: GlobalModel | None = None,
+                dst_node_id: int = 1) -> Message:
     """A train (or evaluate) message with this config and these tensors (the model's trainable ones by default)."""
     model = model or global_model()
     tensors = arrays if arrays is not None else trainable_state_dict(model.model, model.stages)
     content = RecordDict({keys.CONFIG: ConfigRecord(config), keys.ARRAYS: ArrayRecord(tensors)})
-    return Message(content, dst_node_id=1, message_type=message_type)
+    return Message(content, dst_node_id=dst_node_id, message_type=message_type)
 
 
 @dataclass

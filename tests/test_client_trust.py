@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from client.task import NodeIdentity, in_simulation
 from fedtune import messages as keys
 from fedtune.config import DataConfig
 from fedtune.params import trainable_state_dict
-from fedtune.protocol import MAX_REASON_CHARS
+from fedtune.protocol import MAX_REASON_CHARS, RefusedMessage
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -443,3 +444,45 @@ def test_the_node_config_flags_are_checked() -> None:
         NodeIdentity.from_node_config({"partition-id": 0, "download": "yes please"}, simulated=False)
     with pytest.raises(ValueError, match="node config partition-id: must be between 0 and 1000000"):
         NodeIdentity.from_node_config({"partition-id": -3}, simulated=False)
+
+
+# --- Secure aggregation: the legacy FitIns entries fedtune adds --------------------------------
+
+
+def _legacy_train(entries: dict[str, object]) -> Message:
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    from client.secure_aggregation import encode_fit_config
+
+    tensors = {k: v.numpy() for k, v in _trainable().items()}
+    fit_config = encode_fit_config(ConfigRecord(round_config()), list(tensors), clipping_range=8.0, max_weight=1000.0)
+    fit_config.update(entries)
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(list(tensors.values())), fit_config),
+                                          keep_input=True)
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+@pytest.mark.parametrize(("entry", "value", "problem"), [
+    ("fedtune.secagg.config", "[" * 200_000, "not valid JSON (RecursionError)"),
+    ("fedtune.secagg.config", "x" * 300_000, "300000 characters long"),
+    ("fedtune.secagg.config", "[1, 2]", "must hold a JSON object, got list"),
+    ("fedtune.secagg.config", '{"a": {"b": 1}}', "Not all values are of valid type"),
+    ("fedtune.secagg.config", 5, "must be a JSON string, got int"),
+    ("fedtune.secagg.array-keys", '"stages.head.3.weight"', "JSON list of tensor names"),
+    ("fedtune.secagg.array-keys", '["a", "a"]', "names a tensor twice"),
+    ("fedtune.secagg.clipping-range", float("nan"), "finite number in (0, 1e+12]"),
+    ("fedtune.secagg.clipping-range", float("inf"), "finite number in (0, 1e+12]"),
+    ("fedtune.secagg.clipping-range", -8.0, "finite number in (0, 1e+12]"),
+    ("fedtune.secagg.clipping-range", True, "must be a number, got bool"),
+    ("fedtune.secagg.max-weight", 0.0, "finite number in (0, 1e+12]"),
+])
+def test_malformed_secure_aggregation_entries_are_refused_before_training(
+    node: Node, entry: str, value: object, problem: str
+) -> None:
+    from client.secure_aggregation import _train_in_legacy_layout
+
+    trained: list[Message] = []
+    with pytest.raises(RefusedMessage, match=re.escape(f"{entry}: ") + ".*" + re.escape(problem)):
+        _train_in_legacy_layout(_legacy_train({entry: value}), node.context, lambda m, c: trained.append(m))
+    assert trained == []
