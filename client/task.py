@@ -31,14 +31,15 @@ _MAX_CACHE_GB = 1e6
 def in_simulation() -> bool:
     """Whether this ClientApp runs as a virtual node of Flower's simulation engine.
 
-    The engine runs every ClientApp call inside a Ray actor (flwr/simulation/ray_transport/
-    ray_actor.py, ClientAppActor, line 70; submitted by flwr/server/superlink/fleet/vce/backend/
-    raybackend.py, process_message, line 151), started by the user's own `fedtune simulate` or
-    `flwr run` from the user's own config. A real SuperNode runs its ClientApp in a process of its
-    own (flwr-clientapp, or fedtune's worker) that never joins a Ray cluster: what decides is this
+    The engine (flwr 1.41) runs every ClientApp call inside a Ray actor: ClientAppActor
+    (flwr/simulation/ray_transport/ray_actor.py, line 71), handed each message by
+    flwr/server/superlink/fleet/vce/backend/raybackend.py (process_message, line 174), in a
+    simulation the user started (`fedtune simulate`, or `flwr run` on a simulation SuperLink)
+    from the user's own config. A real SuperNode runs its ClientApp in a process of its own
+    (flwr-clientapp, or fedtune's worker) that never joins a Ray cluster: what decides is this
     process, which no server message can change. The node config cannot tell the two apart: the
-    engine sets exactly partition-id and num-partitions (vce_api.py, lines 88-94), which a real
-    SuperNode can be given too.
+    engine sets exactly partition-id and num-partitions (flwr/server/superlink/fleet/vce/
+    vce_api.py, lines 91-94), which a real SuperNode can be given too.
     """
     ray = sys.modules.get("ray")  # never imported by a real node's ClientApp process
     if ray is None or not ray.is_initialized():  # get_runtime_context() would start a Ray otherwise
