@@ -51,8 +51,10 @@ app = ClientApp(mods=[secure_aggregation_mod, _client_side_clipping])
 
 
 def _refuse(msg: Message, error: RefusedMessage) -> Message:
-    log.warning("refused a %s message from the server: %s", msg.metadata.message_type, error)
-    return protocol.refusal(msg, error)
+    reply = protocol.refusal(msg, error)
+    log.warning("refused a %s message from the server: %s", msg.metadata.message_type,
+                reply.error.reason.removeprefix(f"{keys.REFUSED}: "))  # as cut for the reply
+    return reply
 
 
 def _answer(msg: Message, handle: Callable[[], Message]) -> Message:
