@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,33 +15,61 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch.utils.data import Dataset
 
-from client.cache import FeatureCache, ModelCache
+from client.cache import CacheFull, ModelNotCached
 from client.privacy import LedgerStore, train_private_round
 from client.secure_aggregation import secure_aggregation_mod
 from client.task import NodeIdentity, local_data, model_inputs, restore_model
 from fedtune import messages as keys
+from fedtune import protocol
 from fedtune.backbones import StagedModel
 from fedtune.config import ClientSettings
 from fedtune.engine import evaluate, resolve_device, train_one_round
 from fedtune.params import trainable_state_dict
+from fedtune.protocol import RefusedMessage, RoundInstruction
 
 log = logging.getLogger("fedtune.client")
-
 
 
 def _client_side_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's fixedclipping_mod on the train messages of runs with central DP clipped on clients.
 
-    The mod fails on any message without a clipping norm, so it must not see the others.
+    The mod fails on any message without a clipping norm, so it must not see the others; and it
+    applies the norm as it comes, so the norm is checked first.
     """
     config = msg.content.config_records.get(keys.CONFIG)
     if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
+        try:
+            protocol.parse_clipping_norm(config[KEY_CLIPPING_NORM])
+        except RefusedMessage as error:
+            return _refuse(msg, error)
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
 
 # SecAgg+ outermost: it turns its legacy-layout train messages into fedtune's before the rest see them.
 app = ClientApp(mods=[secure_aggregation_mod, _client_side_clipping])
+
+
+def _refuse(msg: Message, error: RefusedMessage) -> Message:
+    reply = protocol.refusal(msg, error)
+    log.warning("refused a %s message from the server: %s", msg.metadata.message_type,
+                reply.error.reason.removeprefix(f"{keys.REFUSED}: "))  # as cut for the reply
+    return reply
+
+
+def _answer(msg: Message, handle: Callable[[], Message]) -> Message:
+    """The handler's reply, or an error reply the server recognises: a refusal (naming the field and
+    the problem), the model missing from the cache (the server sends it again), or a full cache."""
+    try:
+        return handle()
+    except RefusedMessage as error:
+        return _refuse(msg, error)
+    except ModelNotCached as error:
+        log.warning("the model of this round is not cached here: %s", error)
+        return protocol.error_reply(msg, f"{keys.MODEL_MISSING}: {error}")
+    except CacheFull as error:
+        log.warning("%s", error)
+        return protocol.error_reply(msg, str(error))
 
 
 @dataclass(frozen=True)
@@ -56,19 +85,19 @@ class _LocalRound:
     device: torch.device
 
 
-def _local_round(msg: Message, context: Context, *, split: Literal["train", "validation"]) -> _LocalRound:
-    config = msg.content[keys.CONFIG]
-    settings = ClientSettings.from_message(str(config[keys.CLIENT_CONFIG]))
+def _local_round(
+    instruction: RoundInstruction, context: Context, *, split: Literal["train", "validation"]
+) -> _LocalRound:
+    settings = instruction.settings
     node = NodeIdentity.from_node_config(dict(context.node_config))
-    model_hash = str(config[keys.MODEL_HASH])
-    stages = [str(s) for s in config[keys.TRAINABLE_STAGES]]
-    model = restore_model(
-        settings,
-        model_hash=model_hash,
-        trainable=msg.content[keys.ARRAYS].to_torch_state_dict(),
-        stages=stages,
-        cache=ModelCache(node.cache_root),
-    )
+    stages = list(instruction.stages)
+    try:
+        trainable = instruction.arrays.to_torch_state_dict()
+    except Exception as error:  # Flower's conversion of arrays it could not make tensors of
+        raise RefusedMessage(keys.ARRAYS, f"not tensors: {protocol.excerpt(str(error))}") from None
+    models = node.model_cache()
+    model = restore_model(settings, model_hash=instruction.model_hash, trainable=trainable, stages=stages,
+                          cache=models)
     data = local_data(settings, node)
     device = resolve_device(settings.train.device)
     inputs, start = model_inputs(
@@ -76,10 +105,11 @@ def _local_round(msg: Message, context: Context, *, split: Literal["train", "val
         data.train if split == "train" else data.validation,
         identity=data.train_identity if split == "train" else data.validation_identity,
         stages=stages,
-        model_hash=model_hash,
+        model_hash=instruction.model_hash,
         augmented=settings.data.augment and split == "train",
-        cache=FeatureCache(node.cache_root),
+        cache=node.feature_cache(),
         device=device,
+        in_use=[models.path(instruction.model_hash)],
     )
     return _LocalRound(settings, node, stages, model, inputs, start, device)
 
@@ -87,23 +117,36 @@ def _local_round(msg: Message, context: Context, *, split: Literal["train", "val
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Answers whether the model with this hash is cached here, storing it first if the message carries it."""
+    return _answer(msg, lambda: _query(msg, context))
+
+
+def _query(msg: Message, context: Context) -> Message:
+    question = protocol.parse_model_query(msg.content)
     node = NodeIdentity.from_node_config(dict(context.node_config))
-    model_hash = str(msg.content[keys.CONFIG][keys.MODEL_HASH])
-    cache = ModelCache(node.cache_root)
-    backbone = msg.content.array_records.get(keys.BACKBONE)
-    if backbone is not None:
-        cache.store(model_hash, backbone.to_torch_state_dict())
-    has_model = cache.has(model_hash)
-    return Message(RecordDict({keys.METRICS: MetricRecord({keys.HAS_MODEL: int(has_model)})}), reply_to=msg)
+    cache = node.model_cache()
+    if question.backbone is not None:
+        try:
+            tensors = question.backbone.to_torch_state_dict()
+        except Exception as error:  # Flower's conversion of arrays it could not make tensors of
+            raise RefusedMessage(keys.BACKBONE, f"not tensors: {protocol.excerpt(str(error))}") from None
+        try:
+            cache.store(question.model_hash, tensors)
+        except ValueError as error:  # not the model the hash announces
+            raise RefusedMessage(keys.BACKBONE, str(error)) from None
+    answer = {keys.HAS_MODEL: int(cache.has(question.model_hash)), keys.PARTITION: node.partition_id}
+    return Message(RecordDict({keys.METRICS: MetricRecord(answer)}), reply_to=msg)
 
 
 def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
-    """Local training on this node's partition; returns the reply and the locally trained model."""
-    local = _local_round(msg, context, split="train")
+    """Local training on this node's partition; returns the reply and the locally trained model.
+
+    Raises RefusedMessage for a message not of its exact form, ModelNotCached if the model is not here.
+    """
+    instruction = protocol.parse_round_instruction(msg.content)
+    local = _local_round(instruction, context, split="train")
     settings, node = local.settings, local.node
     torch.manual_seed(settings.seed + node.partition_id)
-    config = msg.content[keys.CONFIG]
-    server_round = int(config.get(keys.SERVER_ROUND, 0))
+    server_round = instruction.server_round
     seed = settings.seed * 1000 + server_round * 100 + node.partition_id
     extra: dict[str, float] = {}
     if settings.dp_sgd.enabled:
@@ -123,7 +166,7 @@ def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
             stages=local.stages,
             cfg=settings.train,
             start=local.start,
-            proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
+            proximal_mu=instruction.proximal_mu,
             freeze_statistics=settings.freeze_statistics,
             seed=seed,
             device=local.device,
@@ -142,13 +185,17 @@ def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return run_training(msg, context)[0]
+    return _answer(msg, lambda: run_training(msg, context)[0])
 
 
 @app.evaluate()
 def evaluate_locally(msg: Message, context: Context) -> Message:
     """The global model on this node's local validation split."""
-    local = _local_round(msg, context, split="validation")
+    return _answer(msg, lambda: _evaluate(msg, context))
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    local = _local_round(protocol.parse_round_instruction(msg.content), context, split="validation")
     result = evaluate(local.model, local.inputs, start=local.start, device=local.device)
     if not result.num_examples:
         raise ValueError("this node has no local validation examples (raise data.val_fraction)")

@@ -9,8 +9,6 @@ before training: a round that would take the client past its budget is refused.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from fedtune.config import DPSGDConfig, TrainConfig
 from fedtune.engine import Metrics, make_optimizer
 from fedtune.messages import PRIVACY_REFUSAL
 from fedtune.params import freeze_all_but, set_train_mode
+from fedtune.results import replace_atomically
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -75,28 +74,32 @@ class LedgerStore:
 
     def __init__(self, cache_root: Path, run_key: str) -> None:
         # The server's run key, not Flower's run id: a server that resumes a run after a restart
-        # submits a new Flower run, and the budget spent so far must still count.
+        # submits a new Flower run, and the budget spent so far must still count. The key has the
+        # exact form ClientSettings.run_key allows (letters, digits, _ . -), so it stays one name.
         self.path = cache_root / "privacy" / f"run-{run_key}.json"
 
     def load(self) -> PrivacyLedger:
         if not self.path.is_file():
             return PrivacyLedger()
-        data = json.loads(self.path.read_text())
-        return PrivacyLedger(
-            noise_multiplier=data["noise_multiplier"],
-            sample_rate=data["sample_rate"],
-            history=[(float(n), float(q), int(s)) for n, q, s in data["history"]],
-        )
+        # A damaged ledger is never read as an empty one: that would spend the budget a second time.
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            ledger = PrivacyLedger(
+                noise_multiplier=None if data["noise_multiplier"] is None else float(data["noise_multiplier"]),
+                sample_rate=None if data["sample_rate"] is None else float(data["sample_rate"]),
+                history=[(float(n), float(q), int(s)) for n, q, s in data["history"]],
+            )
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"the privacy ledger {self.path} is damaged ({type(error).__name__}: {error}); this "
+                             "node will not train in this run until it is restored (deleting it would forget the "
+                             "privacy budget already spent)") from None
+        return ledger
 
     def save(self, ledger: PrivacyLedger) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger.", suffix=".tmp")
-        with os.fdopen(fd, "w") as file:
-            json.dump({"noise_multiplier": ledger.noise_multiplier, "sample_rate": ledger.sample_rate,
-                       "history": ledger.history}, file)
-            file.flush()
-            os.fsync(file.fileno())  # on disk before the rename: a crash leaves the old ledger or the new one
-        os.replace(tmp, self.path)
+        text = json.dumps({"noise_multiplier": ledger.noise_multiplier, "sample_rate": ledger.sample_rate,
+                           "history": ledger.history})
+        replace_atomically(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 class _ChannelAffine(nn.Module):

@@ -2,47 +2,143 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from client.cache import FeatureCache, ModelCache, default_cache_root
+from client.cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, FeatureCache, ModelCache, default_cache_root
+from fedtune import messages as keys
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
-from fedtune.config import ClientSettings
+from fedtune.config import ClientSettings, DataConfig
 from fedtune.data import fingerprint, load_split, partition, split_validation
 from fedtune.engine import extract_features
 from fedtune.params import first_trainable_index, load_tensors, travelling_keys
+from fedtune.protocol import RefusedMessage, check_stages_of, check_trainable_tensors
+
+log = logging.getLogger("fedtune.client")
+
+_MAX_PARTITION_ID = 1_000_000
+_MAX_CACHE_GB = 1e6
+
+
+def in_simulation() -> bool:
+    """Whether this ClientApp runs as a virtual node of Flower's simulation engine.
+
+    The engine (flwr 1.41) runs every ClientApp call inside a Ray actor: ClientAppActor
+    (flwr/simulation/ray_transport/ray_actor.py, line 71), handed each message by
+    flwr/server/superlink/fleet/vce/backend/raybackend.py (process_message, line 174), in a
+    simulation the user started (`fedtune simulate`, or `flwr run` on a simulation SuperLink)
+    from the user's own config. A real SuperNode runs its ClientApp in a process of its own
+    (flwr-clientapp, or fedtune's worker) that never joins a Ray cluster: what decides is this
+    process, which no server message can change. The node config cannot tell the two apart: the
+    engine sets exactly partition-id and num-partitions (flwr/server/superlink/fleet/vce/
+    vce_api.py, lines 91-94), which a real SuperNode can be given too.
+    """
+    ray = sys.modules.get("ray")  # never imported by a real node's ClientApp process
+    if ray is None or not ray.is_initialized():  # get_runtime_context() would start a Ray otherwise
+        return False
+    return ray.get_runtime_context().get_actor_id() is not None
+
+
+def _flag(node_config: dict[str, object], key: str) -> bool:
+    value = node_config.get(key, False)
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ValueError(f"node config {key}: must be true or false, got {str(value)[:40]!r}")
+
+
+def _whole_number(node_config: dict[str, object], key: str, default: int, *, high: int) -> int:
+    value = node_config.get(key, default)
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise ValueError(f"node config {key}: must be a whole number, got {str(value)[:40]!r}") from None
+    if not 0 <= number <= high:
+        raise ValueError(f"node config {key}: must be between 0 and {high}, got {number}")
+    return number
+
+
+def _cache_max_bytes(node_config: dict[str, object]) -> int:
+    """This node's cache cap: node config cache-max-gb, else $FEDTUNE_CACHE_MAX_GB, else the default."""
+    source, value = "node config cache-max-gb", node_config.get("cache-max-gb")
+    if value is None:
+        source, value = CACHE_MAX_ENV, os.environ.get(CACHE_MAX_ENV) or DEFAULT_CACHE_MAX_GB
+    try:
+        gigabytes = float(str(value))
+    except ValueError:
+        raise ValueError(f"{source}: must be a number of gigabytes, got {str(value)[:40]!r}") from None
+    if not (math.isfinite(gigabytes) and 0 < gigabytes <= _MAX_CACHE_GB):
+        raise ValueError(f"{source}: must be a number of gigabytes above 0 (at most {_MAX_CACHE_GB:g}), got {value}")
+    return int(gigabytes * 1024**3)
 
 
 @dataclass(frozen=True)
 class NodeIdentity:
-    """Node-local facts: they come from the node's own config, never from the server."""
+    """Node-local facts: they come from the node's own config (and process), never from the server."""
 
     partition_id: int
     num_partitions: int
     cache_root: Path
     data_root: Path | None = None  # this node's copy of the dataset, in place of the experiment's data.root
     own_data: bool = False  # data_root is this node's own dataset, used whole instead of one partition
+    download: bool = False  # this node may download its dataset into data_root (node config download=true)
+    cache_max_bytes: int = int(DEFAULT_CACHE_MAX_GB * 1024**3)
+    # A virtual node of the user's own simulation: it may read the experiment's data settings.
+    simulated: bool = False
 
     @classmethod
-    def from_node_config(cls, node_config: dict[str, object]) -> NodeIdentity:
+    def from_node_config(cls, node_config: dict[str, object], *, simulated: bool | None = None) -> NodeIdentity:
+        """`simulated` defaults to what this process is (in_simulation())."""
         if "partition-id" not in node_config:
             raise ValueError("this node has no 'partition-id' in its node config; start it with one")
-        partition_id = int(node_config["partition-id"])
-        num_partitions = int(node_config.get("num-partitions", 0))
+        partition_id = _whole_number(node_config, "partition-id", 0, high=_MAX_PARTITION_ID)
+        num_partitions = _whole_number(node_config, "num-partitions", 0, high=_MAX_PARTITION_ID)
         if "cache-dir" in node_config:
             cache_root = Path(str(node_config["cache-dir"]))
         else:
             # Each virtual node of a simulation gets a cache of its own, as separate machines would.
             cache_root = default_cache_root() / f"node-{partition_id}"
         data_root = Path(str(node_config["data-root"])) if "data-root" in node_config else None
-        own_data = str(node_config.get("own-data", "false")).lower() == "true"
+        own_data = _flag(node_config, "own-data")
         if own_data and data_root is None:
             raise ValueError("this node's config says own-data but gives no data-root (start it with --data PATH)")
         return cls(partition_id=partition_id, num_partitions=num_partitions, cache_root=cache_root,
-                   data_root=data_root, own_data=own_data)
+                   data_root=data_root, own_data=own_data, download=_flag(node_config, "download"),
+                   cache_max_bytes=_cache_max_bytes(node_config),
+                   simulated=in_simulation() if simulated is None else simulated)
+
+    def model_cache(self) -> ModelCache:
+        return ModelCache(self.cache_root, max_bytes=self.cache_max_bytes)
+
+    def feature_cache(self) -> FeatureCache:
+        return FeatureCache(self.cache_root, max_bytes=self.cache_max_bytes)
+
+    def data_location(self, data: DataConfig) -> tuple[str | None, bool]:
+        """Where this node's data is, and whether it may download it.
+
+        A virtual node of a simulation follows the user's experiment file (data.root, data.download),
+        unless its node config names a data-root. A real node reads only the folder its own config
+        names and downloads only if its own config says so: the server's data.root and
+        data.download never reach its file system.
+        """
+        if self.simulated:
+            return (str(self.data_root) if self.data_root is not None else data.root), data.download
+        if self.data_root is None and data.root is not None:
+            raise ValueError("the experiment's data is read from a folder (data.root), but a real node reads only "
+                             "the folder its own config names: start it with --data PATH (node config data-root)")
+        if data.download and not self.download:
+            log.info("data.download from the server is ignored: this node downloads only with download=true in "
+                     "its own node config")
+        return (str(self.data_root) if self.data_root is not None else None), self.download
 
 
 def restore_model(
@@ -50,12 +146,15 @@ def restore_model(
     *,
     model_hash: str,
     trainable: dict[str, Tensor],
-    stages: list[str],
+    stages: Iterable[str],
     cache: ModelCache,
 ) -> StagedModel:
-    """The global model of this round: the cached full model with this round's trainable tensors."""
-    if not cache.has(model_hash):
-        raise RuntimeError(f"model {model_hash[:12]} is not cached on this node; the server sends it before training")
+    """The global model of this round: the cached full model with this round's trainable tensors.
+
+    ModelNotCached if the cache lacks the model; RefusedMessage if the server's stages or tensors
+    do not fit the model its settings describe.
+    """
+    cached = cache.load(model_hash)
     # The architecture is built locally without weights: they come from the cache, not a hub.
     model = build_model(
         settings.model.backbone,
@@ -63,9 +162,21 @@ def restore_model(
         weights="none",
         head_dropout=settings.model.head_dropout,
     )
-    model.load_state_dict(cache.load(model_hash))
+    stages = list(stages)
+    check_stages_of(stages, model.stages, backbone=settings.model.backbone)
+    check_stages_of(settings.train.lr_multipliers, model.stages, backbone=settings.model.backbone,
+                    field=f"{keys.CLIENT_CONFIG}: train.lr_multipliers")
+    try:
+        model.load_state_dict(cached)
+    except RuntimeError:  # torch lists every mismatched key: too long for a reason
+        raise RefusedMessage(keys.MODEL_HASH, f"names a cached model that is not a {settings.model.backbone} with "
+                                              f"{settings.num_classes} classes") from None
     expected = travelling_keys(model, stages, statistics=not settings.freeze_statistics)
-    load_tensors(model, trainable, expected_keys=expected)
+    check_trainable_tensors(trainable, model.state_dict())
+    try:
+        load_tensors(model, trainable, expected_keys=expected)
+    except ValueError as error:
+        raise RefusedMessage(keys.ARRAYS, str(error)) from None
     return model
 
 
@@ -80,8 +191,8 @@ class LocalData:
 def local_data(settings: ClientSettings, node: NodeIdentity) -> LocalData:
     """This node's training data (its partition, or its own dataset whole), with a local validation part held out."""
     data = settings.data
-    root = str(node.data_root) if node.data_root is not None else data.root
-    full = load_split(data.source, "train", root=root, download=data.download, seed=settings.seed,
+    root, download = node.data_location(data)
+    full = load_split(data.source, "train", root=root, download=download, seed=settings.seed,
                       bad_images=data.bad_images)
     if node.own_data:
         mine = list(range(len(full.targets)))
@@ -132,11 +243,13 @@ def model_inputs(
     augmented: bool,
     cache: FeatureCache,
     device: object,
+    in_use: Iterable[Path] = (),
 ) -> tuple[Dataset, int]:
     """What to feed the trainable stages, and from which stage index.
 
     The frozen prefix below the lowest trainable stage gives the same output every round, so
-    (without augmentation) it runs once per node and its output is cached on disk.
+    (without augmentation) it runs once per node and its output is cached on disk. `in_use`: cache
+    entries that writing the features must not evict (the round's model).
     """
     start = first_trainable_index(model, stages)
     if start == 0 or augmented:
@@ -145,5 +258,5 @@ def model_inputs(
     cached = cache.get(*key)
     if cached is None:
         cached = extract_features(model, dataset, stop=start, batch_size=64, device=device)
-        cache.put(cached, *key)
+        cache.put(cached, *key, in_use=in_use)
     return cached, start

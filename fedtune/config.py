@@ -21,6 +21,24 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+# Bounds of the settings that travel to clients (ClientSettings): far above any real experiment,
+# they keep what a server can make a node allocate, or spend time on, finite. Every float below
+# has an upper bound too, which also keeps out inf (JSON's Infinity, or 1e400).
+MAX_ROUNDS = 10_000  # federation.rounds
+MAX_CLIENTS = 10_000  # federation.num_clients
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; the head of a 2048-feature backbone is then 820 MB
+MAX_LOCAL_EPOCHS = 1_000
+MAX_BATCH_SIZE = 65_536
+MAX_BLOCKS = 1_000  # trainable_blocks, unfreeze steps, lr_multipliers entries (backbones have tens of stages)
+MAX_RATE = 1_000.0  # lr, weight_decay, lr multipliers
+MAX_DP_SCALE = 1e6  # DP-SGD epsilon, noise multiplier and clipping norm; central DP's clipping norm
+MAX_PROXIMAL_MU = 1_000.0  # FedProx's paper tries 0.001 .. 1
+MAX_SECAGG_SCALE = 1e12  # SecAgg+ clipping range and maximum weight
+MAX_NAME_CHARS = 256  # backbone and data source names
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
+
+
 def cut(text: str) -> str:
     """Text from the user for an error message, cut to MAX_SHOWN_CHARS: a value may be megabytes long."""
     if len(text) <= MAX_SHOWN_CHARS:
@@ -42,10 +60,10 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    backbone: str = "efficientnet_lite0"
+    backbone: Annotated[str, Field(max_length=MAX_NAME_CHARS)] = "efficientnet_lite0"
     # "imagenet": the backbone's published pretrained weights; "none": random init;
     # anything else: a path to a .safetensors file or a plain torch state dict.
-    weights: str = "imagenet"
+    weights: Annotated[str, Field(max_length=MAX_PATH_CHARS)] = "imagenet"
     head_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
     @model_validator(mode="after")
@@ -59,18 +77,18 @@ class ModelConfig(_Section):
 
 class PartitionConfig(_Section):
     scheme: Literal["iid", "dirichlet", "shards"] = "iid"
-    alpha: Annotated[float, Field(gt=0.0)] = 0.5
-    shards_per_client: Annotated[int, Field(ge=1)] = 2
+    alpha: Annotated[float, Field(gt=0.0, le=1e6)] = 0.5
+    shards_per_client: Annotated[int, Field(ge=1, le=10_000)] = 2
     # Dirichlet draws are repeated until every client holds at least this many examples.
-    min_examples: Annotated[int, Field(ge=1)] = 2
+    min_examples: Annotated[int, Field(ge=1, le=1_000_000)] = 2
 
 
 class DataConfig(_Section):
     # digits | hymenoptera | imagefolder | torchvision:<DatasetClass> (e.g. torchvision:CIFAR10)
-    source: str = "digits"
+    source: Annotated[str, Field(max_length=MAX_NAME_CHARS)] = "digits"
     # Where the data lives (hymenoptera, imagefolder, torchvision); relative paths are resolved
     # against the directory the command is run from.
-    root: str | None = None
+    root: Annotated[str | None, Field(max_length=MAX_PATH_CHARS)] = None
     download: bool = False
     # Side of the square image given to the backbone; None keeps the weights' own crop size.
     image_size: Annotated[int | None, Field(ge=16, le=1024)] = None
@@ -151,26 +169,31 @@ class FederationConfig(_Section):
 
 
 class UnfreezeStep(_Section):
-    from_round: Annotated[int, Field(ge=2)]
-    trainable_blocks: Annotated[int, Field(ge=0)] | Literal["all"]
+    from_round: Annotated[int, Field(ge=2, le=MAX_ROUNDS)]
+    trainable_blocks: Annotated[int, Field(ge=0, le=MAX_BLOCKS)] | Literal["all"]
 
 
 class TrainConfig(_Section):
     # How many of the backbone's last blocks train with the head: 0 is feature extraction,
     # "all" is full fine-tuning. An unfreeze schedule raises it at given rounds.
-    trainable_blocks: Annotated[int, Field(ge=0)] | Literal["all"] = 0
-    unfreeze: Annotated[tuple[UnfreezeStep, ...], Strict(False)] = ()  # a YAML list is welcome here
-    local_epochs: Annotated[int, Field(ge=1)] = 1
-    batch_size: Annotated[int, Field(ge=1)] = 32
+    trainable_blocks: Annotated[int, Field(ge=0, le=MAX_BLOCKS)] | Literal["all"] = 0
+    # Strict(False): a YAML list is welcome here.
+    unfreeze: Annotated[tuple[UnfreezeStep, ...], Strict(False), Field(max_length=MAX_BLOCKS)] = ()
+    local_epochs: Annotated[int, Field(ge=1, le=MAX_LOCAL_EPOCHS)] = 1
+    # Memory per step is bounded by min(batch_size, the client's examples) images.
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] = 32
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: Annotated[float, Field(gt=0.0)] = 0.01
+    lr: Annotated[float, Field(gt=0.0, le=MAX_RATE)] = 0.01
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0.0, le=MAX_RATE)] = 0.0
     # Discriminative learning rates: block i below the head trains at lr * decay**i.
     lr_decay_per_block: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     # Or name the multiplier of a layer group (stage) directly, e.g. {conv_head: 0.1}; these win
     # over the decay. `fedtune backbones` lists the stage names.
-    lr_multipliers: dict[str, Annotated[float, Field(gt=0.0)]] = {}
+    lr_multipliers: Annotated[
+        dict[Annotated[str, Field(max_length=MAX_NAME_CHARS)], Annotated[float, Field(gt=0.0, le=MAX_RATE)]],
+        Field(max_length=MAX_BLOCKS),
+    ] = {}
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Mixed precision on CUDA (ignored on CPU).
     amp: bool = False
@@ -203,7 +226,7 @@ class TrainConfig(_Section):
 class StrategyConfig(_Section):
     name: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
     # FedProx: weight of the proximal term clients add to their loss.
-    proximal_mu: Annotated[float, Field(ge=0.0)] = 0.01
+    proximal_mu: Annotated[float, Field(ge=0.0, le=MAX_PROXIMAL_MU)] = 0.01
     # FedAdam / FedYogi server optimiser.
     eta: Annotated[float, Field(gt=0.0)] = 0.01
     beta_1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
@@ -217,10 +240,10 @@ class DPSGDConfig(_Section):
     enabled: bool = False
     # The guarantee for the whole run, per client: noise is calibrated once so that the planned
     # rounds x local epochs spend at most this. Or give noise_multiplier and let epsilon follow.
-    target_epsilon: Annotated[float | None, Field(gt=0.0)] = 3.0
+    target_epsilon: Annotated[float | None, Field(gt=0.0, le=MAX_DP_SCALE)] = 3.0
     target_delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5
-    noise_multiplier: Annotated[float | None, Field(gt=0.0)] = None
-    max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
+    noise_multiplier: Annotated[float | None, Field(gt=0.0, le=MAX_DP_SCALE)] = None
+    max_grad_norm: Annotated[float, Field(gt=0.0, le=MAX_DP_SCALE)] = 1.0
     accountant: Literal["rdp", "prv"] = "rdp"
     poisson_sampling: bool = True
 
@@ -242,7 +265,7 @@ class CentralDPConfig(_Section):
     enabled: bool = False
     clipping: Literal["server", "client", "adaptive"] = "server"
     noise_multiplier: Annotated[float, Field(gt=0.0)] = 1.0
-    clipping_norm: Annotated[float, Field(gt=0.0)] = 1.0  # the initial norm for `adaptive`
+    clipping_norm: Annotated[float, Field(gt=0.0, le=MAX_DP_SCALE)] = 1.0  # the initial norm for `adaptive`
     target_delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5  # delta of the reported user-level epsilon
     # `adaptive` only: the quantile of update norms to clip at, and how fast the norm follows it.
     target_clipped_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
@@ -266,9 +289,9 @@ class SecureAggregationConfig(_Section):
     enabled: bool = False
     num_shares: Annotated[float, Field(gt=0.0)] = 1.0
     reconstruction_threshold: Annotated[float, Field(gt=0.0)] = 0.67
-    clipping_range: Annotated[float, Field(gt=0.0)] = 8.0
+    clipping_range: Annotated[float, Field(gt=0.0, le=MAX_SECAGG_SCALE)] = 8.0
     quantization_range: Annotated[int, Field(ge=2)] = 4194304
-    max_weight: Annotated[float, Field(gt=0.0)] = 1000.0
+    max_weight: Annotated[float, Field(gt=0.0, le=MAX_SECAGG_SCALE)] = 1000.0
 
 
 class PrivacyConfig(_Section):
@@ -304,8 +327,9 @@ class OutputConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "experiment"
-    seed: int = 0
+    # Part of the run key clients name files with (name-<12 hex>, at most 200 characters).
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)] = "experiment"
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
@@ -480,10 +504,10 @@ def config_from_json(text: str) -> ExperimentConfig:
 class ClientSettings(_Section):
     """What a client needs to train, sent in every message: clients never read the experiment file."""
 
-    seed: int
-    num_clients: int
-    num_classes: Annotated[int, Field(ge=2)]
-    rounds: int  # planned rounds: DP-SGD calibrates its noise for all of them at once
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
+    num_clients: Annotated[int, Field(ge=1, le=MAX_CLIENTS)]
+    num_classes: Annotated[int, Field(ge=2, le=MAX_CLASSES)]
+    rounds: Annotated[int, Field(ge=1, le=MAX_ROUNDS)]  # planned rounds: DP-SGD calibrates its noise for all at once
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
@@ -491,8 +515,8 @@ class ClientSettings(_Section):
     # BatchNorm running statistics stay at the initial model's values and do not travel.
     freeze_statistics: bool = False
     # Names the run on the clients' disks (the DP-SGD ledger) and stays the same when a killed
-    # server resumes the run; part of a file name, so no path separators.
-    run_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
+    # server resumes the run; part of a file name (run-<key>.json), so no path separators, and short.
+    run_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=200)] = "run"
 
     @classmethod
     def of(cls, cfg: ExperimentConfig, *, num_classes: int, run_key: str = "run") -> ClientSettings:
@@ -515,7 +539,9 @@ class ClientSettings(_Section):
 
     @classmethod
     def from_message(cls, text: str) -> ClientSettings:
+        """The settings a server sent, checked exactly: strict types (no true for 1, no 2.0 for 2)
+        and every bound above. fedtune/protocol.py bounds the text's length before this."""
         try:
-            return cls.model_validate_json(text)
+            return cls.model_validate_json(text, strict=True)
         except ValidationError as error:
             raise ConfigError(f"client settings from the server: {_format_error(error)}") from None

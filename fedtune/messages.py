@@ -14,9 +14,16 @@ CLIENT_CONFIG = "fedtune.client-config"  # JSON of the settings a client needs
 MODEL_HASH = "fedtune.model-hash"  # content hash of the full initial model
 TRAINABLE_STAGES = "fedtune.trainable-stages"  # stages that train (and travel) this round
 HAS_MODEL = "fedtune.has-model"  # query reply: 1 if the node holds the model with MODEL_HASH
+PARTITION = "fedtune.partition"  # query reply: the node's partition-id, a label for the server's log lines only
 EPSILON = "epsilon"  # train reply metric: the client's DP-SGD epsilon over the run so far
 NOISE_MULTIPLIER = "dp-noise-multiplier"  # train reply metric: the DP-SGD noise the client calibrated
 SAMPLE_RATE = "dp-sample-rate"  # train reply metric: the client's DP-SGD sampling rate (1 / batches)
 # How a client's refusal to train past its privacy budget begins, so the server can tell it apart
 # from a failure (it travels as the reason of an error reply).
 PRIVACY_REFUSAL = "privacy budget exhausted"
+# How a node's error reply begins when it lacks the model it was told to train (never received,
+# deleted, or found damaged and removed): the server sends the model again.
+MODEL_MISSING = "model not cached"
+# How a node's error reply begins when a message from the server failed the checks of
+# fedtune/protocol.py; the rest names the field and the problem.
+REFUSED = "refused the server's message"

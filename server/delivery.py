@@ -1,4 +1,4 @@
-"""Getting messages to clients: the full model only to nodes that lack it, and every byte counted."""
+"""Getting messages to clients: the full model only to nodes that lack it (or lost it), every byte counted."""
 
 from __future__ import annotations
 
@@ -11,9 +11,15 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedtune import messages as keys
+from fedtune.protocol import MAX_REASON_CHARS, parse_query_answer, says_model_missing
 from strategies.validation import concise_reason
 
 log = logging.getLogger("fedtune.server")
+
+# Times one node is sent the full model in one run: the first delivery and two more after the
+# node said it lost it. A node that keeps losing it (a broken disk, a cache cap below the model's
+# size, or a client asking on purpose) is not sent it again, and fails its rounds until it is fixed.
+MAX_DELIVERIES = 3
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -28,14 +34,22 @@ class Traffic:
     sent_backbone: int = 0
 
 
+def _addressed_again(message: Message) -> Message:
+    """A fresh copy of a message already sent (Flower gives each message one id, at its first push)."""
+    return Message(content=message.content, dst_node_id=message.metadata.dst_node_id,
+                   message_type=message.metadata.message_type, group_id=message.metadata.group_id)
+
+
 @dataclass
 class ModelDelivery:
-    """Makes sure each node holds the full model before it trains, sending it at most once.
+    """Makes sure each node holds the full model before it trains, sending it once, and again if lost.
 
     Before a node's first message of a run, the server asks whether it already caches the model
     (by content hash) from an earlier run; only if not is the backbone sent, in a message of its
     own. Train and evaluate messages then carry only what trains: exactly one ArrayRecord, which
-    is what Flower's mods (client-side clipping, SecAgg+) require.
+    is what Flower's mods (client-side clipping, SecAgg+) require. A node that answers a train or
+    evaluate message with "model not cached" (deleted, or found damaged) is sent the model again
+    and then its message again, within the same round, up to MAX_DELIVERIES times per run.
     """
 
     model_hash: str
@@ -43,21 +57,39 @@ class ModelDelivery:
     timeout: float
     holders: set[int] = field(default_factory=set)
     deliveries: dict[int, int] = field(default_factory=dict)  # node -> times the backbone was sent
+    # node -> the partition-id it gave in its answer to the query: a label for log lines, trusted for nothing else
+    partitions: dict[int, int] = field(default_factory=dict)
     _backbone_bytes: int | None = None
+
+    def name_of(self, node: int) -> str:
+        """How log lines name a node: `client 3 (node 123456…)`, or `node 1234567890123` before it answered."""
+        partition = self.partitions.get(node)
+        if partition is None:
+            return f"node {node}"
+        digits = str(node)
+        return f"client {partition} (node {digits if len(digits) <= 8 else digits[:6] + '…'})"
+
+    def forget(self, nodes: Iterable[int]) -> None:
+        """These nodes may no longer hold the model: ask them again before their next message."""
+        self.holders.difference_update(nodes)
 
     def _query(self, grid: Grid, nodes: list[int], content: RecordDict, traffic: Traffic, what: str) -> None:
         """Send `content` as a QUERY to each node; those answering HAS_MODEL=1 become holders."""
         queries = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
         traffic.sent += payload_bytes(content) * len(queries)
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                node, reason = reply.metadata.src_node_id, concise_reason(reply.error.reason)
-                log.warning("client %d did not %s: %s", node, what, reason)
+                log.warning("%s did not %s: %s", self.name_of(node), what, concise_reason(reply.error.reason))
                 continue
             traffic.received += payload_bytes(reply.content)
-            metrics = reply.content.metric_records.get(keys.METRICS)
-            if metrics is not None and metrics.get(keys.HAS_MODEL) == 1:
-                self.holders.add(reply.metadata.src_node_id)
+            answer = parse_query_answer(reply)
+            if answer.partition is not None:
+                self.partitions[node] = answer.partition
+            for problem in answer.problems:
+                log.warning("%s answered the model query with a malformed reply: %s", self.name_of(node), problem)
+            if answer.has_model:
+                self.holders.add(node)
 
     def ensure_models(self, grid: Grid, nodes: list[int], traffic: Traffic) -> None:
         """Ask newcomers whether they cache the model; send it to those that do not."""
@@ -66,7 +98,14 @@ class ModelDelivery:
             return
         question = RecordDict({keys.CONFIG: ConfigRecord({keys.MODEL_HASH: self.model_hash})})
         self._query(grid, newcomers, question, traffic, "answer the model query")
-        lacking = [n for n in newcomers if n not in self.holders]
+        lacking = []
+        for node in (n for n in newcomers if n not in self.holders):
+            if self.deliveries.get(node, 0) >= MAX_DELIVERIES:
+                log.warning("%s still lacks the model after %d deliveries in this run; it is not sent again, so "
+                            "this client fails its rounds until its cache is fixed", self.name_of(node),
+                            self.deliveries[node])
+            else:
+                lacking.append(node)
         if not lacking:
             return
         delivery = RecordDict({**question, keys.BACKBONE: self.backbone})
@@ -77,9 +116,7 @@ class ModelDelivery:
         traffic.sent_backbone += self._backbone_bytes * len(lacking)
         self._query(grid, lacking, delivery, traffic, "store the model")
 
-    def send_and_receive(self, grid: Grid, messages: Iterable[Message], traffic: Traffic) -> list[Message]:
-        messages = list(messages)
-        self.ensure_models(grid, [m.metadata.dst_node_id for m in messages], traffic)
+    def _exchange(self, grid: Grid, messages: list[Message], traffic: Traffic) -> list[Message]:
         size_of: dict[int, int] = {}  # the strategy shares one content object between messages
         for message in messages:
             if id(message.content) not in size_of:
@@ -88,3 +125,23 @@ class ModelDelivery:
         replies = list(grid.send_and_receive(messages, timeout=self.timeout))
         traffic.received += sum(payload_bytes(r.content) for r in replies if not r.has_error())
         return replies
+
+    def send_and_receive(self, grid: Grid, messages: Iterable[Message], traffic: Traffic) -> list[Message]:
+        """Each message's reply (or none, past the timeout); nodes that lost the model get it and their
+        message again once, and their second reply replaces the first. A round with a re-send can take
+        up to twice the timeout."""
+        messages = list(messages)
+        self.ensure_models(grid, [m.metadata.dst_node_id for m in messages], traffic)
+        replies = self._exchange(grid, messages, traffic)
+        lost = {r.metadata.src_node_id: r.error.reason for r in replies if says_model_missing(r)}
+        if not lost:
+            return replies
+        for node, reason in lost.items():
+            log.warning("%s lost the model (%s); sending it again", self.name_of(node), reason[:MAX_REASON_CHARS])
+        self.forget(lost)
+        self.ensure_models(grid, list(lost), traffic)
+        again = [_addressed_again(m) for m in messages if m.metadata.dst_node_id in lost.keys() & self.holders]
+        if not again:
+            return replies
+        second = {r.metadata.src_node_id: r for r in self._exchange(grid, again, traffic)}
+        return [second.get(r.metadata.src_node_id, r) if r.metadata.src_node_id in lost else r for r in replies]

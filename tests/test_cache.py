@@ -1,14 +1,19 @@
-"""A node's disk cache: verified full models by content hash, frozen-prefix features that survive damage."""
+"""A node's disk cache: verified models by hash, checksummed features, one size cap with LRU eviction."""
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
-from client.cache import CACHE_ENV, FeatureCache, ModelCache, default_cache_root
+from client.cache import CACHE_ENV, CacheFull, FeatureCache, ModelCache, ModelNotCached, default_cache_root
 from fedtune.params import state_hash
 
 
@@ -93,7 +98,7 @@ def test_model_cache_load_of_a_corrupted_entry_raises_and_removes_it(isolated_ca
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
 
-    with pytest.raises(ValueError, match=rf"cached model {model_hash[:12]} is corrupt"):
+    with pytest.raises(ModelNotCached, match=rf"{model_hash[:12]} was damaged in this node's cache"):
         cache.load(model_hash)
 
     assert not cache.has(model_hash)
@@ -204,17 +209,178 @@ def test_model_cache_unreadable_entry_is_removed_so_the_server_resends_it(isolat
     cache.store(model_hash, tensors)
     path = cache.path(model_hash)
     path.write_bytes(path.read_bytes()[:20] if damage == "truncated" else b"garbage")
-    with pytest.raises(ValueError, match="is corrupt; it was removed"):
+    with pytest.raises(ModelNotCached, match="unreadable.*was removed"):
         cache.load(model_hash)
     assert not cache.has(model_hash)
 
 
 def test_feature_cache_foreign_safetensors_file_is_recomputed(isolated_cache: Path) -> None:
-    from safetensors.torch import save_file
-
     cache = FeatureCache(isolated_cache)
     path = cache.path("model", "3", "data")
     path.parent.mkdir(parents=True)
     save_file({"something_else": torch.zeros(2)}, str(path))
+    assert cache.get("model", "3", "data") is None
+    assert not path.exists()
+
+
+# --- Names: only the exact form of a content hash becomes a file name ---------------------------
+
+
+@pytest.mark.parametrize("name", ["../../victim", "/etc/victim", "A" * 64, "0" * 63, "0" * 65, "0" * 63 + "/", ""])
+def test_model_cache_refuses_any_name_but_a_hash(isolated_cache: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="not a model hash"):
+        ModelCache(isolated_cache).path(name)
+
+
+def test_model_cache_reports_a_missing_model_as_not_cached(isolated_cache: Path) -> None:
+    with pytest.raises(ModelNotCached, match="is not in this node's cache"):
+        ModelCache(isolated_cache).load("0" * 64)
+
+
+# --- The size cap: least recently used entries go first ------------------------------------------
+
+
+def _sized(seed: int, megabytes: float) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"stages.head.1.weight": torch.randn(int(megabytes * 1e6 / 4), generator=generator)}
+
+
+def _used_at(path: Path, seconds_ago: float) -> None:
+    moment = time.time() - seconds_ago
+    os.utime(path, (moment, moment))
+
+
+def test_storing_past_the_cap_evicts_the_least_recently_used_models(isolated_cache: Path) -> None:
+    cache = ModelCache(isolated_cache, max_bytes=int(3.5e6))
+    models = [_sized(seed, 1.0) for seed in range(3)]
+    hashes = [state_hash(m) for m in models]
+    for age, (model_hash, tensors) in zip((300, 200, 100), zip(hashes, models, strict=True), strict=True):
+        cache.store(model_hash, tensors)
+        _used_at(cache.path(model_hash), age)
+    cache.load(hashes[0])  # the oldest is used again: the second is now the least recently used
+
+    newest = _sized(3, 1.0)
+    cache.store(state_hash(newest), newest)
+
+    assert [cache.has(h) for h in hashes] == [True, False, True]
+    assert cache.has(state_hash(newest))
+    assert sum(p.stat().st_size for p in (isolated_cache / "models").iterdir()) <= 3.5e6
+
+
+def test_a_model_larger_than_the_cap_is_refused_and_nothing_is_evicted(isolated_cache: Path) -> None:
+    cache = ModelCache(isolated_cache, max_bytes=int(2e6))
+    small = _sized(0, 1.0)
+    cache.store(state_hash(small), small)
+    big = _sized(1, 3.0)
+
+    with pytest.raises(CacheFull, match="larger than this node's cache cap"):
+        cache.store(state_hash(big), big)
+
+    assert cache.has(state_hash(small)) and not cache.has(state_hash(big))
+    assert _leftovers(isolated_cache) == []
+
+
+def test_features_never_evict_the_model_in_use(isolated_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    models = ModelCache(isolated_cache, max_bytes=int(2.5e6))
+    features = FeatureCache(isolated_cache, max_bytes=int(2.5e6))
+    in_use = _sized(0, 1.0)
+    models.store(state_hash(in_use), in_use)
+    _used_at(models.path(state_hash(in_use)), 1000)  # the oldest entry, yet in use
+    generator = torch.Generator().manual_seed(1)
+    big = TensorDataset(torch.randn(2000, 200, generator=generator), torch.zeros(2000, dtype=torch.long))  # 1.6 MB
+
+    with caplog.at_level(logging.WARNING, logger="fedtune.client"):
+        features.put(big, "id", in_use=[models.path(state_hash(in_use))])
+
+    assert models.has(state_hash(in_use))
+    assert features.get("id") is None  # no room beside the model in use: not cached, and said so
+    assert any("features not cached" in r.getMessage() and "cache cap" in r.getMessage() for r in caplog.records)
+
+
+def test_one_cap_covers_models_and_features(isolated_cache: Path) -> None:
+    models = ModelCache(isolated_cache, max_bytes=int(2.5e6))
+    features = FeatureCache(isolated_cache, max_bytes=int(2.5e6))
+    old = _sized(0, 1.0)
+    models.store(state_hash(old), old)
+    _used_at(models.path(state_hash(old)), 1000)
+    generator = torch.Generator().manual_seed(1)
+    big = TensorDataset(torch.randn(2000, 200, generator=generator), torch.zeros(2000, dtype=torch.long))
+
+    features.put(big, "id")  # the model is not in use this time: least recently used, it goes
+
+    assert not models.has(state_hash(old))
+    assert features.get("id") is not None
+
+
+# --- Feature checksums: a damaged entry is detected, named, removed and never used ---------------
+
+
+def _entry(cache: FeatureCache, *identity: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(cache.path(*identity), framework="pt") as reader:
+        return {name: reader.get_tensor(name) for name in reader.keys()}, dict(reader.metadata())
+
+
+def _data_offset(path: Path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+@pytest.mark.parametrize("where", ["features", "labels"])
+def test_a_flipped_byte_in_a_feature_entry_is_detected(
+    isolated_cache: Path, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    cache = FeatureCache(isolated_cache)
+    cache.put(_features(), "model", "3", "data")
+    path = cache.path("model", "3", "data")
+    raw = bytearray(path.read_bytes())
+    # safetensors lays out the int64 labels before the float32 features (alignment, then name)
+    tensors, _ = _entry(cache, "model", "3", "data")
+    labels_bytes = tensors["labels"].numel() * 8
+    offset = _data_offset(path) + (1 if where == "labels" else labels_bytes + 5)
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+    with caplog.at_level(logging.WARNING, logger="fedtune.client"):
+        assert cache.get("model", "3", "data") is None
+
+    assert not path.exists()
+    assert any(str(path) in r.getMessage() and "do not match its checksum" in r.getMessage() for r in caplog.records)
+
+
+def test_replaced_labels_are_detected_even_with_the_metadata_kept(
+    isolated_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = FeatureCache(isolated_cache)
+    cache.put(_features(), "model", "3", "data")
+    path = cache.path("model", "3", "data")
+    tensors, metadata = _entry(cache, "model", "3", "data")
+    save_file({"features": tensors["features"], "labels": torch.zeros_like(tensors["labels"])}, str(path),
+              metadata=metadata)
+
+    with caplog.at_level(logging.WARNING, logger="fedtune.client"):
+        assert cache.get("model", "3", "data") is None
+
+    assert any(str(path) in r.getMessage() for r in caplog.records)
+    cache.put(_features(), "model", "3", "data")  # recomputed
+    assert torch.equal(cache.get("model", "3", "data").tensors[1], _features().tensors[1])
+
+
+def test_an_entry_copied_from_another_identity_is_detected(isolated_cache: Path) -> None:
+    cache = FeatureCache(isolated_cache)
+    cache.put(_features(), "model-a", "3", "data")
+    target = cache.path("model-b", "3", "data")
+    target.write_bytes(cache.path("model-a", "3", "data").read_bytes())
+
+    assert cache.get("model-b", "3", "data") is None
+    assert not target.exists()
+    assert cache.get("model-a", "3", "data") is not None
+
+
+def test_an_entry_without_checksum_is_recomputed(isolated_cache: Path) -> None:
+    cache = FeatureCache(isolated_cache)
+    path = cache.path("model", "3", "data")
+    path.parent.mkdir(parents=True)
+    features, labels = _features().tensors
+    save_file({"features": features, "labels": labels}, str(path))  # as the cache wrote them before checksums
+
     assert cache.get("model", "3", "data") is None
     assert not path.exists()

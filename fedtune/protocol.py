@@ -1,0 +1,287 @@
+"""Parse-and-check of whatever a peer sends: each value becomes a typed, bounded one, or is refused with a reason.
+
+Clients parse the server's queries and round instructions here; the server parses the clients'
+answers to its queries here. Nothing deeper ever reads raw message content: a value that is not
+of its exact form raises RefusedMessage, whose text names the field and the problem (with at most
+a short excerpt of the offending value, never the whole of it).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from torch import Tensor
+
+from fedtune import messages as keys
+from fedtune.config import MAX_DP_SCALE, MAX_PROXIMAL_MU, MAX_ROUNDS, ClientSettings, ConfigError
+
+# fedtune.params.state_hash: a sha256 hex digest, lowercase.
+MODEL_HASH_FORM = re.compile(r"[0-9a-f]{64}")
+# Stage names of the registered backbones: stem, blocks_3, features_12, encoder_norm, head ...
+STAGE_NAME_FORM = re.compile(r"[A-Za-z0-9_]{1,64}")
+MAX_SETTINGS_CHARS = 64 * 1024  # the settings JSON is about 300-3,000 characters
+MAX_STAGES = 256  # the registered backbones have at most 20 stages
+MAX_PARTITION_LABEL = 2**31 - 1
+MAX_REASON_CHARS = 1_000  # of an error reply's reason, and of what the server logs of one
+_EXCERPT_CHARS = 40
+
+# Keys a round's config may carry: fedtune's own and those Flower's strategies add.
+ROUND_CONFIG_KEYS = frozenset({
+    keys.CLIENT_CONFIG, keys.MODEL_HASH, keys.TRAINABLE_STAGES,
+    keys.SERVER_ROUND,  # every Flower strategy
+    keys.PROXIMAL_MU,  # FedProx
+    KEY_CLIPPING_NORM,  # central DP clipped on clients (read by Flower's fixedclipping_mod)
+})
+QUERY_CONFIG_KEYS = frozenset({keys.MODEL_HASH})
+
+
+class RefusedMessage(ValueError):
+    """A value from a peer that is not of its exact form: `field` names it, `problem` says what is wrong."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def excerpt(value: object) -> str:
+    """A short, printable excerpt of a peer's value, for error texts and log lines."""
+    text = repr(value)
+    return text if len(text) <= _EXCERPT_CHARS else f"{text[:_EXCERPT_CHARS]}... ({len(text)} characters)"
+
+
+def error_reply(msg: Message, reason: str) -> Message:
+    """An error reply to `msg`, its reason cut to MAX_REASON_CHARS."""
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason[:MAX_REASON_CHARS]), reply_to=msg)
+
+
+def refusal(msg: Message, error: RefusedMessage) -> Message:
+    """The error reply of a node that will not act on `msg`; the server logs its reason."""
+    return error_reply(msg, f"{keys.REFUSED}: {error}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Single values
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def parse_model_hash(value: object, *, field: str = keys.MODEL_HASH) -> str:
+    """A model's content hash: 64 lowercase hex characters, as fedtune.params.state_hash gives it.
+
+    It names a file in the node's cache, so nothing else (no '/', no '..') may pass.
+    """
+    if not isinstance(value, str):
+        raise RefusedMessage(field, f"must be a string, got {_type_name(value)}")
+    if not MODEL_HASH_FORM.fullmatch(value):
+        raise RefusedMessage(field, f"must be 64 lowercase hex characters (a sha256 digest), got {excerpt(value)}")
+    return value
+
+
+def parse_server_round(value: object) -> int:
+    if type(value) is not int:  # bool is an int subclass: True is not round 1
+        raise RefusedMessage(keys.SERVER_ROUND, f"must be an integer, got {_type_name(value)}")
+    if not 1 <= value <= MAX_ROUNDS:
+        raise RefusedMessage(keys.SERVER_ROUND, f"must be between 1 and {MAX_ROUNDS}, got {excerpt(value)}")
+    return value
+
+
+def parse_number(value: object, field: str, *, low: float, high: float, low_inclusive: bool) -> float:
+    """A finite int or float (not a bool) within the bounds."""
+    if type(value) not in (int, float):
+        raise RefusedMessage(field, f"must be a number, got {_type_name(value)}")
+    number = float(value)  # type: ignore[arg-type]
+    above_low = number >= low if low_inclusive else number > low
+    if not (math.isfinite(number) and above_low and number <= high):
+        bracket = "[" if low_inclusive else "("
+        raise RefusedMessage(field, f"must be a finite number in {bracket}{low:g}, {high:g}], got {excerpt(value)}")
+    return number
+
+
+def parse_proximal_mu(value: object) -> float:
+    """FedProx's weight of the proximal term."""
+    return parse_number(value, keys.PROXIMAL_MU, low=0.0, high=MAX_PROXIMAL_MU, low_inclusive=True)
+
+
+def parse_clipping_norm(value: object) -> float:
+    """Central DP's clipping norm, which Flower's fixedclipping_mod applies to this node's update."""
+    return parse_number(value, KEY_CLIPPING_NORM, low=0.0, high=MAX_DP_SCALE, low_inclusive=False)
+
+
+def parse_settings(value: object) -> ClientSettings:
+    """The client settings JSON: bounded in length, then checked field by field (fedtune.config.ClientSettings)."""
+    if not isinstance(value, str):
+        raise RefusedMessage(keys.CLIENT_CONFIG, f"must be a JSON string, got {_type_name(value)}")
+    if len(value) > MAX_SETTINGS_CHARS:
+        raise RefusedMessage(keys.CLIENT_CONFIG, f"is {len(value)} characters long, more than {MAX_SETTINGS_CHARS}")
+    try:
+        return ClientSettings.from_message(value)
+    except ConfigError as error:
+        raise RefusedMessage(keys.CLIENT_CONFIG, str(error)) from None
+
+
+def parse_stage_names(value: object) -> tuple[str, ...]:
+    """The trainable stages' names: a non-empty list of distinct names of the form of a stage."""
+    if not isinstance(value, list) or not value:
+        raise RefusedMessage(keys.TRAINABLE_STAGES, f"must be a non-empty list of stage names, got {excerpt(value)}")
+    if len(value) > MAX_STAGES:
+        raise RefusedMessage(keys.TRAINABLE_STAGES, f"names {len(value)} stages, more than {MAX_STAGES}")
+    for name in value:
+        if not isinstance(name, str) or not STAGE_NAME_FORM.fullmatch(name):
+            raise RefusedMessage(keys.TRAINABLE_STAGES, f"{excerpt(name)} is not a stage name")
+    if len(set(value)) != len(value):
+        raise RefusedMessage(keys.TRAINABLE_STAGES, "names a stage twice")
+    return tuple(value)
+
+
+def check_stages_of(
+    stages: Iterable[str], model_stages: Iterable[str], *, backbone: str, field: str = keys.TRAINABLE_STAGES
+) -> None:
+    """Every stage named (to train, or to give a learning-rate multiplier) must be a stage of the model."""
+    known = list(model_stages)
+    unknown = [stage for stage in stages if stage not in known]
+    if unknown:
+        raise RefusedMessage(field, f"{', '.join(map(excerpt, unknown[:3]))} is not a stage of {backbone} "
+                                    f"(its stages: {', '.join(known)})")
+
+
+def check_trainable_tensors(tensors: Mapping[str, Tensor], model_state: Mapping[str, Tensor]) -> None:
+    """The round's tensors must have the dtype of the model's and finite values (keys and shapes are
+    checked when they are loaded, by fedtune.params.load_tensors)."""
+    for name, tensor in tensors.items():
+        expected = model_state.get(name)
+        if expected is None:
+            continue  # an unexpected key: load_tensors names it
+        if tensor.dtype != expected.dtype:
+            raise RefusedMessage(keys.ARRAYS,
+                                 f"{excerpt(name)} has dtype {tensor.dtype}, the model's is {expected.dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RefusedMessage(keys.ARRAYS, f"{excerpt(name)} holds NaN or infinite values")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole messages, as a client receives them
+# ---------------------------------------------------------------------------------------------
+
+
+def _records(
+    content: RecordDict,
+    *,
+    configs: frozenset[str],
+    arrays: frozenset[str],
+    optional_arrays: frozenset[str] = frozenset(),
+) -> None:
+    """The message holds exactly these records (and perhaps the optional ones), and no others."""
+    present = {
+        "config": set(content.config_records), "array": set(content.array_records),
+        "metric": set(content.metric_records),
+    }
+    expected = {"config": configs, "array": arrays, "metric": frozenset()}
+    for kind, names in present.items():
+        extra = names - expected[kind] - (optional_arrays if kind == "array" else frozenset())
+        if extra:
+            raise RefusedMessage("content", f"unexpected {kind} record {excerpt(sorted(extra)[0])}")
+        missing = expected[kind] - names
+        if missing:
+            raise RefusedMessage(sorted(missing)[0], f"missing {kind} record")
+
+
+def _config_keys(config: ConfigRecord, allowed: frozenset[str], required: Iterable[str]) -> None:
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise RefusedMessage(keys.CONFIG, f"unknown key {excerpt(unknown[0])}"
+                                          + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""))
+    for key in required:
+        if key not in config:
+            raise RefusedMessage(key, "missing")
+
+
+@dataclass(frozen=True)
+class ModelQuery:
+    """The server asks whether this node caches a model, and may send the model with the question."""
+
+    model_hash: str
+    backbone: ArrayRecord | None
+
+
+def parse_model_query(content: RecordDict) -> ModelQuery:
+    _records(content, configs=frozenset({keys.CONFIG}), arrays=frozenset(), optional_arrays=frozenset({keys.BACKBONE}))
+    config = content.config_records[keys.CONFIG]
+    _config_keys(config, QUERY_CONFIG_KEYS, required=[keys.MODEL_HASH])
+    return ModelQuery(parse_model_hash(config[keys.MODEL_HASH]), content.array_records.get(keys.BACKBONE))
+
+
+@dataclass(frozen=True)
+class RoundInstruction:
+    """A train or evaluate message: the settings, which model, which stages train, and their tensors."""
+
+    settings: ClientSettings
+    model_hash: str
+    stages: tuple[str, ...]
+    server_round: int
+    proximal_mu: float
+    arrays: ArrayRecord
+
+
+def parse_round_instruction(content: RecordDict) -> RoundInstruction:
+    _records(content, configs=frozenset({keys.CONFIG}), arrays=frozenset({keys.ARRAYS}))
+    config = content.config_records[keys.CONFIG]
+    _config_keys(config, ROUND_CONFIG_KEYS,
+                 required=[keys.CLIENT_CONFIG, keys.MODEL_HASH, keys.TRAINABLE_STAGES, keys.SERVER_ROUND])
+    if KEY_CLIPPING_NORM in config:
+        parse_clipping_norm(config[KEY_CLIPPING_NORM])  # applied by Flower's mod; checked all the same
+    return RoundInstruction(
+        settings=parse_settings(config[keys.CLIENT_CONFIG]),
+        model_hash=parse_model_hash(config[keys.MODEL_HASH]),
+        stages=parse_stage_names(config[keys.TRAINABLE_STAGES]),
+        server_round=parse_server_round(config[keys.SERVER_ROUND]),
+        proximal_mu=parse_proximal_mu(config[keys.PROXIMAL_MU]) if keys.PROXIMAL_MU in config else 0.0,
+        arrays=content.array_records[keys.ARRAYS],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Replies, as the server receives them
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryAnswer:
+    """A node's answer to the model query. `partition` is only a label for log lines; `problems`
+    says what in the answer was not of its form (that part is ignored)."""
+
+    has_model: bool
+    partition: int | None
+    problems: tuple[str, ...] = ()
+
+
+def parse_query_answer(reply: Message) -> QueryAnswer:
+    """What a node answered to the model query; anything malformed counts as "does not have it"."""
+    metrics = reply.content.metric_records.get(keys.METRICS)
+    if metrics is None:
+        return QueryAnswer(has_model=False, partition=None, problems=(f"no {keys.METRICS!r} record",))
+    problems = []
+    has_model = metrics.get(keys.HAS_MODEL)
+    well_formed = type(has_model) is int and has_model in (0, 1)
+    if not well_formed:
+        problems.append(f"{keys.HAS_MODEL} must be 0 or 1, got {excerpt(has_model)}")
+    label = metrics.get(keys.PARTITION)
+    partition = label if type(label) is int and 0 <= label <= MAX_PARTITION_LABEL else None
+    if partition is None and label is not None:
+        problems.append(f"{keys.PARTITION} must be an integer in [0, {MAX_PARTITION_LABEL}], got {excerpt(label)}")
+    return QueryAnswer(has_model=well_formed and has_model == 1, partition=partition, problems=tuple(problems))
+
+
+def says_model_missing(reply: Message) -> bool:
+    """Whether a node's reply says it lacks the model (never received, deleted, or found damaged)."""
+    return reply.has_error() and reply.error.reason.startswith(keys.MODEL_MISSING)
