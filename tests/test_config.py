@@ -190,10 +190,11 @@ def test_file_size_is_bounded_and_long_values_are_cut_in_messages(tmp_path: Path
     assert "larger than 1024 KB" in load_error(tmp_path, "name: " + "x" * (1 << 20) + "\n")
     # Under the bound, a long value or key is shown cut, with its length.
     message = load_error(tmp_path, "name: " + "y" * 900_000 + "!\n")
-    assert "name: String should match pattern" in message and "... (900003 characters))" in message
+    assert "name: String should have at most 128 characters" in message and "... (900003 characters))" in message
     assert "... (200000 characters): unknown key" in load_error(tmp_path, "train:\n  ? " + "k" * 200_000 + "\n  : 1\n")
     assert "(100002 characters)" in load_error(tmp_path, "{}", ["model.backbone=" + "b" * 100_000])
-    assert "a data source of 100000 characters" in load_error(tmp_path, "{}", ["data.source=" + "s" * 100_000])
+    assert "data.source: String should have at most 256 characters" in load_error(
+        tmp_path, "{}", ["data.source=" + "s" * 100_000])
 
 
 @pytest.mark.parametrize(
