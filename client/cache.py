@@ -22,9 +22,9 @@ from safetensors.torch import load, save_file
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from fedtune.atomic import replace_atomically
 from fedtune.params import num_bytes, state_hash
 from fedtune.protocol import MODEL_HASH_FORM
-from fedtune.results import replace_atomically
 
 log = logging.getLogger("fedtune.client")
 

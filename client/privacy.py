@@ -26,12 +26,12 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from fedtune.atomic import replace_atomically
 from fedtune.backbones import StagedModel
 from fedtune.config import DPSGDConfig, TrainConfig
 from fedtune.engine import Metrics, make_optimizer
 from fedtune.messages import PRIVACY_REFUSAL
 from fedtune.params import freeze_all_but, set_train_mode
-from fedtune.results import replace_atomically
 
 
 class PrivacyBudgetExhausted(RuntimeError):

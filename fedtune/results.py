@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
@@ -25,6 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
+
+from fedtune.atomic import replace_atomically
 
 CONFIG_JSON = "config.json"
 CONFIG_YAML = "config.yaml"
@@ -373,23 +373,6 @@ def compare_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def _timestamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Have `write` fill a temp file beside `path`, then swap it in; on failure `path` is untouched."""
-    # Same folder, so os.replace is a rename within one filesystem (atomic); the leading dot keeps
-    # the temp file out of casual listings if the process is killed before cleanup.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        # Flushed to disk before the rename, or a power cut could leave the new name on empty data.
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _write_text_atomically(path: Path, write: Callable[[IO[str]], None]) -> Path:

@@ -27,8 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from fedtune.atomic import replace_atomically
 from fedtune.config import ExperimentConfig, shown
-from fedtune.results import CONFIG_JSON, SUMMARY_JSON, replace_atomically
+from fedtune.results import CONFIG_JSON, SUMMARY_JSON
 
 log = logging.getLogger("fedtune.server")
 
