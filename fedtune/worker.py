@@ -129,9 +129,14 @@ def _run_task(runtime_api_address: str, token: str, app: ClientApp, bundles: Bun
             client.close()
 
 
-def serve(runtime_api_address: str) -> None:
-    """Acquire and handle ClientApp tasks from the SuperNode at `runtime_api_address`, until stopped."""
-    app, bundles = load_local_app()
+def serve(runtime_api_address: str, *, app: ClientApp | None = None, bundles: BundleChecker | None = None) -> None:
+    """Acquire and handle ClientApp tasks from the SuperNode at `runtime_api_address`, until stopped.
+
+    By default this node's fedtune (`load_local_app`); a benchmark on this machine may hand in
+    another app with the checker of its bundle (benchmarks/round_time.py). The server never can.
+    """
+    if app is None or bundles is None:
+        app, bundles = load_local_app()
     tasks = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
         insecure=True,
@@ -139,8 +144,8 @@ def serve(runtime_api_address: str) -> None:
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker(),  # waits for a SuperNode that is still starting
     )
-    log(INFO, "ClientApp worker ready: runs %s from %s for the messages of the SuperNode at %s",
-        bundles.local.label, APP_ROOT, runtime_api_address)
+    log(INFO, "ClientApp worker ready: runs %s for the messages of the SuperNode at %s", bundles.local.label,
+        runtime_api_address)
     try:
         while True:
             acquired = tasks.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
