@@ -184,7 +184,8 @@ def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     """Start a Flower daemon in a process group of its own, tied to this process's life.
 
     Flower's daemons start helpers (SuperExec, ServerApp, ClientApp processes) that can outlive
-    them; the group lets `_stop` end them all.
+    them; the group lets `_stop` end those that stay in it, fedtune/lifeline.py the others (the
+    SuperExec starts a session of its own).
     """
     on_linux = sys.platform.startswith("linux")
     return subprocess.Popen(command, env=env, start_new_session=True,
