@@ -60,6 +60,7 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "prox
 # The largest SuperNode request: an object chunk (Flower splits arrays into 5 MB chunks,
 # FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE) with its framing; fedtune's replies carry nothing larger.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # request line and headers; a SuperNode sends under 1 KB
 MAX_CONNECTIONS = 1024  # beyond this, new requests get 503 at once instead of queueing
 _LOGGED_CHARS = 120  # of a refused path, in the log line
 
@@ -212,6 +213,9 @@ class Gateway:
         self._sock = sock
         config = uvicorn.Config(
             app, lifespan="on", ws="none", log_config=None, access_log=False, server_header=False,
+            # h11, not httptools: it bounds what it buffers before a request's headers are complete
+            # (httptools took a 16 MB header whole); the bound is per connection.
+            http="h11", h11_max_incomplete_event_size=MAX_HEADER_BYTES,
             ssl_certfile=str(certificate) if certificate else None, ssl_keyfile=str(key) if key else None,
             limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=30,
             timeout_graceful_shutdown=2,  # then in-flight requests are cut: the SuperNodes retry

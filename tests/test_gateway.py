@@ -166,6 +166,14 @@ def test_a_body_over_the_bound_is_refused_declared_or_streamed(federation) -> No
     assert all(r["size"] <= MAX_BODY for r in upstream.seen)  # nothing over the bound got through whole
 
 
+def test_headers_over_the_bound_are_refused_before_they_are_buffered(federation) -> None:  # noqa: ANN001
+    address, upstream, ca = federation
+    with httpx.Client(verify=_trusting(ca)) as client:
+        response = client.post(address + "/v1/fleet/pull-messages", headers={"x-padding": "a" * (1024 * 1024)})
+    assert response.status_code == 400
+    assert upstream.seen == []
+
+
 def test_a_silent_superlink_is_a_502_not_a_hang(certs: tuple[LoopbackTLS, LoopbackTLS]) -> None:
     upstream_tls, public_tls = certs
     with socket.socket() as unused:
