@@ -155,3 +155,14 @@ def test_an_app_that_is_not_the_nodes_fedtune_is_refused_and_never_run(tmp_path:
             except ProcessLookupError:  # nothing left of it
                 pass
             process.wait(timeout=30)
+
+
+def test_a_package_that_would_shadow_the_nodes_fedtune_stops_the_worker(tmp_path: Path) -> None:
+    # A folder named server/ ahead of fedtune on the path: the worker would import the wrong code.
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "__init__.py").write_text("raise SystemExit('imported the impostor')\n")
+    worker = subprocess.run([sys.executable, "-m", "fedtune.worker", "--runtime-api-address", "127.0.0.1:9"],
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 2, worker.stderr[-2000:]
+    assert f"error: the package 'server' would be imported from {tmp_path / 'server' / '__init__.py'}" in worker.stderr
