@@ -70,8 +70,9 @@ def _serve(role: str, tls_dir: Path, upstream_port: int | None, port_file: Path)
         uvicorn.Server(config).run(sockets=[sock])
         return
     verify = ssl.create_default_context(cafile=str(upstream_tls / "ca.crt"))
-    gateway = Gateway(sock, FleetGateway(f"https://127.0.0.1:{upstream_port}", verify=verify),
-                      certificate=public_tls / "server.crt", key=public_tls / "server.key")
+    app = FleetGateway(f"https://127.0.0.1:{upstream_port}", verify=verify)
+    app.open()
+    gateway = Gateway(sock, app, certificate=public_tls / "server.crt", key=public_tls / "server.key")
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])  # for sigwait, in every thread
     gateway.start()
     signal.sigwait([signal.SIGTERM, signal.SIGINT])  # the main thread idles, as in `fedtune server`

@@ -104,6 +104,13 @@ class FleetGateway:
         self._verify = verify
         self._max_request_bytes = max_request_bytes
         self._client: httpx.AsyncClient | None = None
+        self._open = False
+
+    def open(self) -> None:
+        """Start forwarding. Until then every Fleet call is answered 503, which Flower's SuperNode
+        retries after a while (flwr/supercore/retry/http_retry.py): the SuperLink is starting, or
+        the node keys are not registered yet."""
+        self._open = True
 
     def _http(self) -> httpx.AsyncClient:
         # Made on first use, inside the serving event loop, which its connections belong to.
@@ -127,6 +134,9 @@ class FleetGateway:
             log.warning("refused %s %s from %s: not a Fleet API call of a SuperNode; this port serves only those",
                         _printable(method), _printable(path + query), _peer(scope))
             await _answer(send, 403, "fedtune server: this port serves only the Fleet API of SuperNodes")
+            return
+        if not self._open:
+            await _answer(send, 503, "fedtune server: starting, try again shortly")
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         declared = headers.get("content-length")

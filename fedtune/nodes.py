@@ -338,25 +338,29 @@ def _serve_on(
     flwr_home = state_dir / "flwr-home"
     env = _flower_env(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     _write_connection(flwr_home, link_port, loopback.ca)
-    process = _start(superlink, env)
+    gateway_app = FleetGateway(f"https://{LOOPBACK}:{link_port}",
+                               verify=ssl.create_default_context(cafile=str(loopback.ca)))
     try:
+        gateway = Gateway(public, gateway_app, certificate=tls.certificate if tls else None,
+                          key=tls.key if tls else None)
+    except (OSError, ssl.SSLError) as error:  # only TLS files are read here
+        raise NodeError(f"cannot use {tls.certificate if tls else ''} and its key: {error}") from None
+    # Serving at once: SuperNodes that come before the SuperLink is up and their keys are
+    # registered are told to come back (503), rather than left waiting in the listen queue and
+    # let in all together.
+    gateway.start()
+    process: subprocess.Popen | None = None
+    try:
+        process = _start(superlink, env)
         _wait_for_port(link_port, process, startup_timeout)
         if public_keys:
             _register_nodes(public_keys, env, state_dir, startup_timeout)
-        upstream = ssl.create_default_context(cafile=str(loopback.ca))
-        gateway_app = FleetGateway(f"https://{LOOPBACK}:{link_port}", verify=upstream)
-        try:
-            gateway = Gateway(public, gateway_app, certificate=tls.certificate if tls else None,
-                              key=tls.key if tls else None)
-        except (OSError, ssl.SSLError) as error:  # only TLS files are read here
-            raise NodeError(f"cannot use {tls.certificate if tls else ''} and its key: {error}") from None
-        gateway.start()
-        try:
-            return _run(config, overrides, env, state_dir)
-        finally:
-            gateway.stop()  # first: the public port closes at once
+        gateway_app.open()
+        return _run(config, overrides, env, state_dir)
     finally:
-        _stop(process)
+        gateway.stop()  # first: the public port closes at once
+        if process is not None:
+            _stop(process)
 
 
 def _flwr(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:

@@ -87,6 +87,11 @@ def federation(certs: tuple[LoopbackTLS, LoopbackTLS]) -> Iterator[tuple[str, Up
     gateway = Gateway(public, app, certificate=public_tls.certificate, key=public_tls.key)
     gateway.start()
     try:
+        with httpx.Client(verify=_trusting(public_tls.ca)) as client:
+            # Not open yet (the SuperLink starting, keys being registered): come back later.
+            early = client.post(f"https://127.0.0.1:{port}/v1/fleet/pull-messages")
+            assert early.status_code == 503 and upstream.seen == []
+        app.open()
         yield f"https://127.0.0.1:{port}", upstream, public_tls.ca
     finally:
         gateway.stop()
@@ -180,9 +185,9 @@ def test_a_silent_superlink_is_a_502_not_a_hang(certs: tuple[LoopbackTLS, Loopba
         unused.bind(("127.0.0.1", 0))
         dead = unused.getsockname()[1]
     public = bind("127.0.0.1", 0)
-    gateway = Gateway(public, FleetGateway(f"https://127.0.0.1:{dead}",
-                                           verify=ssl.create_default_context(cafile=str(upstream_tls.ca))),
-                      certificate=public_tls.certificate, key=public_tls.key)
+    app = FleetGateway(f"https://127.0.0.1:{dead}", verify=ssl.create_default_context(cafile=str(upstream_tls.ca)))
+    gateway = Gateway(public, app, certificate=public_tls.certificate, key=public_tls.key)
+    app.open()
     gateway.start()
     try:
         with httpx.Client(verify=_trusting(public_tls.ca)) as client:
