@@ -1,8 +1,7 @@
 """Round time on real nodes with no training work: stock Flower against fedtune's setup.
 
     python benchmarks/round_time.py --rounds 6
-    python benchmarks/round_time.py --rounds 4 --setups app-subprocess app-worker \
-        --out benchmarks/results/round-time-app
+    python benchmarks/round_time.py --rounds 4 --setups app-worker --out benchmarks/results/round-time-app
 
 On loopback, one SuperLink (`--insecure`, no runtime dependency installation) and 2 client nodes
 run the no-op app in benchmarks/noop_app: every round, each node gets a train message and replies
@@ -10,8 +9,10 @@ at once (its ClientApp imports torch, as fedtune's does). Setups, one after the 
 
 (a) stock Flower 1.41: `flower-supernode` with its default subprocess isolation (a new
     `flwr-clientapp` process per message), and the ServerApp's `grid.send_and_receive` as is;
-(b) fedtune: `fedtune client` (SuperNode with `--isolation process` and fedtune's long-lived
-    ClientApp worker) and the ServerApp on fedtune's grid (server/grid.py), as `fedtune server` runs it;
+(b) fedtune: a SuperNode with `--isolation process` and fedtune's long-lived ClientApp worker, as
+    `fedtune client` runs them, and the ServerApp on fedtune's grid (server/grid.py), as `fedtune
+    server` runs it. The worker runs only the app installed beside it, so here it is handed the
+    no-op app and the identity of its bundle in place of fedtune's (`fedtune.worker.serve`);
 (c) a probe, not something fedtune ships: (b) with the SuperNode's hard-coded sleeps
     (flwr/supernode/start_client_internal.py:263 and :470, 3 s and 0.5 s) cut to 0.1 s by
     replacing `time` in that module, to show how much of (b) those sleeps are.
@@ -22,10 +23,11 @@ message, "return" is the ClientApp's reply to the server having it. Round 1 is r
 (in (a) and (b) the ClientApp's first import happens in it or before it); the median is over the
 later rounds.
 
-The second command runs the real app, with little work: `fedtune server` + 2 `fedtune client` on
-quickstart at 32 px, head only (train and evaluate messages, central evaluation), (d) with
-`--isolation subprocess` (Flower's per-message processes) and (e) as `fedtune client` runs by
-default; round times are the run's own (history.json). Logs of every process go to OUT/<setup>/.
+The second command runs the real app, with little work: (e) `fedtune server` + 2 `fedtune client`
+on quickstart at 32 px, head only (train and evaluate messages, central evaluation); round times
+are the run's own (history.json). (d), `fedtune client --isolation subprocess`, is gone with that
+option: Flower's per-message processes run whatever app the server sends. Logs of every process
+go to OUT/<setup>/.
 """
 
 from __future__ import annotations
@@ -62,6 +64,17 @@ PATCHED_SUPERNODE = (
     "flower_supernode()\n"
 )
 
+# fedtune's ClientApp worker with the no-op app (and its bundle's identity) in place of fedtune's.
+NOOP_WORKER = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    f"sys.path.insert(0, {str(NOOP_APP)!r})\n"
+    "from noopapp import client\n"
+    "from fedtune import worker\n"
+    "from fedtune.bundle import BundleChecker, local_identity\n"
+    f"worker.serve(sys.argv[1], app=client, bundles=BundleChecker(local_identity(Path({str(NOOP_APP)!r}))))\n"
+)
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -76,8 +89,11 @@ def _stock_node(partition: int, superlink: int) -> list[list[str]]:
 
 
 def _fedtune_node(partition: int, superlink: int) -> list[list[str]]:
-    return [[sys.executable, "-m", "fedtune", "client", "--insecure", "--server", f"127.0.0.1:{superlink}",
-             "--port", str(_free_port()), "--partition-id", str(partition)]]
+    del partition
+    port = _free_port()
+    return [[str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink}",
+             "--port", str(port), "--isolation", "process"],
+            [sys.executable, "-c", NOOP_WORKER, f"127.0.0.1:{port}"]]
 
 
 def _probe_node(partition: int, superlink: int) -> list[list[str]]:
@@ -85,7 +101,7 @@ def _probe_node(partition: int, superlink: int) -> list[list[str]]:
     port = _free_port()
     return [[sys.executable, "-c", PATCHED_SUPERNODE, "--insecure", "--superlink", f"127.0.0.1:{superlink}",
              "--port", str(port), "--isolation", "process"],
-            [sys.executable, "-m", "fedtune.worker", "--runtime-api-address", f"127.0.0.1:{port}"]]
+            [sys.executable, "-c", NOOP_WORKER, f"127.0.0.1:{port}"]]
 
 
 NodeCommands = Callable[[int, int], list[list[str]]]  # (partition, SuperLink port) -> the node's commands
@@ -189,7 +205,7 @@ def run_noop(rounds: int, nodes: int, logs: Path, *, node: NodeCommands, grid: s
     return record["rounds"]
 
 
-def run_app(rounds: int, nodes: int, logs: Path, *, isolation: str) -> Rounds:
+def run_app(rounds: int, nodes: int, logs: Path) -> Rounds:
     """fedtune's app, quickstart at 32 px head only, on `fedtune server` and `nodes` `fedtune client`s."""
     env = _environment()
     port = _free_port()
@@ -205,8 +221,7 @@ def run_app(rounds: int, nodes: int, logs: Path, *, isolation: str) -> Rounds:
             processes.start(f"node-{partition}", [sys.executable, "-m", "fedtune", "client", "--insecure",
                                                   "--server", f"127.0.0.1:{port}", "--port", str(_free_port()),
                                                   "--partition-id", str(partition), "--num-partitions", str(nodes),
-                                                  "--cache-dir", str(logs / f"cache-{partition}"),
-                                                  "--isolation", isolation],
+                                                  "--cache-dir", str(logs / f"cache-{partition}")],
                             FLWR_HOME=str(logs / f"node-{partition}-home"))
         try:
             code = server.wait(timeout=300 + 120 * rounds)
@@ -221,13 +236,11 @@ def run_app(rounds: int, nodes: int, logs: Path, *, isolation: str) -> Rounds:
 SETUPS = [
     Setup("stock", "(a) no-op app, stock Flower 1.41: subprocess isolation, Flower's grid",
           partial(run_noop, node=_stock_node, grid="flower")),
-    Setup("fedtune", "(b) no-op app, fedtune client (ClientApp worker) + fedtune's grid",
+    Setup("fedtune", "(b) no-op app, fedtune's ClientApp worker + fedtune's grid",
           partial(run_noop, node=_fedtune_node, grid="prompt")),
     Setup("probe", f"(c) probe: (b) + SuperNode sleeps cut to {SLEEP_CAP} s (not shipped)",
           partial(run_noop, node=_probe_node, grid="prompt")),
-    Setup("app-subprocess", "(d) fedtune app, fedtune client --isolation subprocess",
-          partial(run_app, isolation="subprocess")),
-    Setup("app-worker", "(e) fedtune app, fedtune client (ClientApp worker)", partial(run_app, isolation="process")),
+    Setup("app-worker", "(e) fedtune app, fedtune server + fedtune client (ClientApp worker)", run_app),
 ]
 
 

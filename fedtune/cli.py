@@ -180,13 +180,18 @@ def server(
     config: ConfigArg,
     set_: SetOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for clients on other machines.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="Port clients connect to (and the flwr CLI).")] = 9092,
+    port: Annotated[
+        int, typer.Option(help="Port clients connect to. It serves only what a SuperNode needs (Flower's Fleet API); "
+                               "runs are submitted, listed and stopped by this command alone.")
+    ] = 9092,
     certs: Annotated[
-        Path | None, typer.Option(help="Folder with ca.crt, server.crt, server.key (deploy/make-certs.sh).")
+        Path | None, typer.Option(help="Folder with server.crt and server.key (deploy/make-certs.sh; its ca.crt "
+                                       "goes to the clients).")
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (only for trusted networks).")] = False,
     state_dir: Annotated[
-        Path, typer.Option(help="The flwr CLI's connection and the registered node keys.")
+        Path, typer.Option(help="The flwr CLI's connection to the SuperLink, that SuperLink's loopback TLS files "
+                                "(new at each start) and the registered node keys.")
     ] = Path(".fedtune-server"),
     authorized_keys: Annotated[
         Path | None,
@@ -194,7 +199,10 @@ def server(
                           "of *.pub files (fedtune keygen)."),
     ] = None,
 ) -> None:
-    """Run the server node: start Flower's SuperLink, run CONFIG on the clients that connect, then stop."""
+    """Run the server node: start Flower's SuperLink, run CONFIG on the clients that connect, then stop.
+
+    Exits with the code of that run: 0 when it completed, 1 when it failed or was stopped.
+    """
     _prepare(config, set_, simulation=False)  # a bad experiment fails here, before anything starts
     from fedtune.nodes import NodeError, serve
 
@@ -234,19 +242,18 @@ def client(
         float, typer.Option(help="Seconds to keep trying when the server refuses this node (its key not yet "
                                  "registered), before exiting.")
     ] = 600.0,
-    isolation: Annotated[
-        str,
-        typer.Option(help="process: one long-lived ClientApp worker handles every message; "
-                          "subprocess: Flower's default, a new ClientApp process (importing torch) per message."),
-    ] = "process",
 ) -> None:
-    """Run a client node: Flower's SuperNode, training on data that never leaves this machine."""
+    """Run a client node: Flower's SuperNode, training on data that never leaves this machine.
+
+    Every message is handled by this node's own installed fedtune; an app the server sends that is
+    not the same fedtune (publisher, name, version, source files) is refused, never run.
+    """
     from fedtune.nodes import NodeError, join
 
     try:
         code = join(server, partition_id=partition_id, num_partitions=num_partitions, data=data,
                     cache_dir=cache_dir, root_certificates=root_certificates, insecure=insecure, port=port,
-                    auth_key=auth_key, give_up_after=give_up_after, isolation=isolation)
+                    auth_key=auth_key, give_up_after=give_up_after)
     except NodeError as error:
         _fail(str(error))
         return

@@ -1,18 +1,23 @@
 """`fedtune server` and `fedtune client`: Flower's SuperLink and SuperNode, started the safe way.
 
 What they take care of, that the plain Flower commands leave to the user:
+- the network reaches only the Fleet API (fedtune/gateway.py): the SuperLink listens on loopback,
+  so only `fedtune server` itself submits, stops and lists runs and registers node keys;
 - TLS unless the server listens on loopback only, or `--insecure` is asked for;
+- a client node runs only its own installed fedtune, never code the server sends (fedtune/worker.py);
 - the SuperLink never reinstalls dependencies into a fresh environment (Flower's default: GBs,
   and once a different torch);
 - the CLI's connection lives in a private FLWR_HOME, so no `pyproject.toml` or user config is
-  rewritten; the SuperLink is stopped when the run ends, even on Ctrl-C;
+  rewritten; the exit code of `fedtune server` is that of the run it submitted;
 - node-local settings (partition, data folder, cache) come from the client node's command line;
 - SuperNode authentication from plain key files: `fedtune keygen` on a client node, its public key
-  in the server's `--authorized-keys`, which registers it with the SuperLink before the run.
+  in the server's `--authorized-keys`, which registers it with the SuperLink before the run;
+- no process outlives the command (fedtune/lifeline.py), and SIGTERM frees the port at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import ipaddress
@@ -21,22 +26,32 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-APP_ROOT = Path(__file__).resolve().parents[1]  # the Flower App: pyproject.toml and the packages
+from fedtune import lifeline
+from fedtune.bundle import APP_ROOT, local_identity
+from fedtune.gateway import FleetGateway, Gateway, bind
+from fedtune.logs import setup_logging
+from fedtune.loopback_tls import LOOPBACK, make_loopback_tls
+
 CONNECTION = "fedtune"
-# Client isolation: "process" = fedtune's long-lived ClientApp worker, "subprocess" = Flower's default.
-ISOLATION_PROCESS = "process"
-ISOLATIONS = (ISOLATION_PROCESS, "subprocess")
 # A worker that keeps dying (say, it cannot import torch) is restarted no more often than this.
 WORKER_RESTART_INTERVAL = 5.0
+# How long a Flower daemon gets after SIGTERM before SIGKILL: the SuperLink's web server would
+# otherwise wait for its open connections (35-80 s were seen).
+STOP_GRACE = 3.0
+# How often `fedtune server` asks for its run's status once the log stream has ended early.
+STATUS_INTERVAL = 2.0
 
 
 class NodeError(RuntimeError):
@@ -45,17 +60,16 @@ class NodeError(RuntimeError):
 
 @dataclass(frozen=True)
 class TLSFiles:
-    """What deploy/make-certs.sh writes: the CA (for clients) and the server's certificate and key."""
+    """What the server needs of deploy/make-certs.sh's files: its certificate and key (ca.crt goes to clients)."""
 
-    ca: Path
     certificate: Path
     key: Path
 
     @classmethod
     def in_dir(cls, directory: Path) -> TLSFiles:
-        directory = directory.resolve()  # Flower's CLI config accepts only absolute paths
-        files = cls(directory / "ca.crt", directory / "server.crt", directory / "server.key")
-        missing = [str(p) for p in (files.ca, files.certificate, files.key) if not p.is_file()]
+        directory = directory.resolve()
+        files = cls(directory / "server.crt", directory / "server.key")
+        missing = [str(p) for p in (files.certificate, files.key) if not p.is_file()]
         if missing:
             raise NodeError(f"missing TLS files: {', '.join(missing)}; make them with deploy/make-certs.sh {directory}")
         return files
@@ -137,24 +151,23 @@ def _executable(name: str) -> str:
     return found
 
 
-def _local_address(host: str) -> str:
-    """Where the server's own machine reaches a SuperLink listening on `host`: loopback for the
-    wildcard addresses, otherwise `host` itself (bound to one interface, it does not answer on 127.0.0.1)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
-def _wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: float) -> None:
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    dial = _local_address(host)
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise NodeError(f"the SuperLink exited with code {process.returncode} before listening on port {port}")
+            raise NodeError(f"the SuperLink exited with code {process.returncode} before it listened on port {port}")
         try:
-            with socket.create_connection((dial, port), timeout=1):
+            with socket.create_connection((LOOPBACK, port), timeout=1):
                 return
         except OSError:
             time.sleep(0.3)
-    raise NodeError(f"the SuperLink did not listen on {dial}:{port} within {timeout:.0f} s")
+    raise NodeError(f"the SuperLink did not listen on {LOOPBACK}:{port} within {timeout:.0f} s")
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
 
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -171,36 +184,42 @@ def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     """Start a Flower daemon in a process group of its own, tied to this process's life.
 
     Flower's daemons start helpers (SuperExec, ServerApp, ClientApp processes) that can outlive
-    them; the group lets `_stop` end them all.
+    them; the group lets `_stop` end those that stay in it, fedtune/lifeline.py the others (the
+    SuperExec starts a session of its own).
     """
     on_linux = sys.platform.startswith("linux")
     return subprocess.Popen(command, env=env, start_new_session=True,
                             preexec_fn=_die_with_parent if on_linux else None)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop a daemon started by `_start` and every process of its group."""
+def _stop(*processes: subprocess.Popen) -> None:
+    """Stop daemons started by `_start`, each with every process of its group, all at once (what
+    left their groups: fedtune/lifeline.py)."""
+    deadline = time.monotonic() + STOP_GRACE
+    for process in processes:
+        _signal_group(process, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(process, signal.SIGKILL)  # the daemon if it is still there, and helpers that ignored SIGTERM
+        process.wait()
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    try:  # helpers of the group that ignored SIGTERM
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:  # nothing left of it
         pass
 
 
-def _write_connection(flwr_home: Path, host: str, port: int, tls: TLSFiles | None) -> None:
+def _write_connection(flwr_home: Path, port: int, ca: Path) -> None:
+    """The `flwr` CLI's connection to the loopback SuperLink, the only one it has."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    security = f'root-certificates = "{tls.ca}"' if tls else "insecure = true"
-    dial = _local_address(host)
-    dial = f"[{dial}]" if ":" in dial else dial  # an IPv6 address in HOST:PORT form
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{dial}:{port}"\n{security}\n'
+        f'address = "{LOOPBACK}:{port}"\nroot-certificates = "{ca.resolve()}"\n'
     )
 
 
@@ -234,6 +253,20 @@ def _register_nodes(public_keys: list[str], env: dict[str, str], state_dir: Path
             time.sleep(1)
 
 
+@contextlib.contextmanager
+def _sigterm_ends_the_command() -> Iterator[None]:
+    """SIGTERM (`docker stop`, `kill`) unwinds like Ctrl-C: the port is closed and the daemons are
+    stopped on the way out, where Python's default would end the process on the spot."""
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def serve(
     config: Path,
     overrides: list[str],
@@ -248,8 +281,9 @@ def serve(
 ) -> int:
     """Start a SuperLink, submit one run of `config` to it, stream its logs, stop the SuperLink.
 
-    With `authorized_keys`, only SuperNodes holding one of those keys may connect. Returns the exit
-    code of the run: 1 when the ServerApp failed.
+    The SuperLink listens on loopback, behind the Fleet API gateway on `host`:`port`. With
+    `authorized_keys`, only SuperNodes holding one of those keys may connect. Returns the exit code
+    of the run this call submitted: 0 when it completed, 1 when it failed or was stopped.
     """
     if not (APP_ROOT / "pyproject.toml").is_file():
         raise NodeError(f"the fedtune app is not at {APP_ROOT}: run the server from a source checkout")
@@ -265,48 +299,109 @@ def serve(
     if authorized_keys is not None and tls is None:
         raise NodeError("--authorized-keys needs TLS (Flower authenticates SuperNodes only over TLS): pass --certs")
     public_keys = read_authorized_keys(authorized_keys) if authorized_keys is not None else []
+    try:
+        public = bind(host, port)  # before anything starts: a port in use is the first thing to know
+    except OSError as error:
+        raise NodeError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    setup_logging()  # the gateway's refusals go to stderr
+    lifeline.hold()
+    with _sigterm_ends_the_command():
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            return _serve_on(public, config, overrides, tls=tls, state_dir=state_dir, public_keys=public_keys,
+                             startup_timeout=startup_timeout)
+        finally:
+            public.close()
+
+
+def _serve_on(
+    public: socket.socket,
+    config: Path,
+    overrides: list[str],
+    *,
+    tls: TLSFiles | None,
+    state_dir: Path,
+    public_keys: list[str],
+    startup_timeout: float,
+) -> int:
     # The SuperLink's state stays in memory (Flower's default). With a database file, under load
     # (or with a large backbone in flight) its SQLite writers time out on each other's locks
-    # ("database is locked") and runs fail; nothing in it is needed after the run: the server's
+    # ("database is locked") and runs failed; nothing in it is needed after the run: the server's
     # own checkpoint is what a restart resumes from.
-    superlink = [_executable("flower-superlink"), "--disable-runtime-dependency-installation"]
-    superlink += (["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.certificate),
-                   "--ssl-keyfile", str(tls.key)] if tls else ["--insecure"])
-    state_dir.mkdir(parents=True, exist_ok=True)
-    flwr_home = state_dir / "flwr-home"
-    env = _flower_env(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    loopback = make_loopback_tls(state_dir / "loopback-tls")
+    link_port = _free_loopback_port()
+    superlink = [_executable("flower-superlink"), "--disable-runtime-dependency-installation",
+                 "--ssl-ca-certfile", str(loopback.ca), "--ssl-certfile", str(loopback.certificate),
+                 "--ssl-keyfile", str(loopback.key), "--host", LOOPBACK, "--port", str(link_port)]
     if public_keys:
         superlink.append("--enable-supernode-auth")
-    _write_connection(flwr_home, host, port, tls)
-    process = _start([*superlink, "--host", host, "--port", str(port)], env)
+    flwr_home = state_dir / "flwr-home"
+    env = _flower_env(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    _write_connection(flwr_home, link_port, loopback.ca)
+    gateway_app = FleetGateway(f"https://{LOOPBACK}:{link_port}",
+                               verify=ssl.create_default_context(cafile=str(loopback.ca)))
     try:
-        _wait_for_port(host, port, process, startup_timeout)
+        gateway = Gateway(public, gateway_app, certificate=tls.certificate if tls else None,
+                          key=tls.key if tls else None)
+    except (OSError, ssl.SSLError) as error:  # only TLS files are read here
+        raise NodeError(f"cannot use {tls.certificate if tls else ''} and its key: {error}") from None
+    # Serving at once: SuperNodes that come before the SuperLink is up and their keys are
+    # registered are told to come back (503), rather than left waiting in the listen queue and
+    # let in all together.
+    gateway.start()
+    process: subprocess.Popen | None = None
+    try:
+        process = _start(superlink, env)
+        _wait_for_port(link_port, process, startup_timeout)
         if public_keys:
             _register_nodes(public_keys, env, state_dir, startup_timeout)
-        run_config = f"config='{config.resolve()}' set='{';'.join(overrides)}'"
-        command = [_executable("flwr"), "run", str(APP_ROOT), CONNECTION, "--stream", "--run-config", run_config]
-        code = subprocess.run(command, env=env, cwd=state_dir).returncode
-        if code != 0:
-            return code
-        # `flwr run` exits 0 even when the ServerApp failed: ask the SuperLink how the run ended.
-        status, details = _latest_run_status(env, state_dir)
-        if not status.endswith(":completed"):
-            print(f"error: the run ended {status}: {details or 'see the log above'}", file=sys.stderr)
-            return 1
-        return 0
+        gateway_app.open()
+        return _run(config, overrides, env, state_dir)
     finally:
-        _stop(process)
+        gateway.stop()  # first: the public port closes at once
+        if process is not None:
+            _stop(process)
 
 
-def _latest_run_status(env: dict[str, str], cwd: Path) -> tuple[str, str]:
-    listing = subprocess.run([_executable("flwr"), "ls", CONNECTION, "--format", "json"], env=env, cwd=cwd,
-                             capture_output=True, text=True)
+def _flwr(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([_executable("flwr"), *args], env=env, cwd=cwd, capture_output=True, text=True)
+
+
+def _run(config: Path, overrides: list[str], env: dict[str, str], cwd: Path) -> int:
+    """Submit one run, stream its logs, and return its exit code from the status of THAT run."""
+    run_config = f"config='{config.resolve()}' set='{';'.join(overrides)}'"
+    submitted = _flwr("run", str(APP_ROOT), CONNECTION, "--run-config", run_config, "--format", "json",
+                      env=env, cwd=cwd)
     try:
-        runs = json.loads(listing.stdout)["runs"]
-        latest = max(runs, key=lambda run: run["pending-at"])
-        return str(latest["status"]), str(latest.get("status-details") or "")
+        run_id = int(json.loads(submitted.stdout)["run-id"])
     except (ValueError, KeyError, TypeError):
-        return "unknown", f"could not read the run's status from `flwr ls`: {listing.stderr.strip()[-300:]}"
+        problem = (submitted.stdout + submitted.stderr).strip()[-500:]
+        print(f"error: the run could not be submitted to the SuperLink: {problem}", file=sys.stderr)
+        return submitted.returncode or 1
+    print(f"fedtune: submitted run {run_id}", file=sys.stderr, flush=True)
+    # Logs go to this process's output as they come; the stream ends when the run has finished.
+    subprocess.run([_executable("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=env, cwd=cwd)
+    # `flwr run` and `flwr log` exit 0 whatever became of the run: ask the SuperLink how it ended.
+    state, details = _run_status(run_id, env, cwd)
+    while state in ("pending", "starting", "running"):  # the log stream ended early: wait for the run itself
+        time.sleep(STATUS_INTERVAL)
+        state, details = _run_status(run_id, env, cwd)
+    if state == "finished:completed":
+        return 0
+    if state == "finished:stopped":
+        details = f"run {run_id} was stopped before it completed (`flwr stop` on the server machine)"
+    print(f"error: the run ended {state}: {details or 'see the log above'}", file=sys.stderr)
+    return 1
+
+
+def _run_status(run_id: int, env: dict[str, str], cwd: Path) -> tuple[str, str]:
+    """(status, details) of run `run_id`, e.g. ("finished:failed", "..."); ("unknown", why) if it cannot be read."""
+    listing = _flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", env=env, cwd=cwd)
+    try:
+        (run,) = [r for r in json.loads(listing.stdout)["runs"] if int(r["run-id"]) == run_id]
+        return str(run["status"]), str(run.get("status-details") or "")
+    except (ValueError, KeyError, TypeError):
+        return "unknown", f"could not read the status of run {run_id} from `flwr ls`: {listing.stderr.strip()[-300:]}"
 
 
 def join(
@@ -321,17 +416,15 @@ def join(
     port: int,
     auth_key: Path | None = None,
     give_up_after: float = 600.0,
-    isolation: str = ISOLATION_PROCESS,
 ) -> int:
     """Run a SuperNode connected to `server` (HOST:PORT) until it is stopped; returns its exit code.
 
     A SuperNode refused by the server is started again every few seconds for `give_up_after` s.
-    With `isolation="process"` (the default) the SuperNode hands its messages to one long-lived
-    ClientApp worker (fedtune/worker.py) that runs beside it; with "subprocess" the SuperNode starts
-    a new ClientApp process for every message, as Flower does by default.
+    The SuperNode hands its messages to one long-lived ClientApp worker (fedtune/worker.py) beside
+    it, which runs this node's own fedtune and refuses any other app the server sends. Flower's
+    default, a `flwr-clientapp` process per message running the app the server sent, is not offered:
+    it would let whoever controls the server run code on this node.
     """
-    if isolation not in ISOLATIONS:
-        raise NodeError(f"--isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
     host, _, server_port = server.rpartition(":")
     if not host or not server_port.isdigit():
         raise NodeError(f"--server must be HOST:PORT, got {server!r}")
@@ -348,6 +441,10 @@ def join(
         raise NodeError(f"SuperNode key not found: {auth_key} (make one with `fedtune keygen {auth_key}`)")
     if data is not None and not data.exists():
         raise NodeError(f"data folder not found: {data}")
+    try:
+        local_identity()  # the worker checks every app bundle against it: fail here, not in the worker
+    except (FileNotFoundError, ValueError) as error:
+        raise NodeError(str(error)) from None
     if partition_id is None and data is None:
         raise NodeError("say what this node trains on: --data PATH (its own dataset, used whole) or --partition-id N "
                         "(a partition of the experiment's dataset, or of --data)")
@@ -364,14 +461,13 @@ def join(
     command += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key)]
-    if isolation != ISOLATION_PROCESS:
-        return _supervise(command, give_up_after)
-    worker = _Worker([sys.executable, "-m", "fedtune.worker", "--runtime-api-address", f"127.0.0.1:{port}",
+    lifeline.hold()
+    # -P: the working directory is not searched for modules, so a folder there named client/ or
+    # server/ cannot stand in for fedtune's (the worker checks where its packages come from, too).
+    worker = _Worker([sys.executable, "-P", "-m", "fedtune.worker", "--runtime-api-address", f"{LOOPBACK}:{port}",
                       "--parent-pid", str(os.getpid())])
-    try:
-        return _supervise([*command, "--isolation", ISOLATION_PROCESS], give_up_after, worker=worker)
-    finally:
-        worker.stop()
+    with _sigterm_ends_the_command():
+        return _supervise([*command, "--isolation", "process"], give_up_after, worker=worker)
 
 
 class _Worker:
@@ -399,23 +495,20 @@ class _Worker:
         self._started = time.monotonic()
         self._process = _start(self._command, _flower_env())
 
-    def stop(self) -> None:
-        if self._process is not None:
-            _stop(self._process)
+    def running(self) -> list[subprocess.Popen]:
+        return [self._process] if self._process is not None else []
 
 
 _SETTLED = 60.0  # seconds a SuperNode has run when its exit is no longer part of a failing start
 
 
-def _supervise(
-    command: list[str], give_up_after: float, retry_every: float = 5.0, worker: _Worker | None = None
-) -> int:
+def _supervise(command: list[str], give_up_after: float, *, worker: _Worker, retry_every: float = 5.0) -> int:
     """Run the SuperNode until this process is stopped, starting it again whenever it ends.
 
     Flower's SuperNode retries a server that is down, but it exits when the server refuses it: a
     server with node authentication before it has registered the node's key, or a restarted
     server that no longer knows the node. After `give_up_after` s of such exits in a row, stop.
-    A `worker` is kept running meanwhile.
+    The `worker` is kept running meanwhile, and stopped with the SuperNode when this ends.
     """
     failing_since: float | None = None
     while True:
@@ -423,15 +516,17 @@ def _supervise(
         process = _start(command, _flower_env())
         try:
             while (code := process.poll()) is None:
-                if worker is not None:
-                    worker.keep_alive()
+                worker.keep_alive()
                 time.sleep(0.5)
-        finally:
-            _stop(process)
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): both at once, not one grace period after the other
+            _stop(process, *worker.running())
+            raise
+        _stop(process)
         if time.monotonic() - started > _SETTLED:
             failing_since = None  # it had been running: this is a new failure, not one more of a streak
         failing_since = failing_since if failing_since is not None else started
         if time.monotonic() - failing_since >= give_up_after:
+            _stop(*worker.running())
             print(f"error: the SuperNode stopped (exit code {code}); if its log says 'Failed to activate SuperNode', "
                   "the server accepts only known nodes: start this node with --auth-key and have the server's "
                   "operator add its public key to --authorized-keys", file=sys.stderr)

@@ -10,6 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from fedtune import lifeline
 from fedtune.config import ExperimentConfig
 from fedtune.logs import setup_logging
 
@@ -35,6 +36,9 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
     from server.federation import run_federation
 
     setup_logging()
+    # Ray's processes (GCS, raylet, agents, workers) run in sessions of their own: without this,
+    # some outlive a `kill -9` of this process.
+    lifeline.hold()
     outcome: list[RunOutcome] = []
     server_app = ServerApp()
 

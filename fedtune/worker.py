@@ -1,30 +1,32 @@
-"""A long-lived ClientApp process for a SuperNode started with `--isolation process`.
+"""The ClientApp process of a client node: runs this node's own fedtune for every message.
 
 Flower 1.41 runs every message in a new `flwr-clientapp` process: its SuperExec acquires one task
 from the SuperNode's Runtime API and starts `flwr-clientapp --token TOKEN` for it
-(flwr/supercore/superexec/executor/subprocess_executor.py:54-85), and that process handles exactly
-one message, then exits (flwr/supernode/runtime/run_clientapp.py:151-234: one `pull_task_input`,
-then `flwr_exit`). Each message thus paid a Python start and the import of torch and the app,
-3.5-6 s here. Flower's warm executor pools would avoid that, but only on Kubernetes and only for
-AgentApp/model/connector tasks (flwr/supercore/superexec/executor/warm_executor_pool.py:33-35).
+(flwr/supercore/superexec/executor/subprocess_executor.py:54-85), which unpacks the app bundle (FAB)
+the server sent, imports its ClientApp, handles exactly one message and exits
+(flwr/supernode/runtime/run_clientapp.py:151-234). Two costs: a Python start and the import of torch
+and the app per message (3.5-6 s here), and, worse, whoever controls the server runs its own code
+on every node.
 
 This worker takes the place of the SuperExec and of `flwr-clientapp` at once, through the same
 Runtime API: it acquires a task (`AcquireTask`, as `flower-superexec` does), then does what
 `flwr-clientapp` does for it, using Flower's own functions (`pull_task_input`, `push_message`,
-`push_task_output`) - and then waits for the next task in the same process, with torch already
-imported. The app is loaded once per app bundle (FAB), as in a fresh process: when a run brings a
-different bundle, the modules of the previous one are forgotten first.
+`push_task_output`), and waits for the next task in the same process, torch already imported. It
+never unpacks, imports or runs anything from the bundle: it runs the ClientApp installed on this
+node (`client.app:app`), and only when the bundle is the same fedtune (fedtune/bundle.py). Any
+other bundle gets an error reply saying what differs, and a log line; the message, the node's
+settings and its data are not touched.
 
 `fedtune client` starts it beside its SuperNode and restarts it if it exits; it is not meant to be
 started by hand:
 
-    python -m fedtune.worker --runtime-api-address 127.0.0.1:9094 --parent-pid PID
+    python -P -m fedtune.worker --runtime-api-address 127.0.0.1:9094 --parent-pid PID
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import signal
 import sys
 import time
@@ -33,81 +35,51 @@ from pathlib import Path
 from types import FrameType
 
 from flwr.app import Context, Error, Message
-from flwr.cli.install import install_from_fab
-from flwr.clientapp.client_app import ClientApp, LoadClientAppError
-from flwr.clientapp.utils import get_load_client_app_fn
-from flwr.common.config import get_project_dir
+from flwr.clientapp.client_app import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.supercore import log
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
-from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from fedtune.bundle import APP_ROOT, RUNTIME_PACKAGES, BundleChecker, local_identity
 
 # How often an idle worker asks the SuperNode for a task. Flower's SuperExec asks every 1 s
 # (FLWR_SUPEREXEC_TASK_POLL_INTERVAL); a request to a local HTTP API every 0.2 s costs nothing
 # measurable, and the SuperNode itself looks for new messages only every 3 s when idle.
 ACQUIRE_INTERVAL = 0.2
-# fedtune's ClientApp imports these (most of its import time): importing them before the first
-# message makes the first round as fast as the others. Third-party packages only: the app's own
-# modules must come from the bundle the server sends, so they are imported when a task brings it.
-PRELOAD = ("torch", "torchvision")
 
 
-class _Apps:
-    """The ClientApp of the bundle last used, loaded as a fresh `flwr-clientapp` process would."""
-
-    def __init__(self) -> None:
-        self._directory: Path | None = None
-        self._app: ClientApp | None = None
-        self._load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-
-    def get(self, run: Run, fab: Fab) -> ClientApp:
-        directory = get_project_dir(run.fab_id, run.fab_version, fab.hash_str)
-        if self._app is None or directory != self._directory:
-            install_from_fab(fab.content, skip_prompt=True)  # unpacks into FLWR_HOME/apps/, once per bundle
-            if self._directory is not None:
-                _forget(self._directory)
-            _forget_modules_named_in(directory)
-            self._app = self._load(run.fab_id, run.fab_version, fab.hash_str)
-            self._directory = directory
-        return self._app
+class WorkerError(RuntimeError):
+    """The worker cannot run this node's fedtune; the message says why."""
 
 
-def _top_level_names(directory: Path) -> set[str]:
-    return {
-        path.stem if path.is_file() else path.name
-        for path in directory.iterdir()
-        if (path.is_file() and path.suffix == ".py") or (path / "__init__.py").is_file()
-    }
+def load_local_app() -> tuple[ClientApp, BundleChecker]:
+    """This node's ClientApp, imported from the fedtune installation beside this module, and a
+    checker of bundles against that same installation."""
+    for package in RUNTIME_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        origin = spec.origin if spec is not None else None
+        if origin is None or Path(origin).resolve().parent != APP_ROOT / package:
+            # Say, a folder named client/ in the working directory, or another copy on PYTHONPATH.
+            raise WorkerError(f"the package {package!r} would be imported from {origin}, not from this node's "
+                              f"fedtune at {APP_ROOT}")
+    from client.app import app  # imports torch too: done once, before the first message
+
+    try:
+        return app, BundleChecker(local_identity())
+    except (FileNotFoundError, ValueError) as error:
+        raise WorkerError(str(error)) from None
 
 
-def _forget_modules_named_in(directory: Path) -> None:
-    """Drop loaded modules that the bundle in `directory` provides, so that they are imported from it.
-
-    Two cases: the modules of an earlier bundle with other code under the same names, and a copy of
-    the app installed in this environment (fedtune itself, imported to start this worker).
-    """
-    names = _top_level_names(directory)
-    for module in [m for m in sys.modules if m.partition(".")[0] in names]:
-        del sys.modules[module]
-    importlib.invalidate_caches()
-
-
-def _forget(directory: Path) -> None:
-    # Flower's loader put the bundle's folder first on sys.path; a later bundle must not import from it.
-    while str(directory) in sys.path:
-        sys.path.remove(str(directory))
-
-
-def _run_task(runtime_api_address: str, token: str, apps: _Apps) -> None:
-    """One message, as flwr/supernode/runtime/run_clientapp.py:82-234 handles it, without exiting."""
+def _run_task(runtime_api_address: str, token: str, app: ClientApp, bundles: BundleChecker) -> None:
+    """One message, as flwr/supernode/runtime/run_clientapp.py:82-234 handles it, without exiting,
+    and with this node's ClientApp in place of the bundle's."""
     retry_invoker = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
@@ -125,17 +97,19 @@ def _run_task(runtime_api_address: str, token: str, apps: _Apps) -> None:
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
-        reply = apps.get(run, fab)(message=message, context=context)
-        status, details = SubStatus.COMPLETED, ""
+        refusal = bundles.refusal(fab.content)
+        if refusal is not None:
+            log(ERROR, "run %s (%s %s): %s", run.run_id, run.fab_id, run.fab_version, refusal)
+            reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=refusal), reply_to=message)
+            details = refusal
+        else:
+            reply = app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
     except Exception as error:  # noqa: BLE001 - any failure of the app becomes an error reply, as in Flower
-        code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         details = f"{type(error)}:<'{error}'>"
-        if isinstance(error, LoadClientAppError):
-            code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION
-            details = "An exception was raised when attempting to load `ClientApp`"
         log(ERROR, "ClientApp raised an exception", exc_info=error)
         if message is not None:
-            reply = Message(Error(code=code, reason=details), reply_to=message)
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
     except BaseException:
         # Stopped mid-task (Ctrl-C, SIGTERM, the supervisor gone): report the task as failed
         # without retrying, then let the worker exit.
@@ -155,11 +129,14 @@ def _run_task(runtime_api_address: str, token: str, apps: _Apps) -> None:
             client.close()
 
 
-def serve(runtime_api_address: str) -> None:
-    """Acquire and handle ClientApp tasks from the SuperNode at `runtime_api_address`, until stopped."""
-    for module in PRELOAD:
-        importlib.import_module(module)
-    apps = _Apps()
+def serve(runtime_api_address: str, *, app: ClientApp | None = None, bundles: BundleChecker | None = None) -> None:
+    """Acquire and handle ClientApp tasks from the SuperNode at `runtime_api_address`, until stopped.
+
+    By default this node's fedtune (`load_local_app`); a benchmark on this machine may hand in
+    another app with the checker of its bundle (benchmarks/round_time.py). The server never can.
+    """
+    if app is None or bundles is None:
+        app, bundles = load_local_app()
     tasks = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
         insecure=True,
@@ -167,12 +144,13 @@ def serve(runtime_api_address: str) -> None:
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker(),  # waits for a SuperNode that is still starting
     )
-    log(INFO, "ClientApp worker ready: waiting for tasks from the SuperNode at %s", runtime_api_address)
+    log(INFO, "ClientApp worker ready: runs %s for the messages of the SuperNode at %s", bundles.local.label,
+        runtime_api_address)
     try:
         while True:
             acquired = tasks.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
             if acquired.HasField("task") and acquired.token:
-                _run_task(runtime_api_address, acquired.token, apps)
+                _run_task(runtime_api_address, acquired.token, app, bundles)
             else:
                 time.sleep(ACQUIRE_INTERVAL)
     finally:
@@ -194,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         start_parent_process_monitor(args.parent_pid)  # Flower's: raises SIGINT here once the parent is gone
     try:
         serve(args.runtime_api_address)
+    except WorkerError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
 
