@@ -220,8 +220,9 @@ def client(
     server: Annotated[str, typer.Option(help="The server's HOST:PORT.", show_default=False)],
     partition_id: Annotated[
         int | None,
-        typer.Option(help="Train on this partition of the dataset (of --data, or of the config's data.root). "
-                          "Without it, --data is this node's own dataset, used whole."),
+        typer.Option(help="Train on this partition of the dataset in --data (without --data, only of a source "
+                          "that needs no folder, such as digits). Without it, --data is this node's own dataset, "
+                          "used whole."),
     ] = None,
     num_partitions: Annotated[
         int | None, typer.Option(help="How many partitions there are (checked against the server's config).")
@@ -230,6 +231,14 @@ def client(
         Path | None, typer.Option(help="This node's copy of the dataset (in place of the config's data.root).")
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Where this node caches the model and features.")] = None,
+    download: Annotated[
+        bool, typer.Option("--download", help="Let this node download its dataset into --data (the server's "
+                                              "data.download is never obeyed on a real node).")
+    ] = False,
+    cache_max_gb: Annotated[
+        float | None, typer.Option(help="Cap on this node's cache of models and features, in GB (default: "
+                                        "$FEDTUNE_CACHE_MAX_GB, else 10); least recently used entries go first.")
+    ] = None,
     root_certificates: Annotated[
         Path | None, typer.Option(help="The server's CA certificate (ca.crt from deploy/make-certs.sh).")
     ] = None,
@@ -252,7 +261,8 @@ def client(
 
     try:
         code = join(server, partition_id=partition_id, num_partitions=num_partitions, data=data,
-                    cache_dir=cache_dir, root_certificates=root_certificates, insecure=insecure, port=port,
+                    cache_dir=cache_dir, download=download, cache_max_gb=cache_max_gb,
+                    root_certificates=root_certificates, insecure=insecure, port=port,
                     auth_key=auth_key, give_up_after=give_up_after)
     except NodeError as error:
         _fail(str(error))

@@ -411,6 +411,8 @@ def join(
     num_partitions: int | None,
     data: Path | None,
     cache_dir: Path | None,
+    download: bool = False,
+    cache_max_gb: float | None = None,
     root_certificates: Path | None,
     insecure: bool,
     port: int,
@@ -456,6 +458,12 @@ def join(
         node_config.append(f'data-root="{data.resolve()}"')
     if cache_dir is not None:
         node_config.append(f'cache-dir="{cache_dir.resolve()}"')
+    if download:
+        node_config.append("download=true")  # the server's data.download never decides this
+    if cache_max_gb is not None:
+        if not 0 < cache_max_gb < float("inf"):
+            raise NodeError(f"--cache-max-gb must be a positive number of GB, not {cache_max_gb}")
+        node_config.append(f"cache-max-gb={cache_max_gb}")
     command = [_executable("flower-supernode"), "--superlink", server, "--port", str(port),
                "--node-config", " ".join(node_config)]
     command += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
