@@ -16,7 +16,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch.utils.data import Dataset
 
 from client.cache import CacheFull, ModelNotCached
-from client.privacy import LedgerStore, train_private_round
+from client.privacy import LedgerStore, train_private_round, within_node_budget
 from client.secure_aggregation import secure_aggregation_mod
 from client.task import NodeIdentity, local_data, model_inputs, restore_model
 from fedtune import messages as keys
@@ -149,11 +149,16 @@ def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
     server_round = instruction.server_round
     seed = settings.seed * 1000 + server_round * 100 + node.partition_id
     extra: dict[str, float] = {}
-    if settings.dp_sgd.enabled:
+    dp = within_node_budget(settings.dp_sgd, max_epsilon=node.max_epsilon, max_delta=node.max_delta)
+    if dp.enabled and not settings.freeze_statistics:
+        # BatchNorm running statistics mix a batch's samples: sent back, they would bypass the noise.
+        raise RefusedMessage("freeze_statistics", "DP-SGD needs BatchNorm statistics kept frozen and at home; "
+                                                  "the server's settings would send them back")
+    if dp.enabled:
         ledgers = LedgerStore(node.cache_root, settings.run_key)
         ledger = ledgers.load()
         result, epsilon = train_private_round(
-            local.model, local.inputs, stages=local.stages, cfg=settings.train, dp=settings.dp_sgd,
+            local.model, local.inputs, stages=local.stages, cfg=settings.train, dp=dp,
             ledger=ledger, planned_rounds=settings.rounds, start=local.start, seed=seed, device=local.device,
         )
         ledgers.save(ledger)

@@ -32,6 +32,7 @@ from fedtune.config import DPSGDConfig, TrainConfig
 from fedtune.engine import Metrics, make_optimizer
 from fedtune.messages import PRIVACY_REFUSAL
 from fedtune.params import freeze_all_but, set_train_mode
+from fedtune.protocol import RefusedMessage
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -208,6 +209,29 @@ def _private_epochs(
             correct += (logits.argmax(1) == targets).sum().item()
             seen += len(targets)
     return total_loss, correct, seen
+
+
+def within_node_budget(dp: DPSGDConfig, *, max_epsilon: float | None, max_delta: float) -> DPSGDConfig:
+    """The DP-SGD settings this node trains with: the server's, held to the node's own floor.
+
+    The server decides the experiment's privacy, but a node that set `max-epsilon` trusts no server
+    with it: it trains only under DP-SGD, with Poisson sampling (what the accountant assumes), at a
+    delta no larger than its own, and to the smaller of the two budgets (noise is calibrated to it,
+    and the node refuses a round that would pass it). Raises RefusedMessage otherwise.
+    """
+    if max_epsilon is None:
+        return dp
+    if not dp.enabled:
+        raise RefusedMessage("dp_sgd", f"this node trains only under DP-SGD (its max-epsilon is {max_epsilon:g}); "
+                                       "the server's settings have it off")
+    if not dp.poisson_sampling:
+        raise RefusedMessage("dp_sgd.poisson_sampling", "this node's budget is accounted for Poisson sampling; the "
+                                                        "server's settings turn it off")
+    if dp.target_delta > max_delta:
+        raise RefusedMessage("dp_sgd.target_delta", f"{dp.target_delta:g} is above this node's max-delta "
+                                                    f"{max_delta:g}")
+    target = max_epsilon if dp.target_epsilon is None else min(dp.target_epsilon, max_epsilon)
+    return dp.model_copy(update={"target_epsilon": target})
 
 
 def train_private_round(

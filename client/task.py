@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Subset
 from client.cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, FeatureCache, ModelCache, default_cache_root
 from fedtune import messages as keys
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
-from fedtune.config import ClientSettings, DataConfig
+from fedtune.config import MAX_DP_SCALE, ClientSettings, DataConfig
 from fedtune.data import fingerprint, load_split, partition, split_validation
 from fedtune.engine import extract_features
 from fedtune.params import first_trainable_index, load_tensors, travelling_keys
@@ -26,6 +26,8 @@ log = logging.getLogger("fedtune.client")
 
 _MAX_PARTITION_ID = 1_000_000
 _MAX_CACHE_GB = 1e6
+# With max-epsilon set and no max-delta, the delta a node accepts: the usual choice below 1 / examples.
+DEFAULT_MAX_DELTA = 1e-5
 
 
 def in_simulation() -> bool:
@@ -67,6 +69,20 @@ def _whole_number(node_config: dict[str, object], key: str, default: int, *, hig
     return number
 
 
+def _positive_number(node_config: dict[str, object], key: str, *, high: float) -> float | None:
+    """A node-config number in (0, high), or None when the key is absent."""
+    value = node_config.get(key)
+    if value is None:
+        return None
+    try:
+        number = float(str(value))
+    except ValueError:
+        raise ValueError(f"node config {key}: must be a number, got {str(value)[:40]!r}") from None
+    if not (math.isfinite(number) and 0 < number < high):
+        raise ValueError(f"node config {key}: must be above 0 and below {high:g}, got {number}")
+    return number
+
+
 def _cache_max_bytes(node_config: dict[str, object]) -> int:
     """This node's cache cap: node config cache-max-gb, else $FEDTUNE_CACHE_MAX_GB, else the default."""
     source, value = "node config cache-max-gb", node_config.get("cache-max-gb")
@@ -92,6 +108,10 @@ class NodeIdentity:
     own_data: bool = False  # data_root is this node's own dataset, used whole instead of one partition
     download: bool = False  # this node may download its dataset into data_root (node config download=true)
     cache_max_bytes: int = int(DEFAULT_CACHE_MAX_GB * 1024**3)
+    # This node's own privacy floor (node config max-epsilon, max-delta): with it, the node trains
+    # only under DP-SGD within that budget, whatever the server's settings say.
+    max_epsilon: float | None = None
+    max_delta: float = DEFAULT_MAX_DELTA
     # A virtual node of the user's own simulation: it may read the experiment's data settings.
     simulated: bool = False
 
@@ -114,6 +134,8 @@ class NodeIdentity:
         return cls(partition_id=partition_id, num_partitions=num_partitions, cache_root=cache_root,
                    data_root=data_root, own_data=own_data, download=_flag(node_config, "download"),
                    cache_max_bytes=_cache_max_bytes(node_config),
+                   max_epsilon=_positive_number(node_config, "max-epsilon", high=MAX_DP_SCALE),
+                   max_delta=_positive_number(node_config, "max-delta", high=1.0) or DEFAULT_MAX_DELTA,
                    simulated=in_simulation() if simulated is None else simulated)
 
     def model_cache(self) -> ModelCache:

@@ -239,6 +239,14 @@ def client(
         float | None, typer.Option(help="Cap on this node's cache of models and features, in GB (default: "
                                         "$FEDTUNE_CACHE_MAX_GB, else 10); least recently used entries go first.")
     ] = None,
+    max_epsilon: Annotated[
+        float | None, typer.Option(help="This node's own privacy budget: it then trains only under DP-SGD, to at "
+                                        "most this epsilon over the run, whatever the server's settings say.")
+    ] = None,
+    max_delta: Annotated[
+        float | None, typer.Option(help="The delta of --max-epsilon (default 1e-5): a server asking for a larger "
+                                        "one is refused.")
+    ] = None,
     root_certificates: Annotated[
         Path | None, typer.Option(help="The server's CA certificate (ca.crt from deploy/make-certs.sh).")
     ] = None,
@@ -261,7 +269,8 @@ def client(
 
     try:
         code = join(server, partition_id=partition_id, num_partitions=num_partitions, data=data,
-                    cache_dir=cache_dir, download=download, cache_max_gb=cache_max_gb,
+                    cache_dir=cache_dir, download=download, cache_max_gb=cache_max_gb, max_epsilon=max_epsilon,
+                    max_delta=max_delta,
                     root_certificates=root_certificates, insecure=insecure, port=port,
                     auth_key=auth_key, give_up_after=give_up_after)
     except NodeError as error:

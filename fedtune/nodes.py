@@ -413,6 +413,8 @@ def join(
     cache_dir: Path | None,
     download: bool = False,
     cache_max_gb: float | None = None,
+    max_epsilon: float | None = None,
+    max_delta: float | None = None,
     root_certificates: Path | None,
     insecure: bool,
     port: int,
@@ -464,6 +466,15 @@ def join(
         if not 0 < cache_max_gb < float("inf"):
             raise NodeError(f"--cache-max-gb must be a positive number of GB, not {cache_max_gb}")
         node_config.append(f"cache-max-gb={cache_max_gb}")
+    if max_delta is not None and max_epsilon is None:
+        raise NodeError("--max-delta goes with --max-epsilon: it is the delta of this node's own privacy budget")
+    for flag, value, high in (("--max-epsilon", max_epsilon, 1e6), ("--max-delta", max_delta, 1.0)):
+        if value is not None and not 0 < value < high:
+            raise NodeError(f"{flag} must be above 0 and below {high:g}, not {value}")
+    if max_epsilon is not None:
+        node_config.append(f"max-epsilon={max_epsilon}")
+    if max_delta is not None:
+        node_config.append(f"max-delta={max_delta}")
     command = [_executable("flower-supernode"), "--superlink", server, "--port", str(port),
                "--node-config", " ".join(node_config)]
     command += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]

@@ -444,6 +444,58 @@ def test_the_node_config_flags_are_checked() -> None:
         NodeIdentity.from_node_config({"partition-id": 0, "download": "yes please"}, simulated=False)
     with pytest.raises(ValueError, match="node config partition-id: must be between 0 and 1000000"):
         NodeIdentity.from_node_config({"partition-id": -3}, simulated=False)
+    for value in ("inf", "nan", "-1", "0", "plenty"):
+        with pytest.raises(ValueError, match="node config max-epsilon: must be"):
+            NodeIdentity.from_node_config({"partition-id": 0, "max-epsilon": value}, simulated=False)
+    with pytest.raises(ValueError, match="node config max-delta: must be above 0 and below 1"):
+        NodeIdentity.from_node_config({"partition-id": 0, "max-epsilon": 1, "max-delta": 1.5}, simulated=False)
+
+
+# --- The node's own privacy budget: a server cannot turn DP-SGD off, nor loosen it -------------
+
+
+def _private_round(*overrides: str) -> dict[str, object]:
+    return round_config(settings_json=json.dumps(settings("privacy.dp_sgd.enabled=true", *overrides)))
+
+
+def _holding_node(cache: Path, **node_config: object) -> Node:
+    node = Node(cache=cache, extra_config=node_config)
+    assert not node.send(query(with_backbone=True)).has_error()
+    return node
+
+
+def test_a_node_with_its_own_budget_refuses_a_round_without_dp_sgd(tmp_path: Path) -> None:
+    strict = _holding_node(tmp_path / "strict", **{"max-epsilon": 1.0})
+    _refused(strict.send(instruction(round_config())), "dp_sgd", "trains only under DP-SGD", "max-epsilon is 1")
+
+
+@pytest.mark.parametrize(("override", "field", "problem"), [
+    ("privacy.dp_sgd.target_delta=0.5", "dp_sgd.target_delta", "above this node's max-delta 1e-05"),
+    ("privacy.dp_sgd.poisson_sampling=false", "dp_sgd.poisson_sampling", "accounted for Poisson sampling"),
+])
+def test_a_node_with_its_own_budget_refuses_looser_accounting(tmp_path: Path, override: str, field: str,
+                                                              problem: str) -> None:
+    strict = _holding_node(tmp_path / "strict", **{"max-epsilon": 1.0})
+    _refused(strict.send(instruction(_private_round(override))), field, problem)
+
+
+def test_a_node_holds_the_servers_budget_to_its_own(tmp_path: Path) -> None:
+    # The server asks for epsilon 50 over the run; the node with max-epsilon 1 calibrates its noise
+    # to 1 instead, and the one without a floor follows the server.
+    config = _private_round("privacy.dp_sgd.target_epsilon=50")
+    loose = _holding_node(tmp_path / "loose").send(instruction(config))
+    strict = _holding_node(tmp_path / "strict", **{"max-epsilon": 1.0}).send(instruction(config))
+    assert not loose.has_error() and not strict.has_error(), (loose.error if loose.has_error() else strict.error)
+    loose_metrics, strict_metrics = loose.content[keys.METRICS], strict.content[keys.METRICS]
+    assert strict_metrics[keys.NOISE_MULTIPLIER] > loose_metrics[keys.NOISE_MULTIPLIER]
+    assert strict_metrics[keys.EPSILON] <= 1.0 < loose_metrics[keys.EPSILON]
+
+
+def test_dp_sgd_that_would_send_batchnorm_statistics_back_is_refused(holding: Node) -> None:
+    tampered = settings("privacy.dp_sgd.enabled=true")
+    tampered["freeze_statistics"] = False
+    _refused(holding.send(instruction(round_config(settings_json=json.dumps(tampered)))), "freeze_statistics",
+             "BatchNorm statistics kept frozen")
 
 
 # --- Secure aggregation: the legacy FitIns entries fedtune adds --------------------------------
