@@ -45,6 +45,10 @@ class ModelDelivery:
     deliveries: dict[int, int] = field(default_factory=dict)  # node -> times the backbone was sent
     _backbone_bytes: int | None = None
 
+    def name_of(self, node: int) -> str:
+        """How log lines and the history name a client."""
+        return f"node {node}"
+
     def _query(self, grid: Grid, nodes: list[int], content: RecordDict, traffic: Traffic, what: str) -> None:
         """Send `content` as a QUERY to each node; those answering HAS_MODEL=1 become holders."""
         queries = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
