@@ -250,6 +250,7 @@ def main() -> None:
     one.add_argument("--set", action="append", default=[], dest="overrides")
     args = parser.parse_args()
     command = " ".join(["python benchmarks/robustness.py", *sys.argv[1:]])
+    args.out = args.out.resolve()  # the simulations run in processes of their own, and Ray workers elsewhere
     if args.command == "_run":
         _run(args.config, args.overrides, args.attacks, args.out)
     elif args.command == "attacks":

@@ -33,7 +33,6 @@ from strategies import build_strategy, fit_sampling_to, restore_strategy_state, 
 from strategies.bound import BoundEvent, UpdateBound, bound_applies
 from strategies.validation import (
     MetricSpec,
-    SortedReplies,
     check_evaluate_replies,
     check_train_replies,
     specs_of,
@@ -224,9 +223,7 @@ class _Federation:
     def _evaluate(self, server_round: int, messages: list[Message], traffic: Traffic) -> _EvaluateOutcome:
         """Send; parse each reply; cap the weights; aggregate the metrics."""
         replies = self.delivery.send_and_receive(self.grid, messages, traffic)
-        checked: SortedReplies = check_evaluate_replies(
-            replies, server_round=server_round, name_of=self.delivery.name_of
-        )
+        checked = check_evaluate_replies(replies, server_round=server_round, name_of=self.delivery.name_of)
         capped = []
         if self.bound is not None:
             capped = self.bound.cap_weights(checked.valid, what="evaluation", server_round=server_round,
