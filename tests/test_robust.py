@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from replies import evaluate_reply, train_reply
 
 from fedtune import messages as keys
 from fedtune.config import UpdateBoundConfig, parse_config
+from fedtune.results import RoundRecord, RunDirectory
 from strategies.bound import UpdateBound, bound_applies, lower_median
 from strategies.validation import check_evaluate_replies, check_train_replies, specs_of, train_metric_specs
 
@@ -211,3 +215,33 @@ def test_evaluation_weights_are_capped_too() -> None:
 )
 def test_where_the_bound_applies(settings: dict, applies: bool) -> None:
     assert bound_applies(parse_config(settings)) is applies
+
+
+def test_the_bounds_work_is_counted_in_history_json_csv_and_summary(tmp_path: Path) -> None:
+    run = RunDirectory.create(tmp_path, "bounded")
+    problems = {"node 7": "train update norm rejected: its parameter update's norm ...",
+                "node 9": "train update weight capped: num-examples 1000000000000 counts as 780 (...)"}
+    for server_round in (1, 2):
+        run.append_round(RoundRecord(
+            round=server_round, trainable_blocks="0", clients_sampled=5, clients_ok=4, clients_rejected=1,
+            clients_failed=0, bytes_sent=1, bytes_received=1, bytes_sent_backbone=0, train_loss=0.5,
+            train_accuracy=0.5, federated_loss=0.5, federated_accuracy=0.5, central_loss=0.5, central_accuracy=0.5,
+            seconds=1.0, updates_rejected_norm=1, updates_clipped=0, weights_capped=1, evaluations_rejected=2,
+            evaluations_failed=1, client_problems=problems if server_round == 2 else {"node 7": "late"},
+        ))
+    history = json.loads((run.path / "history.json").read_text())
+    assert history["rounds"][1]["client_problems"] == problems
+    summary = history["summary"]
+    assert (summary["updates_rejected_norm_total"], summary["weights_capped_total"], summary["updates_clipped_total"],
+            summary["clients_rejected_total"], summary["evaluations_rejected_total"],
+            summary["evaluations_failed_total"]) == (2, 2, 0, 2, 4, 2)
+    assert summary["problems_by_client"] == {
+        "node 7": {"rounds": 2, "last_round": 2, "last_problem": problems["node 7"]},
+        "node 9": {"rounds": 1, "last_round": 2, "last_problem": problems["node 9"]},
+    }
+    with open(run.path / "history.csv", newline="") as file:
+        header, *rows = list(csv.reader(file))
+    assert {"updates_rejected_norm", "updates_clipped", "weights_capped", "evaluations_rejected"} <= set(header)
+    assert "client_problems" not in header  # free text per client: history.json only
+    assert dict(zip(header, rows[1], strict=True))["weights_capped"] == "1"
+    assert RunDirectory.load_history(run.path)[1].client_problems == problems
