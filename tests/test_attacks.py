@@ -38,9 +38,13 @@ class Run:
 
 
 def attack_config(output: Path, *overrides: str) -> ExperimentConfig:
-    """5 clients on the quickstart task at 32 px, head only, 3 rounds: seconds per round."""
+    """5 clients on the quickstart task at 32 px, head only: about a second per round.
+
+    10 rounds: in the first few, accuracy climbs 10 points a round, so a round's delay would read
+    as a loss of accuracy; by round 10 it gains about one point a round.
+    """
     return load_config(REPO / "configs" / "quickstart.yaml", [
-        "data.image_size=32", "federation.num_clients=5", "federation.rounds=3", "train.unfreeze=[]",
+        "data.image_size=32", "federation.num_clients=5", "federation.rounds=10", "train.unfreeze=[]",
         f"output.dir={output}", *overrides,
     ])
 
@@ -86,10 +90,10 @@ def test_the_default_bound_leaves_out_scaled_and_sign_flipped_updates(honest_alo
         assert (record.clients_ok, record.updates_rejected_norm, record.clients_rejected) == (3, 2, 0)
         assert len(record.client_problems) == 2
     rejections = [m for m in run.log if "rejected the update of node" in m]
-    assert len(rejections) == 6
+    assert len(rejections) == 20
     assert all("its parameter update's norm" in m and "over strategy.bound.norm_ratio = 3" in m for m in rejections)
-    assert run.summary["updates_rejected_norm_total"] == 6
-    assert [entry["rounds"] for entry in run.summary["problems_by_client"].values()] == [3, 3]
+    assert run.summary["updates_rejected_norm_total"] == 20
+    assert [entry["rounds"] for entry in run.summary["problems_by_client"].values()] == [10, 10]
     # Both attackers were left out every round: the honest three aggregated exactly as alone.
     assert run.model.keys() == honest_alone.model.keys()
     for key, tensor in run.model.items():
@@ -103,21 +107,22 @@ def test_the_default_bound_caps_a_lying_client_and_leaves_out_noise(honest_alone
     for record in run.history[1:]:
         assert (record.clients_ok, record.updates_rejected_norm, record.weights_capped) == (4, 1, 1)
     capped = [m for m in run.log if "capped the weight of the update of node" in m]
-    assert len(capped) == 3
+    assert len(capped) == 10
     assert all("num-examples 1000000000000 counts as" in m and "strategy.bound.weight_ratio = 3" in m for m in capped)
-    assert run.summary["weights_capped_total"] == 3 and run.summary["updates_rejected_norm_total"] == 3
+    assert run.summary["weights_capped_total"] == 10 and run.summary["updates_rejected_norm_total"] == 10
     assert run.accuracy >= honest_alone.accuracy - TOLERANCE
 
 
 def test_multikrum_without_the_bound_chooses_the_honest_updates(honest_alone: Run, tmp_path: Path) -> None:
     # MultiKrum averages the 3 updates nearest the others: here exactly the honest three, so the
-    # model is the honest clients' alone up to the order of the floating-point sum.
+    # model is the honest clients' alone up to the order of the floating-point sums (which ten
+    # rounds of training amplify to ~1e-3; one attacker's update chosen once would move it by 1e3).
     run = federate(tmp_path, "0:scaled,1:sign-flip", "strategy.name=multikrum", "strategy.num_malicious=1",
                    "strategy.num_selected=3", "strategy.bound.enabled=false")
     assert all(r.clients_ok == 5 and r.updates_rejected_norm == 0 for r in run.history[1:])
     for key, tensor in run.model.items():
-        torch.testing.assert_close(tensor, honest_alone.model[key], rtol=1e-4, atol=1e-5)
-    assert abs(run.accuracy - honest_alone.accuracy) <= 1 / 360  # at most one test image changes
+        torch.testing.assert_close(tensor, honest_alone.model[key], rtol=0, atol=1e-2)
+    assert abs(run.accuracy - honest_alone.accuracy) <= 0.01
 
 
 # --- the whole matrix, each attack against each defence (slow: 15-40 s a run) -----------------
