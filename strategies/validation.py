@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -31,6 +32,7 @@ _MAX_NAME = 60  # characters of a client-chosen name (a metric's) shown in a log
 _MAX_NAMES_SHOWN = 3
 _NPY_HEADER_BYTES = 4096  # room for a .npy header around a tensor's data (numpy writes 128 bytes or so)
 _LARGEST_COUNT = 2**53  # num-examples above this is not even exact as the float Flower weights with
+_COUNT_RULE = "a positive integer up to 2**53"
 
 # The metrics client/app.py sends.
 TRAIN_LOSS = "train_loss"
@@ -59,8 +61,10 @@ class MetricSpec:
 
     @property
     def rule(self) -> str:
+        if self.integer and self.low == 1 and self.high == _LARGEST_COUNT:
+            return _COUNT_RULE
         if self.integer:
-            return "a positive integer" if self.low == 1 else f"an integer in [{self.low:g}, {self.high:g}]"
+            return f"an integer in [{self.low:g}, {self.high:g}]"
         if math.isinf(self.high):
             return f"a finite number >= {self.low:g}"
         return f"a number in [{self.low:g}, {self.high:g}]"
@@ -102,7 +106,10 @@ def _names(names: Iterable[str]) -> str:
     return f"{shown}{' ...' if len(names) > _MAX_NAMES_SHOWN else ''}"
 
 
-def _only_record(records: Mapping[str, object], kind: str, wanted: str | None = None) -> object:
+Record = TypeVar("Record")
+
+
+def _only_record(records: Mapping[str, Record], kind: str, wanted: str | None = None) -> Record:
     if len(records) != 1 or (wanted is not None and wanted not in records):
         expected = f"one {kind} {wanted!r}" if wanted else f"one {kind}"
         found = _names(records) if wanted else str(len(records))
@@ -189,8 +196,8 @@ def parse_train_content(
     """A train reply's content as the strategy expects it, and the unknown metrics dropped; or UnusableReply."""
     arrays = _only_record(content.array_records, "ArrayRecord", keys.ARRAYS)
     record = _only_record(content.metric_records, "MetricRecord")
-    parsed_metrics, ignored = _parse_metrics(record, metrics)  # type: ignore[arg-type]
-    tensors = _parse_arrays(arrays, expected)  # type: ignore[arg-type]
+    parsed_metrics, ignored = _parse_metrics(record, metrics)
+    tensors = _parse_arrays(arrays, expected)
     parsed = RecordDict({keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in tensors.items()}),
                          keys.METRICS: parsed_metrics})
     return parsed, ignored
@@ -201,7 +208,7 @@ def parse_evaluate_content(content: RecordDict) -> tuple[RecordDict, list[str]]:
     if content.array_records:
         raise UnusableReply(f"an evaluate reply carries no tensors, got {_names(content.array_records)}")
     record = _only_record(content.metric_records, "MetricRecord")
-    parsed_metrics, ignored = _parse_metrics(record, EVALUATE_METRICS)  # type: ignore[arg-type]
+    parsed_metrics, ignored = _parse_metrics(record, EVALUATE_METRICS)
     return RecordDict({keys.METRICS: parsed_metrics}), ignored
 
 

@@ -135,9 +135,11 @@ def test_malformed_replies_train_and_evaluate_are_left_out_and_the_run_completes
     assert len(train) == 6 and len(evaluate) == 6
     for problem in ("holds non-finite values", "has shape (3, 3)", "missing tensors",
                     "metric 'train_loss' must be a finite number >= 0, got a list of 2 values",
-                    "has shape (1000000000000,)", "metric 'num-examples' must be a positive integer, got -5"):
+                    "has shape (1000000000000,)",
+                    "metric 'num-examples' must be a positive integer up to 2**53, got -5"):
         assert sum(problem in m for m in train) == 1, problem
-    for problem in ("metric 'num-examples' is missing", "metric 'num-examples' must be a positive integer, got -5",
+    for problem in ("metric 'num-examples' is missing",
+                    "metric 'num-examples' must be a positive integer up to 2**53, got -5",
                     "metric 'accuracy' must be a number in [0, 1], got a list of 2 values",
                     "metric 'loss' must be a finite number >= 0, got nan",
                     "an evaluate reply carries no tensors", "metric 'accuracy' must be a number in [0, 1], got 2.0"):

@@ -162,7 +162,7 @@ def test_a_negative_running_variance_is_refused() -> None:
 )
 def test_num_examples_must_be_a_positive_integer(expected: dict, num_examples: object, shown: str) -> None:
     problem = _train_problem(train_reply(GOOD, num_examples), expected)
-    assert problem == f"metric 'num-examples' must be a positive integer, got {shown}"
+    assert problem == f"metric 'num-examples' must be a positive integer up to 2**53, got {shown}"
 
 
 def test_num_examples_missing_is_named(expected: dict) -> None:
@@ -256,9 +256,9 @@ def test_a_good_evaluate_reply_is_rebuilt_with_its_metrics_only() -> None:
     ("metrics", "message"),
     [
         ({keys.NUM_EXAMPLES: None}, "metric 'num-examples' is missing"),
-        ({keys.NUM_EXAMPLES: -5}, "metric 'num-examples' must be a positive integer, got -5"),
-        ({keys.NUM_EXAMPLES: 0}, "metric 'num-examples' must be a positive integer, got 0"),
-        ({keys.NUM_EXAMPLES: 7.5}, "metric 'num-examples' must be a positive integer, got 7.5"),
+        ({keys.NUM_EXAMPLES: -5}, "metric 'num-examples' must be a positive integer up to 2**53, got -5"),
+        ({keys.NUM_EXAMPLES: 0}, "metric 'num-examples' must be a positive integer up to 2**53, got 0"),
+        ({keys.NUM_EXAMPLES: 7.5}, "metric 'num-examples' must be a positive integer up to 2**53, got 7.5"),
         ({"accuracy": [0.9, 0.8]}, "metric 'accuracy' must be a number in [0, 1], got a list of 2 values"),
         ({"accuracy": 2.0}, "metric 'accuracy' must be a number in [0, 1], got 2.0"),
         ({"loss": float("nan")}, "metric 'loss' must be a finite number >= 0, got nan"),
@@ -345,8 +345,8 @@ def test_malformed_evaluate_replies_are_left_out_and_the_rest_aggregate(caplog: 
     assert len(result.rejected) == 3 and len(result.failed) == 1
     metrics = FedAvg().aggregate_evaluate(2, result.valid)
     assert metrics is not None and metrics["accuracy"] == pytest.approx(0.9)
-    assert "round 2: rejected the evaluate reply of node 4: metric 'num-examples' must be a positive integer, got -5" \
-        in caplog.text
+    assert ("round 2: rejected the evaluate reply of node 4: metric 'num-examples' must be a positive integer up to "
+            "2**53, got -5") in caplog.text
     assert "round 2: node 6 failed its evaluate: no validation examples" in caplog.text
 
 
