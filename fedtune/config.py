@@ -196,7 +196,7 @@ class UpdateBoundConfig(_Section):
     norm_action: Literal["reject", "clip"] = "reject"
     # A client's num-examples counts for at most weight_ratio x the round's median num-examples,
     # and at most max_examples. null: no such cap.
-    weight_ratio: Annotated[float | None, Field(ge=1.0, allow_inf_nan=False)] = 3.0
+    weight_ratio: Annotated[float | None, Field(ge=1.0, allow_inf_nan=False)] = 2.0
     max_examples: Annotated[int | None, Field(ge=1)] = None
 
 

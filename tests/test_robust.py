@@ -160,10 +160,10 @@ def test_a_lying_num_examples_is_capped_to_the_ratio_of_the_median(caplog: pytes
     with caplog.at_level(logging.WARNING, logger="fedtune.server"):
         result = _bound().apply(replies, SENT, server_round=2, name_of=_node_name)
     weights = [r.content[keys.METRICS][keys.NUM_EXAMPLES] for r in result.kept]
-    assert weights == [200, 240, 260, 300, 780]  # 3 x the median, 260
+    assert weights == [200, 240, 260, 300, 520]  # 2 x the median, 260
     assert result.count("weight_capped") == 1
     assert result.events[0].detail == (
-        "num-examples 1000000000000 counts as 780 (strategy.bound.weight_ratio = 3 x the round's median 260)"
+        "num-examples 1000000000000 counts as 520 (strategy.bound.weight_ratio = 2 x the round's median 260)"
     )
     assert "round 2: capped the weight of the update of node 4 (partition 4)" in caplog.text
 
@@ -198,7 +198,7 @@ def test_evaluation_weights_are_capped_too() -> None:
     valid = check_evaluate_replies(replies, server_round=1, name_of=str).valid
     events = _bound().cap_weights(valid, what="evaluation", server_round=1, name_of=str)
     assert [e.node for e in events] == [2]
-    assert valid[2].content[keys.METRICS][keys.NUM_EXAMPLES] == 180
+    assert valid[2].content[keys.METRICS][keys.NUM_EXAMPLES] == 120
 
 
 @pytest.mark.parametrize(
