@@ -229,6 +229,21 @@ def _write(rows: list[dict[str, Any]], out: Path, command: str) -> None:
     table = compare_table(rows, list(rows[0]))
     (out / "table.md").write_text(table + "\n")
     print(table)
+    if "attack" in rows[0]:
+        summary = compare_table(*_points_below_by_attack(rows))
+        (out / "points-below.md").write_text(summary + "\n")
+        print(summary)
+
+
+def _points_below_by_attack(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Defences by attack and number of attackers: points below the honest clients alone."""
+    columns = list(dict.fromkeys(f"{r['attack']} x{r['attackers']}" for r in rows))
+    table: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        table.setdefault(row["defence"], {"defence": row["defence"]})[f"{row['attack']} x{row['attackers']}"] = (
+            round(row["points below"], 1)
+        )
+    return list(table.values()), ["defence", *columns]
 
 
 def main() -> None:
