@@ -223,8 +223,37 @@ class TrainConfig(_Section):
         return blocks
 
 
+class UpdateBoundConfig(_Section):
+    """Bounds on every client's train update before aggregation (`strategy.bound`).
+
+    An update is what a client sends minus the tensors the server sent it. Its norm is compared
+    with the round's median update norm, parameters and BatchNorm statistics separately (they move
+    on different scales), so no scale has to be known in advance; and the weight its
+    `num-examples` gives it is capped. A median holds while fewer than half of a round's usable
+    updates are hostile.
+    """
+
+    # auto: on, except with secure aggregation (the server never sees a single update) and with
+    # central DP (its clipping bounds every update already, and its noise is calibrated to that).
+    enabled: bool | Literal["auto"] = "auto"
+    # An update whose norm is over norm_ratio x the round's median update norm is left out
+    # (reject) or scaled down to that norm (clip). null: no norm bound.
+    norm_ratio: Annotated[float | None, Field(gt=1.0, allow_inf_nan=False)] = 3.0
+    norm_action: Literal["reject", "clip"] = "reject"
+    # A client's num-examples counts for at most weight_ratio x the round's median num-examples,
+    # and at most max_examples. null: no such cap.
+    weight_ratio: Annotated[float | None, Field(ge=1.0, allow_inf_nan=False)] = 2.0
+    max_examples: Annotated[int | None, Field(ge=1)] = None
+
+
+# Strategies that keep out hostile updates by their position among the others (Flower's).
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+
 class StrategyConfig(_Section):
-    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    name: Literal[
+        "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"
+    ] = "fedavg"
     # FedProx: weight of the proximal term clients add to their loss.
     proximal_mu: Annotated[float, Field(ge=0.0, le=MAX_PROXIMAL_MU)] = 0.01
     # FedAdam / FedYogi server optimiser.
@@ -232,6 +261,13 @@ class StrategyConfig(_Section):
     beta_1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     beta_2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
     tau: Annotated[float, Field(gt=0.0)] = 1e-3
+    # FedTrimmedAvg: the fraction of updates cut at each end, coordinate by coordinate.
+    trim_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.2
+    # Krum, MultiKrum, Bulyan: how many hostile clients a round tolerates (their f).
+    num_malicious: Annotated[int, Field(ge=0)] = 1
+    # MultiKrum: how many of the best-scored updates are averaged; null: clients per round - num_malicious.
+    num_selected: Annotated[int | None, Field(ge=1)] = None
+    bound: UpdateBoundConfig = UpdateBoundConfig()
 
 
 class DPSGDConfig(_Section):
@@ -346,7 +382,7 @@ class ExperimentConfig(_Section):
         if self.strategy.name == "fedprox":
             # Opacus clips per-sample gradients of the loss; the proximal term's gradient would
             # bypass clipping and noise.
-            raise ValueError("privacy.dp_sgd: cannot be combined with strategy fedprox; use fedavg, fedadam or fedyogi")
+            raise ValueError("privacy.dp_sgd: cannot be combined with strategy fedprox; use any other strategy")
         if self.data.augment:
             raise ValueError("privacy.dp_sgd: data.augment is not supported with DP-SGD yet")
         return self
@@ -372,6 +408,11 @@ class ExperimentConfig(_Section):
         if self.privacy.secure_aggregation.enabled:
             raise ValueError("privacy.central: cannot be combined with privacy.secure_aggregation yet: Flower's DP "
                              "wrappers need each client's update, which secure aggregation hides")
+        if self.strategy.bound.enabled is True:
+            # The bound's median depends on the other clients' updates: one client could then change
+            # how far every other update is clipped, and the calibrated sensitivity would not hold.
+            raise ValueError("strategy.bound.enabled: the update bound cannot be combined with privacy.central, whose "
+                             "clipping (privacy.central.clipping_norm) bounds every update; set it to auto or false")
         return self
 
     @model_validator(mode="after")
@@ -379,12 +420,41 @@ class ExperimentConfig(_Section):
         secure = self.privacy.secure_aggregation
         if not secure.enabled:
             return self
+        if self.strategy.name in ROBUST_STRATEGIES:
+            raise ValueError(f"privacy.secure_aggregation: cannot be combined with strategy {self.strategy.name}: it "
+                             "compares single updates, and the server sees only their sum")
         if self.strategy.name not in ("fedavg", "fedprox"):
             raise ValueError(f"privacy.secure_aggregation: needs strategy fedavg or fedprox, not {self.strategy.name}: "
                              "the server optimisers are not applied to the securely aggregated average yet")
+        if self.strategy.bound.enabled is True:
+            raise ValueError("strategy.bound.enabled: the update bound cannot be combined with "
+                             "privacy.secure_aggregation: the server sees only the sum of the updates (clients bound "
+                             "their own with privacy.secure_aggregation.clipping_range); set it to auto or false")
         if self.federation.sampled_per_round < 2:
             raise ValueError("privacy.secure_aggregation: needs at least 2 clients per round; a sum of one update "
                              "hides nothing")
+        return self
+
+    @model_validator(mode="after")
+    def _robust_strategy_fits(self) -> ExperimentConfig:
+        strategy, sampled = self.strategy, self.federation.sampled_per_round
+        f = strategy.num_malicious
+        # Krum's score sums the distances to the n - f - 2 nearest updates; Bulyan selects
+        # n - 2f with Krum and then trims 2f more: the published conditions for tolerating f.
+        needed = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(strategy.name)
+        if needed is not None and sampled < needed:
+            rule = "4 x num_malicious + 3" if strategy.name == "bulyan" else "2 x num_malicious + 3"
+            raise ValueError(
+                f"strategy.num_malicious: {strategy.name} tolerating {f} hostile clients needs at least {needed} "
+                f"clients per round ({rule}), but federation.clients_per_round gives {sampled}"
+            )
+        if strategy.name == "multikrum" and strategy.num_selected is not None and strategy.num_selected > sampled - f:
+            raise ValueError(f"strategy.num_selected: multikrum can average at most clients per round - num_malicious "
+                             f"= {sampled - f} updates, not {strategy.num_selected}")
+        if strategy.name == "fedtrimmedavg" and int(strategy.trim_fraction * sampled) == 0:
+            # Flower cuts int(fraction x n) updates at each end: zero would be a plain mean.
+            raise ValueError(f"strategy.trim_fraction: {strategy.trim_fraction:g} of {sampled} clients per round cuts "
+                             f"no update; at least {1 / sampled:.3g} is needed to cut one at each end")
         return self
 
     @model_validator(mode="after")

@@ -68,11 +68,24 @@ class RoundRecord:
     central_loss: float | None  # the server's held-out set
     central_accuracy: float | None
     seconds: float
+    # strategy.bound's work on the round's train updates (each also logged with the client's name)
+    updates_rejected_norm: int = 0  # left out: norm over the bound
+    updates_clipped: int = 0  # scaled down to the norm bound
+    weights_capped: int = 0  # num-examples capped
+    evaluations_rejected: int = 0  # malformed evaluate replies left out
+    evaluations_failed: int = 0  # evaluate replies carrying an error, or missing
     extra: dict[str, float] = field(default_factory=dict)  # anything else, e.g. per-strategy metrics
+    # client -> what was wrong with its replies this round and what the server did (history.json only)
+    client_problems: dict[str, str] = field(default_factory=dict)
 
 
 # history.csv's fixed leading columns, in declaration order; extra keys follow, sorted.
-RECORD_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RoundRecord) if f.name != "extra")
+RECORD_COLUMNS: tuple[str, ...] = tuple(
+    f.name for f in fields(RoundRecord) if f.name not in ("extra", "client_problems")
+)
+# Per-round counts of replies left out or bounded, totalled in the summary.
+_COUNTED = ("clients_rejected", "clients_failed", "updates_rejected_norm", "updates_clipped", "weights_capped",
+            "evaluations_rejected", "evaluations_failed")
 
 
 def summarize_history(records: list[RoundRecord]) -> dict[str, Any]:
@@ -96,7 +109,19 @@ def summarize_history(records: list[RoundRecord]) -> dict[str, Any]:
         "bytes_received_total": sum(r.bytes_received for r in records),
         "bytes_sent_backbone_total": sum(r.bytes_sent_backbone for r in records),
         "seconds_total": sum(r.seconds for r in records),
+        **{f"{name}_total": sum(getattr(r, name) for r in records) for name in _COUNTED},
+        "problems_by_client": _problems_by_client(records),
     }
+
+
+def _problems_by_client(records: list[RoundRecord]) -> dict[str, dict[str, Any]]:
+    """Each client whose replies were ever left out, clipped or capped: in how many rounds, and the last reason."""
+    by_client: dict[str, dict[str, Any]] = {}
+    for record in records:
+        for client, problem in record.client_problems.items():
+            seen = by_client.setdefault(client, {"rounds": 0})
+            seen.update(rounds=seen["rounds"] + 1, last_round=record.round, last_problem=problem)
+    return dict(sorted(by_client.items()))
 
 
 class RunDirectory:
@@ -420,7 +445,11 @@ def _accuracy_text(value: float | None) -> str:
 def _client_problems(record: RoundRecord) -> str:
     problems = [
         f"{count} {kind}"
-        for count, kind in ((record.clients_rejected, "rejected"), (record.clients_failed, "failed"))
+        for count, kind in (
+            (record.clients_rejected, "rejected"), (record.clients_failed, "failed"),
+            (record.updates_rejected_norm, "over the norm bound"), (record.updates_clipped, "clipped"),
+            (record.weights_capped, "weight capped"),
+        )
         if count
     ]
     return ", ".join(problems)

@@ -31,7 +31,14 @@ from server.preflight import check_model_fits
 from server.privacy_report import PrivacyReport
 from server.secure_aggregation import secure_train_round
 from strategies import build_strategy, fit_sampling_to, restore_strategy_state, strategy_state
-from strategies.validation import sort_replies, specs_of
+from strategies.bound import BoundEvent, UpdateBound, bound_applies
+from strategies.validation import (
+    MetricSpec,
+    check_evaluate_replies,
+    check_train_replies,
+    specs_of,
+    train_metric_specs,
+)
 
 log = logging.getLogger("fedtune.server")
 
@@ -96,8 +103,20 @@ class _TrainOutcome:
 
     aggregated: ArrayRecord | None = None
     metrics: MetricRecord | None = None
-    client_metrics: dict[int, MetricRecord] = field(default_factory=dict)  # node -> its train metrics, if usable
+    client_metrics: dict[int, MetricRecord] = field(default_factory=dict)  # node -> its train metrics, if aggregated
     problems: dict[int, str] = field(default_factory=dict)  # node -> why its update is not in the aggregate
+    bounded: list[BoundEvent] = field(default_factory=list)  # what strategy.bound did, client by client
+    rejected: int = 0
+    failed: int = 0
+
+
+@dataclass
+class _EvaluateOutcome:
+    """What a round's federated evaluation produced."""
+
+    metrics: MetricRecord | None = None
+    problems: dict[int, str] = field(default_factory=dict)  # node -> why its reply is not in the metrics
+    capped: list[BoundEvent] = field(default_factory=list)
     rejected: int = 0
     failed: int = 0
 
@@ -132,6 +151,8 @@ class _Federation:
     settings: str  # ClientSettings as sent in every message
     privacy: PrivacyReport
     run_key: str  # names the run on the clients' disks; the same after a resume
+    bound: UpdateBound | None  # strategy.bound, where it applies
+    train_metrics: dict[str, MetricSpec]  # what a train reply must report
     at_budget: set[int] = field(default_factory=set)  # clients that refused to train past their privacy budget
 
     def checkpoint(self, completed: int, stopper: EarlyStopping, elapsed_seconds: float) -> Checkpoint:
@@ -172,22 +193,45 @@ class _Federation:
     def _train_plain(
         self, server_round: int, messages: list[Message], arrays: ArrayRecord, traffic: Traffic
     ) -> _TrainOutcome:
-        """Send, check each reply, aggregate with the strategy (and its DP wrapper, if any)."""
+        """Send; parse each reply; bound the updates; aggregate with the strategy (and its DP wrapper, if any)."""
         replies = self.delivery.send_and_receive(self.grid, messages, traffic)
-        checked = sort_replies(
-            replies, specs_of(arrays), server_round=server_round,
-            reject_unchanged=arrays if self.cfg.privacy.central.enabled else None,
+        checked = check_train_replies(
+            replies, specs_of(arrays), metrics=self.train_metrics, server_round=server_round,
+            name_of=self.delivery.name_of, reject_unchanged=arrays if self.cfg.privacy.central.enabled else None,
         )
-        aggregated, metrics = self.strategy.aggregate_train(server_round, checked.valid)
+        usable, bounded = checked.valid, []
+        problems = dict(checked.problems)
+        if self.bound is not None:
+            outcome = self.bound.apply(usable, arrays, server_round=server_round, name_of=self.delivery.name_of)
+            usable, bounded = outcome.kept, outcome.events
+            problems |= {event.node: event.detail for event in bounded if event.kind == "norm_rejected"}
+        aggregated, metrics = self.strategy.aggregate_train(server_round, usable) if usable else (None, None)
+        if aggregated is not None and not _finite(aggregated):
+            # A server optimiser's step or a robust rule on extreme (yet finite) updates can still overflow.
+            log.error("round %d: the aggregate holds non-finite values; the model is unchanged", server_round)
+            aggregated = None
         return _TrainOutcome(
             aggregated=aggregated,
             metrics=metrics,
-            client_metrics={
-                r.metadata.src_node_id: next(iter(r.content.metric_records.values())) for r in checked.valid
-            },
-            problems=checked.problems,
+            client_metrics={r.metadata.src_node_id: r.content[keys.METRICS] for r in usable},
+            problems=problems,
+            bounded=bounded,
             rejected=len(checked.rejected),
             # replies that never came count as failures too
+            failed=len(checked.failed) + len(messages) - len(replies),
+        )
+
+    def _evaluate(self, server_round: int, messages: list[Message], traffic: Traffic) -> _EvaluateOutcome:
+        """Send; parse each reply; cap the weights; aggregate the metrics."""
+        replies = self.delivery.send_and_receive(self.grid, messages, traffic)
+        checked = check_evaluate_replies(replies, server_round=server_round, name_of=self.delivery.name_of)
+        capped = []
+        if self.bound is not None:
+            capped = self.bound.cap_weights(checked.valid, what="evaluation", server_round=server_round,
+                                            name_of=self.delivery.name_of)
+        metrics = self.strategy.aggregate_evaluate(server_round, checked.valid) if checked.valid else None
+        return _EvaluateOutcome(
+            metrics=metrics, problems=checked.problems, capped=capped, rejected=len(checked.rejected),
             failed=len(checked.failed) + len(messages) - len(replies),
         )
 
@@ -206,6 +250,8 @@ class _Federation:
             settings=self.cfg.privacy.secure_aggregation,
             timeout=self.cfg.federation.round_timeout,
         )
+        # A node may drop out because it lost its cached model; ask it again before its next round.
+        self.delivery.forget(report.dropped)
         return _TrainOutcome(
             aggregated=aggregated,
             metrics=metrics,
@@ -238,15 +284,13 @@ class _Federation:
 
         eval_arrays = ArrayRecord(self.travelling(stages))
         eval_messages = list(self.strategy.configure_evaluate(server_round, eval_arrays, config, sampling_grid))
-        fed_metrics = None
-        if eval_messages:
-            eval_replies = self.delivery.send_and_receive(self.grid, eval_messages, traffic)
-            answered = [r for r in eval_replies if not r.has_error()]
-            fed_metrics = self.strategy.aggregate_evaluate(server_round, answered)
+        evaluation = self._evaluate(server_round, eval_messages, traffic) if eval_messages else _EvaluateOutcome()
+        fed_metrics = evaluation.metrics
 
         for node, problem in outcome.problems.items():
             if problem.startswith(keys.PRIVACY_REFUSAL):
-                log.info("round %d: client %d is at its privacy budget and leaves the run", server_round, node)
+                log.info("round %d: %s is at its privacy budget and leaves the run", server_round,
+                         self.delivery.name_of(node))
                 self.at_budget.add(node)
 
         central_loss, central_accuracy = self.central(stages)
@@ -272,9 +316,30 @@ class _Federation:
             central_loss=central_loss,
             central_accuracy=central_accuracy,
             seconds=time.monotonic() - started,
+            updates_rejected_norm=sum(e.kind == "norm_rejected" for e in outcome.bounded),
+            updates_clipped=sum(e.kind == "norm_clipped" for e in outcome.bounded),
+            weights_capped=sum(e.kind == "weight_capped" for e in outcome.bounded),
+            evaluations_rejected=evaluation.rejected,
+            evaluations_failed=evaluation.failed,
             extra=privacy_figures,
+            client_problems=self._client_problems(outcome, evaluation),
         )
         return record, outcome
+
+    def _client_problems(self, train: _TrainOutcome, evaluation: _EvaluateOutcome) -> dict[str, str]:
+        """Client name -> what went wrong with its replies this round, and what the server did about it."""
+        notes: dict[int, list[str]] = {}
+        for node, problem in train.problems.items():
+            action = "failed" if problem.startswith(keys.PRIVACY_REFUSAL) else "left out"
+            notes.setdefault(node, []).append(f"train reply {action}: {problem}")
+        for event in train.bounded:
+            if event.kind != "norm_rejected":  # those are among the problems already
+                notes.setdefault(event.node, []).append(f"train update {event.kind.replace('_', ' ')}: {event.detail}")
+        for node, problem in evaluation.problems.items():
+            notes.setdefault(node, []).append(f"evaluate reply left out: {problem}")
+        for event in evaluation.capped:
+            notes.setdefault(event.node, []).append(f"evaluate weight capped: {event.detail}")
+        return {self.delivery.name_of(node): "; ".join(items) for node, items in sorted(notes.items())}
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
@@ -300,12 +365,13 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     checkpoint = Checkpoint.load(resumable) if resumable is not None else None
     # Names the run on the clients' disks; a resumed run keeps its key, so their ledgers continue.
     run_key = checkpoint.run_key if checkpoint else f"{cfg.name}-{secrets.token_hex(6)}"
+    buffers = frozenset(name for name, _ in model.named_buffers())
     federation = _Federation(
         grid=grid,
         cfg=cfg,
         model=model,
         model_hash=model_hash,
-        strategy=build_strategy(cfg, buffer_keys=frozenset(name for name, _ in model.named_buffers())),
+        strategy=build_strategy(cfg, buffer_keys=buffers),
         delivery=ModelDelivery(
             model_hash=model_hash, backbone=ArrayRecord(initial_state), timeout=cfg.federation.round_timeout
         ),
@@ -313,6 +379,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
         settings=ClientSettings.of(cfg, num_classes=num_classes, run_key=run_key).to_message(),
         privacy=PrivacyReport(cfg),
         run_key=run_key,
+        bound=UpdateBound(cfg.strategy.bound, buffer_keys=buffers) if bound_applies(cfg) else None,
+        train_metrics=train_metric_specs(dp_sgd=cfg.privacy.dp_sgd.enabled),
     )
     stopper = EarlyStopping(cfg)
     if checkpoint is not None:
@@ -371,7 +439,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
             # After the history: a kill between the two replays this round, whose record is then replaced.
             federation.checkpoint(completed, stopper, elapsed_seconds=time.monotonic() - started).save(run_dir.path)
             only_refusals = all(p.startswith(keys.PRIVACY_REFUSAL) for p in outcome.problems.values())
-            if record.clients_sampled and outcome.aggregated is None and not (outcome.problems and only_refusals):
+            if record.clients_sampled and not outcome.client_metrics and not (outcome.problems and only_refusals):
                 # Every client failing the same way (bad data path, infeasible partitioning) would
                 # otherwise burn all remaining rounds on an unchanged model.
                 reasons = sorted(set(outcome.problems.values())) or ["no replies before the round timeout"]
@@ -388,6 +456,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
                 progress.message(stop_reason)
                 break
     return finish(completed, stop_reason)
+
+
+def _finite(arrays: ArrayRecord) -> bool:
+    return all(np.isfinite(array.numpy()).all() for array in arrays.values())
 
 
 def _metric(record: object, name: str) -> float | None:

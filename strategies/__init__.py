@@ -1,8 +1,12 @@
-"""Aggregation strategies selectable in the experiment file: a registry over Flower's implementations."""
+"""Aggregation strategies selectable in the experiment file: Flower's, fitted to partial updates and checkpoints.
+
+FedAvg, FedProx, FedAdam and FedYogi are registered here, the Byzantine-robust ones in `robust.py`;
+the registry itself is `registry.py`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -11,17 +15,12 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedtune.config import ExperimentConfig
+from strategies import robust  # noqa: F401 - registers the Byzantine-robust strategies
 from strategies.central_dp import UniformFedAvg, with_central_dp
+from strategies.registry import STRATEGIES, build_strategy, fit_sampling_to, register, sampling
 
-STRATEGIES: dict[str, Callable[..., Strategy]] = {}
-
-
-def register(name: str) -> Callable[[Callable[..., Strategy]], Callable[..., Strategy]]:
-    def decorator(factory: Callable[..., Strategy]) -> Callable[..., Strategy]:
-        STRATEGIES[name] = factory
-        return factory
-
-    return decorator
+__all__ = ["STRATEGIES", "PartialFedAdam", "PartialFedYogi", "build_strategy", "fit_sampling_to",
+           "restore_strategy_state", "strategy_state"]
 
 
 class _PartialUpdatesMixin:
@@ -68,43 +67,16 @@ class PartialFedYogi(_PartialUpdatesMixin, FedYogi):
         self.buffer_keys = buffer_keys
 
 
-def _sampling(cfg: ExperimentConfig, available: int | None = None) -> dict[str, int | float]:
-    """Flower's sampling settings; with `available`, capped to that many eligible clients."""
-    clients = cfg.federation.num_clients
-    per_round = cfg.federation.sampled_per_round
-    evaluate = per_round if cfg.data.val_fraction > 0 else 0
-    cap = clients if available is None else available
-    return {
-        "fraction_train": per_round / clients,
-        "min_train_nodes": min(per_round, cap),
-        "fraction_evaluate": evaluate / clients,
-        "min_evaluate_nodes": min(evaluate, cap),
-        "min_available_nodes": cap,
-    }
-
-
-def fit_sampling_to(strategy: Strategy, cfg: ExperimentConfig, available: int) -> None:
-    """Sample from `available` eligible clients from now on (some may have left, at their budget).
-
-    Flower's sampling waits forever for min_available_nodes, so the minimums must shrink with
-    the pool. A wrapper (the central-DP ones) samples through the strategy it wraps.
-    """
-    inner = getattr(strategy, "strategy", strategy)
-    for name, value in _sampling(cfg, available).items():
-        if name.startswith("min_"):
-            setattr(inner, name, value)
-
-
 @register("fedavg")
 def _fedavg(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
     if cfg.privacy.central.enabled:
-        return with_central_dp(UniformFedAvg(**_sampling(cfg)), cfg)
-    return FedAvg(**_sampling(cfg))
+        return with_central_dp(UniformFedAvg(**sampling(cfg)), cfg)
+    return FedAvg(**sampling(cfg))
 
 
 @register("fedprox")
 def _fedprox(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
-    return FedProx(proximal_mu=cfg.strategy.proximal_mu, **_sampling(cfg))
+    return FedProx(proximal_mu=cfg.strategy.proximal_mu, **sampling(cfg))
 
 
 def _fedopt_args(cfg: ExperimentConfig) -> dict[str, object]:
@@ -114,20 +86,12 @@ def _fedopt_args(cfg: ExperimentConfig) -> dict[str, object]:
 
 @register("fedadam")
 def _fedadam(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
-    return PartialFedAdam(buffer_keys=buffer_keys, **_fedopt_args(cfg), **_sampling(cfg))
+    return PartialFedAdam(buffer_keys=buffer_keys, **_fedopt_args(cfg), **sampling(cfg))
 
 
 @register("fedyogi")
 def _fedyogi(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
-    return PartialFedYogi(buffer_keys=buffer_keys, **_fedopt_args(cfg), **_sampling(cfg))
-
-
-def build_strategy(cfg: ExperimentConfig, *, buffer_keys: frozenset[str] = frozenset()) -> Strategy:
-    """The configured strategy; `buffer_keys` name the non-parameter tensors that may travel."""
-    name = cfg.strategy.name
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name](cfg, buffer_keys)
+    return PartialFedYogi(buffer_keys=buffer_keys, **_fedopt_args(cfg), **sampling(cfg))
 
 
 # What a strategy learns across rounds, by attribute: a server that resumes a run restores it.

@@ -1,18 +1,48 @@
-"""Checks on clients' replies before aggregation: a malformed update is named, logged and left out."""
+"""Every client reply parsed at the edge: exactly the records a strategy expects, or why it is left out.
+
+A reply is client content: hostile until parsed. Train replies become one ArrayRecord holding the
+tensors the server sent (same names, in the server's order, same shapes and dtypes, finite) and
+one MetricRecord holding the known metrics (finite numbers within their range); evaluate replies
+become that MetricRecord alone. Anything else a client added is dropped, so nothing deeper (a
+Flower strategy that needs the same metric keys in every reply, or pairs tensors by position)
+ever sees raw client content. A reply that cannot be parsed is left out, with a log line naming
+the client and the problem; it never ends the run.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedtune import messages as keys
 
 log = logging.getLogger("fedtune.server")
+
+MAX_METRICS = 64  # metrics in one reply: the client's handlers send 3 (6 under DP-SGD)
+MAX_REASON = 500  # characters of a client's error message kept for the log and the history
+_MAX_NAME = 60  # characters of a client-chosen name (a metric's) shown in a log line
+_MAX_NAMES_SHOWN = 3
+_NPY_HEADER_BYTES = 4096  # room for a .npy header around a tensor's data (numpy writes 128 bytes or so)
+_LARGEST_COUNT = 2**53  # num-examples above this is not even exact as the float Flower weights with
+_COUNT_RULE = "a positive integer up to 2**53"
+
+# The metrics client/app.py sends.
+TRAIN_LOSS = "train_loss"
+TRAIN_ACCURACY = "train_accuracy"
+EVALUATE_LOSS = "loss"
+EVALUATE_ACCURACY = "accuracy"
+
+
+class UnusableReply(ValueError):
+    """A reply the server cannot use; the message says why, for a log line naming the client."""
 
 
 @dataclass(frozen=True)
@@ -21,99 +51,255 @@ class TensorSpec:
     dtype: np.dtype
 
 
+@dataclass(frozen=True)
+class MetricSpec:
+    """What one metric must be: a number in [low, high], an integer if `integer`."""
+
+    low: float
+    high: float
+    integer: bool = False
+
+    @property
+    def rule(self) -> str:
+        if self.integer and self.low == 1 and self.high == _LARGEST_COUNT:
+            return _COUNT_RULE
+        if self.integer:
+            return f"an integer in [{self.low:g}, {self.high:g}]"
+        if math.isinf(self.high):
+            return f"a finite number >= {self.low:g}"
+        return f"a number in [{self.low:g}, {self.high:g}]"
+
+
+_COUNT = MetricSpec(1, _LARGEST_COUNT, integer=True)
+_LOSS = MetricSpec(0.0, math.inf)
+_FRACTION = MetricSpec(0.0, 1.0)
+EVALUATE_METRICS: dict[str, MetricSpec] = {
+    keys.NUM_EXAMPLES: _COUNT, EVALUATE_LOSS: _LOSS, EVALUATE_ACCURACY: _FRACTION
+}
+
+
+def train_metric_specs(*, dp_sgd: bool) -> dict[str, MetricSpec]:
+    """The metrics a train reply must hold: the weight, loss and accuracy, and DP-SGD's figures under it."""
+    specs = {keys.NUM_EXAMPLES: _COUNT, TRAIN_LOSS: _LOSS, TRAIN_ACCURACY: _FRACTION}
+    if dp_sgd:
+        specs |= {keys.EPSILON: _LOSS, keys.NOISE_MULTIPLIER: _LOSS, keys.SAMPLE_RATE: _FRACTION}
+    return specs
+
+
 def specs_of(arrays: ArrayRecord) -> dict[str, TensorSpec]:
     """What a reply must match: the names, shapes and dtypes the server sent."""
     return {key: TensorSpec(tuple(array.shape), np.dtype(array.numpy().dtype)) for key, array in arrays.items()}
 
 
-def problem_with(reply: Message, expected: Mapping[str, TensorSpec]) -> str | None:
-    """Why a training reply cannot be aggregated, or None if it can."""
-    content = reply.content
-    if list(content.array_records) != [keys.ARRAYS]:
-        return f"expected one ArrayRecord {keys.ARRAYS!r}, got {sorted(content.array_records)}"
-    if len(content.metric_records) != 1:
-        return f"expected one MetricRecord, got {len(content.metric_records)}"
-    metrics = next(iter(content.metric_records.values()))
-    weight = metrics.get(keys.NUM_EXAMPLES)
-    if not isinstance(weight, int) or isinstance(weight, bool) or weight <= 0:
-        return f"{keys.NUM_EXAMPLES!r} must be a positive integer, got {weight!r}"
-    arrays = content.array_records[keys.ARRAYS]
-    missing = sorted(set(expected) - set(arrays))
+# --- parsing one reply ------------------------------------------------------------------------
+
+
+def printable(text: str, limit: int = _MAX_NAME) -> str:
+    """A peer's text made safe for one log line: bounded, control characters (newlines, terminal escapes) replaced."""
+    shown = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return shown + "..." if len(text) > limit else shown
+
+
+def _names(names: Iterable[str]) -> str:
+    names = sorted(names)
+    shown = [printable(name) for name in names[:_MAX_NAMES_SHOWN]]
+    return f"{shown}{' ...' if len(names) > _MAX_NAMES_SHOWN else ''}"
+
+
+Record = TypeVar("Record")
+
+
+def _only_record(records: Mapping[str, Record], kind: str, wanted: str | None = None) -> Record:
+    if len(records) != 1 or (wanted is not None and wanted not in records):
+        expected = f"one {kind} {wanted!r}" if wanted else f"one {kind}"
+        found = _names(records) if wanted else str(len(records))
+        raise UnusableReply(f"expected {expected}, got {found}")
+    return next(iter(records.values()))
+
+
+def _decode(key: str, array: Array, spec: TensorSpec) -> np.ndarray:
+    """The tensor, after its declared and encoded shape and dtype match the spec (before any allocation)."""
+    shape = tuple(array.shape)
+    if shape != spec.shape:
+        raise UnusableReply(f"tensor {key!r} has shape {shape}, expected {spec.shape}")
+    size = math.prod(spec.shape) * spec.dtype.itemsize
+    if len(array.data) > size + _NPY_HEADER_BYTES:
+        raise UnusableReply(f"tensor {key!r} carries {len(array.data)} bytes, expected about {size}")
+    try:
+        # numpy allocates what the .npy header declares before it reads the data: read the
+        # header first, and load only what matches.
+        stream = io.BytesIO(array.data)
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            encoded_shape, _, encoded_dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            encoded_shape, _, encoded_dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f".npy format version {version} is not supported")
+        if encoded_dtype != spec.dtype:
+            raise UnusableReply(f"tensor {key!r} has dtype {encoded_dtype}, expected {spec.dtype}")
+        if tuple(encoded_shape) != spec.shape:
+            raise UnusableReply(f"tensor {key!r} has shape {tuple(encoded_shape)}, expected {spec.shape}")
+        value = np.load(io.BytesIO(array.data), allow_pickle=False)
+    except UnusableReply:
+        raise
+    except Exception as error:  # undecodable bytes from a broken or hostile client
+        raise UnusableReply(f"tensor {key!r} cannot be decoded: {printable(str(error), MAX_REASON)}") from None
+    if not np.isfinite(value).all():
+        raise UnusableReply(f"tensor {key!r} holds non-finite values (NaN or inf)")
+    if key.endswith("running_var") and (value < 0).any():
+        raise UnusableReply(f"tensor {key!r} holds negative values: it is a BatchNorm running variance")
+    return value
+
+
+def _parse_arrays(record: ArrayRecord, expected: Mapping[str, TensorSpec]) -> dict[str, np.ndarray]:
+    missing = set(expected) - set(record)
     if missing:
-        return f"missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}"
-    extra = sorted(set(arrays) - set(expected))
+        raise UnusableReply(f"missing tensors {_names(missing)}")
+    extra = set(record) - set(expected)
     if extra:
-        return f"unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''}"
-    for key, spec in expected.items():
-        try:
-            value = arrays[key].numpy()
-        except Exception as error:  # undecodable bytes from a broken or hostile client
-            return f"tensor {key!r} cannot be decoded: {error}"
-        if tuple(value.shape) != spec.shape:
-            return f"tensor {key!r} has shape {tuple(value.shape)}, expected {spec.shape}"
-        if value.dtype != spec.dtype:
-            return f"tensor {key!r} has dtype {value.dtype}, expected {spec.dtype}"
-        if not np.isfinite(value).all():
-            return f"tensor {key!r} holds non-finite values (NaN or inf)"
-    return None
+        raise UnusableReply(f"unexpected tensors {_names(extra)}")
+    # In the server's order: Krum and Bulyan pair the tensors of different replies by position.
+    return {key: _decode(key, record[key], spec) for key, spec in expected.items()}
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, list):
+        return f"a list of {len(value)} values"
+    return repr(value)
+
+
+def _parse_metrics(record: MetricRecord, specs: Mapping[str, MetricSpec]) -> tuple[MetricRecord, list[str]]:
+    """The known metrics, checked; and the names of those dropped as unknown."""
+    if len(record) > MAX_METRICS:
+        raise UnusableReply(f"its MetricRecord holds {len(record)} metrics, more than {MAX_METRICS}")
+    parsed: dict[str, int | float] = {}
+    for name, spec in specs.items():
+        if name not in record:
+            raise UnusableReply(f"metric {name!r} is missing")
+        value = record[name]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if (
+            not number
+            or (spec.integer and not isinstance(value, int))
+            or not math.isfinite(value)  # type: ignore[arg-type]
+            or not spec.low <= value <= spec.high  # type: ignore[operator]
+        ):
+            raise UnusableReply(f"metric {name!r} must be {spec.rule}, got {_shown(value)}")
+        parsed[name] = value  # type: ignore[assignment]
+    return MetricRecord(parsed), sorted(set(record) - set(specs))
+
+
+def parse_train_content(
+    content: RecordDict, expected: Mapping[str, TensorSpec], metrics: Mapping[str, MetricSpec]
+) -> tuple[RecordDict, list[str]]:
+    """A train reply's content as the strategy expects it, and the unknown metrics dropped; or UnusableReply."""
+    arrays = _only_record(content.array_records, "ArrayRecord", keys.ARRAYS)
+    record = _only_record(content.metric_records, "MetricRecord")
+    parsed_metrics, ignored = _parse_metrics(record, metrics)
+    tensors = _parse_arrays(arrays, expected)
+    parsed = RecordDict({keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in tensors.items()}),
+                         keys.METRICS: parsed_metrics})
+    return parsed, ignored
+
+
+def parse_evaluate_content(content: RecordDict) -> tuple[RecordDict, list[str]]:
+    """An evaluate reply's content as the strategy expects it, and the unknown metrics dropped; or UnusableReply."""
+    if content.array_records:
+        raise UnusableReply(f"an evaluate reply carries no tensors, got {_names(content.array_records)}")
+    record = _only_record(content.metric_records, "MetricRecord")
+    parsed_metrics, ignored = _parse_metrics(record, EVALUATE_METRICS)
+    return RecordDict({keys.METRICS: parsed_metrics}), ignored
 
 
 def concise_reason(reason: str) -> str:
-    """The client's own error message out of the traceback text Flower and Ray wrap around it."""
+    """The client's own error message out of the traceback text Flower and Ray wrap around it; bounded."""
     marker = "Message: "
-    if marker in reason:
-        tail = reason.rsplit(marker, 1)[1].strip()
-        first = tail.splitlines()[0] if tail else reason
-        return first.removesuffix("'>")[:500]  # Ray wraps the message in an object's repr
-    lines = [line for line in reason.splitlines() if line.strip()]
-    return lines[-1][:500] if lines else "no reason given"
+    at = reason.rfind(marker)
+    if at >= 0:
+        tail = reason[at + len(marker): at + len(marker) + 4 * MAX_REASON].strip()
+        first = tail.splitlines()[0].removesuffix("'>").strip() if tail else ""  # Ray wraps it in a repr
+        return printable(first, MAX_REASON) if first else "no reason given"
+    end = len(reason.rstrip())
+    start = max(reason.rfind("\n", 0, end) + 1, end - 4 * MAX_REASON)
+    last = reason[start:end].strip()
+    return printable(last, MAX_REASON) if last else "no reason given"
+
+
+# --- sorting a round's replies ----------------------------------------------------------------
 
 
 @dataclass
 class SortedReplies:
-    valid: list[Message] = field(default_factory=list)
+    valid: list[Message] = field(default_factory=list)  # their content replaced by the parsed records
     rejected: list[Message] = field(default_factory=list)  # malformed content
     failed: list[Message] = field(default_factory=list)  # the client reported an error
     problems: dict[int, str] = field(default_factory=dict)  # node -> why it was left out
 
 
-def _unchanged(reply: Message, sent: ArrayRecord) -> bool:
-    arrays = reply.content.array_records[keys.ARRAYS]
-    return all(np.array_equal(arrays[key].numpy(), sent[key].numpy()) for key in sent)
-
-
-def sort_replies(
+def _sort(
     replies: Iterable[Message],
-    expected: Mapping[str, TensorSpec],
+    parse: Callable[[RecordDict], tuple[RecordDict, list[str]]],
     *,
+    what: str,
     server_round: int,
-    reject_unchanged: ArrayRecord | None = None,
+    name_of: Callable[[int], str],
 ) -> SortedReplies:
-    """Valid, rejected and failed replies. With `reject_unchanged` (the arrays sent), a reply that
-    returns them unchanged is rejected too: Flower's DP clipping divides by the update's norm."""
-    sorted_replies = SortedReplies()
+    result = SortedReplies()
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
             reason = concise_reason(reply.error.reason)
-            log.warning("round %d: client %d failed: %s", server_round, node, reason)
-            sorted_replies.failed.append(reply)
-            sorted_replies.problems[node] = reason
+            log.warning("round %d: %s failed its %s: %s", server_round, name_of(node), what, reason)
+            result.failed.append(reply)
+            result.problems[node] = reason
             continue
-        problem = problem_with(reply, expected)
-        if problem is None and reject_unchanged is not None and _unchanged(reply, reject_unchanged):
-            problem = "the update is empty: the tensors are exactly those sent"
-        if problem is None:
-            sorted_replies.valid.append(reply)
-        else:
-            log.warning("round %d: rejected the update of client %d: %s", server_round, node, problem)
-            sorted_replies.rejected.append(reply)
-            sorted_replies.problems[node] = problem
+        try:
+            reply.content, ignored = parse(reply.content)
+        except UnusableReply as problem:
+            log.warning("round %d: rejected the %s reply of %s: %s", server_round, what, name_of(node), problem)
+            result.rejected.append(reply)
+            result.problems[node] = str(problem)
+            continue
+        if ignored:
+            log.warning("round %d: ignored unknown metrics %s in the %s reply of %s",
+                        server_round, _names(ignored), what, name_of(node))
+        result.valid.append(reply)
+    return result
+
+
+def check_train_replies(
+    replies: Iterable[Message],
+    expected: Mapping[str, TensorSpec],
+    *,
+    metrics: Mapping[str, MetricSpec],
+    server_round: int,
+    name_of: Callable[[int], str],
+    reject_unchanged: ArrayRecord | None = None,
+) -> SortedReplies:
+    """Valid (parsed), rejected and failed train replies. With `reject_unchanged` (the arrays sent), a
+    reply that returns them unchanged is rejected too: Flower's DP clipping divides by the update's norm."""
+    sent = {key: array.numpy() for key, array in reject_unchanged.items()} if reject_unchanged is not None else None
+
+    def parse(content: RecordDict) -> tuple[RecordDict, list[str]]:
+        parsed, ignored = parse_train_content(content, expected, metrics)
+        if sent is not None and all(np.array_equal(parsed[keys.ARRAYS][k].numpy(), v) for k, v in sent.items()):
+            raise UnusableReply("the update is empty: the tensors are exactly those sent")
+        return parsed, ignored
+
+    result = _sort(replies, parse, what="train", server_round=server_round, name_of=name_of)
     # Floating-point sums depend on their order. Ordered by content, not by arrival or node id (a
     # restarted simulation draws new node ids), a resumed run aggregates exactly as an
     # uninterrupted one.
-    sorted_replies.valid.sort(key=_content_digest)
-    return sorted_replies
+    result.valid.sort(key=_content_digest)
+    return result
+
+
+def check_evaluate_replies(
+    replies: Iterable[Message], *, server_round: int, name_of: Callable[[int], str]
+) -> SortedReplies:
+    """Valid (parsed), rejected and failed evaluate replies."""
+    return _sort(replies, parse_evaluate_content, what="evaluate", server_round=server_round, name_of=name_of)
 
 
 def _content_digest(reply: Message) -> bytes:

@@ -110,9 +110,11 @@ def test_partial_updates_frozen_bits_and_backbone_once(
     assert again_summary["bytes_sent_backbone_total"] == 0
 
 
-def test_malformed_updates_are_rejected_and_the_run_completes(
+def test_malformed_replies_train_and_evaluate_are_left_out_and_the_run_completes(
     tmp_path: Path, ray_can_import_tests: None, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # probe_clients.TRAIN_BREAKAGE / EVALUATE_BREAKAGE: 3 of 5 clients send a different broken
+    # reply each round, train and evaluate alike; a fourth adds metrics the server does not know.
     from probe_clients import malformed_app
 
     cfg = small_config(tmp_path, "federation.num_clients=5", "federation.rounds=2", "train.unfreeze=[]")
@@ -120,14 +122,36 @@ def test_malformed_updates_are_rejected_and_the_run_completes(
         outcome = simulate(cfg, client_app=malformed_app)
 
     history = RunDirectory.load_history(outcome.run_dir / "history.json")
-    assert outcome.rounds_completed == 2
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    assert outcome.rounds_completed == 2 and outcome.stop_reason == "completed 2 rounds"
     for record in history[1:]:
         assert (record.clients_ok, record.clients_rejected, record.clients_failed) == (2, 3, 0)
-    rejections = [r.getMessage() for r in caplog.records if "rejected the update of client" in r.getMessage()]
-    assert len(rejections) == 6
-    assert sum("non-finite" in m for m in rejections) == 2
-    assert sum("has shape (3, 3)" in m for m in rejections) == 2
-    assert sum("missing tensors" in m for m in rejections) == 2
+        assert (record.evaluations_rejected, record.evaluations_failed) == (3, 0)
+        assert record.federated_accuracy is not None and record.train_loss is not None
+        assert len(record.client_problems) == 3
+    messages = [r.getMessage() for r in caplog.records]
+    train = [m for m in messages if "rejected the train reply of client" in m]
+    evaluate = [m for m in messages if "rejected the evaluate reply of client" in m]
+    assert len(train) == 6 and len(evaluate) == 6
+    # Each line names the broken client by its partition (0, 1 and 2 break; 3 and 4 do not).
+    assert {m.split(" reply of client ")[1].split(" ")[0] for m in train + evaluate} == {"0", "1", "2"}
+    for problem in ("holds non-finite values", "has shape (3, 3)", "missing tensors",
+                    "metric 'train_loss' must be a finite number >= 0, got a list of 2 values",
+                    "has shape (1000000000000,)",
+                    "metric 'num-examples' must be a positive integer up to 2**53, got -5"):
+        assert sum(problem in m for m in train) == 1, problem
+    for problem in ("metric 'num-examples' is missing",
+                    "metric 'num-examples' must be a positive integer up to 2**53, got -5",
+                    "metric 'accuracy' must be a number in [0, 1], got a list of 2 values",
+                    "metric 'loss' must be a finite number >= 0, got nan",
+                    "an evaluate reply carries no tensors", "metric 'accuracy' must be a number in [0, 1], got 2.0"):
+        assert sum(problem in m for m in evaluate) == 1, problem
+    ignored = [m for m in messages if "ignored unknown metrics" in m]
+    assert sum("['my_extra_metric'] in the train reply" in m for m in ignored) == 1
+    assert sum("['loss_per_class'] in the train reply" in m for m in ignored) == 1
+    assert sum("['f1'] in the evaluate reply" in m for m in ignored) == 2
+    assert summary["clients_rejected_total"] == 6 and summary["evaluations_rejected_total"] == 6
+    assert sorted(entry["rounds"] for entry in summary["problems_by_client"].values()) == [2, 2, 2]
     final, _ = load_model_file(outcome.run_dir / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
     assert history[-1].central_accuracy > history[0].central_accuracy

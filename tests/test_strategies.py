@@ -1,48 +1,23 @@
-"""Strategies and reply checks: the registry, partial server optimisers, and why a reply is left out."""
+"""Strategies: the registry, each registered name, partial server optimisers, Byzantine-robust rules, state."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.clientapp.client_app import ClientAppException
-from flwr.common.constant import ErrorCode
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+from flwr.app import Array, ArrayRecord, Message
+from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum
+from replies import error_reply, train_reply
 
 from fedtune import messages as keys
-from fedtune.config import ExperimentConfig, parse_config
-from strategies import PartialFedAdam, PartialFedYogi, build_strategy
-from strategies.validation import concise_reason, problem_with, sort_replies, specs_of
-
-# --- building real Flower messages ------------------------------------------------------------
-
+from fedtune.config import ConfigError, ExperimentConfig, parse_config
+from strategies import PartialFedAdam, PartialFedYogi, build_strategy, restore_strategy_state, strategy_state
+from strategies.registry import STRATEGIES, register
+from strategies.validation import check_train_replies, specs_of, train_metric_specs
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
-
-def _instruction(node: int) -> Message:
-    return Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1})}), node, MessageType.TRAIN)
-
-
-def _reply(
-    arrays: dict[str, np.ndarray], num_examples: object = 10, *, node: int = 1, extra: RecordDict | None = None
-) -> Message:
-    content = RecordDict({keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()})})
-    if num_examples is not None:
-        content[keys.METRICS] = MetricRecord({keys.NUM_EXAMPLES: num_examples, "train_loss": 0.5})
-    for name, record in (extra or {}).items():
-        content[name] = record
-    return Message(content, reply_to=_instruction(node))
-
-
-def _error_reply(reason: str, *, node: int) -> Message:
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=_instruction(node))
-
-
-def _flower_reason(client_message: str) -> str:
-    """The reason Flower's simulation engine reports: str(type(ex)) + ":<'" + str(ex) + "'>" (vce_api)."""
-    error = ClientAppException(client_message)
-    return str(type(error)) + ":<'" + str(error) + "'>"
+_reply = train_reply
+_error_reply = error_reply
 
 
 def test_replies_carry_the_node_and_run_of_their_instruction() -> None:
@@ -50,8 +25,26 @@ def test_replies_carry_the_node_and_run_of_their_instruction() -> None:
     assert reply.metadata.src_node_id == 5
     assert reply.metadata.dst_node_id == 0
     assert reply.metadata.run_id == 7
-    assert reply.metadata.message_type == MessageType.TRAIN
     assert not reply.has_error()
+
+
+# --- the registry -----------------------------------------------------------------------------
+
+
+def test_every_strategy_name_of_the_config_is_registered() -> None:
+    from typing import get_args
+
+    from fedtune.config import StrategyConfig
+
+    names = set(get_args(StrategyConfig.model_fields["name"].annotation))
+    assert names == set(STRATEGIES)
+
+
+def test_registering_a_name_twice_is_refused_and_keeps_the_first() -> None:
+    first = STRATEGIES["fedavg"]
+    with pytest.raises(ValueError, match="strategy 'fedavg' is already registered"):
+        register("fedavg")(lambda cfg, buffer_keys: FedAvg())
+    assert STRATEGIES["fedavg"] is first
 
 
 # --- build_strategy ---------------------------------------------------------------------------
@@ -123,7 +116,8 @@ def test_build_strategy_rejects_an_unknown_name() -> None:
     # (model_copy) still must not reach a KeyError.
     cfg = _config("fedavg")
     unchecked = cfg.model_copy(update={"strategy": cfg.strategy.model_copy(update={"name": "fedsgd"})})
-    with pytest.raises(ValueError, match="unknown strategy 'fedsgd'; known: fedadam, fedavg, fedprox, fedyogi"):
+    known = "bulyan, fedadam, fedavg, fedmedian, fedprox, fedtrimmedavg, fedyogi, krum, multikrum"
+    with pytest.raises(ValueError, match=f"unknown strategy 'fedsgd'; known: {known}"):
         build_strategy(unchecked)
 
 
@@ -230,171 +224,225 @@ def test_buffer_average_leaves_out_failed_replies() -> None:
     np.testing.assert_allclose(arrays[buffer].numpy(), np.full(3, 3.25, np.float32))
 
 
-# --- problem_with: why a reply cannot be aggregated -------------------------------------------
-
-GOOD = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
-NON_FINITE = "holds non-finite values (NaN or inf)"
+# --- Byzantine-robust strategies ----------------------------------------------------------------
 
 
-@pytest.fixture
-def expected() -> dict:
-    return specs_of(ArrayRecord({k: Array(v) for k, v in GOOD.items()}))
-
-
-def _with(key: str, value: np.ndarray) -> dict[str, np.ndarray]:
-    return {**GOOD, key: value}
-
-
-def test_specs_of_records_names_shapes_and_dtypes(expected: dict) -> None:
-    assert set(expected) == {"w", "b"}
-    assert expected["w"].shape == (2, 3)
-    assert expected["w"].dtype == np.dtype(np.float32)
-
-
-def test_a_good_reply_has_no_problem(expected: dict) -> None:
-    assert problem_with(_reply(GOOD), expected) is None
+def _robust_config(name: str, clients: int = 7, **strategy: object) -> ExperimentConfig:
+    return parse_config({"federation": {"num_clients": clients}, "strategy": {"name": name, **strategy}})
 
 
 @pytest.mark.parametrize(
-    ("arrays", "message"),
-    [
-        (_with("w", np.array([[0, np.nan, 0], [0, 0, 0]], np.float32)), f"tensor 'w' {NON_FINITE}"),
-        (_with("b", np.array([0, np.inf, 0], np.float32)), f"tensor 'b' {NON_FINITE}"),
-        (_with("b", np.array([0, -np.inf, 0], np.float32)), f"tensor 'b' {NON_FINITE}"),
-        (_with("w", np.zeros((3, 2), np.float32)), "tensor 'w' has shape (3, 2), expected (2, 3)"),
-        (_with("b", np.zeros(3, np.float64)), "tensor 'b' has dtype float64, expected float32"),
-        ({"w": GOOD["w"]}, "missing tensors ['b']"),
-        (_with("extra", np.zeros(1, np.float32)), "unexpected tensors ['extra']"),
-    ],
-    ids=["nan", "inf", "-inf", "shape", "dtype", "missing", "extra"],
+    ("name", "base"),
+    [("fedmedian", FedMedian), ("fedtrimmedavg", FedTrimmedAvg), ("krum", Krum), ("multikrum", MultiKrum),
+     ("bulyan", Bulyan)],
 )
-def test_a_malformed_tensor_is_named(expected: dict, arrays: dict[str, np.ndarray], message: str) -> None:
-    assert problem_with(_reply(arrays), expected) == message
+def test_build_strategy_builds_each_robust_rule_with_its_parameters(name: str, base: type) -> None:
+    strategy = build_strategy(_robust_config(name, trim_fraction=0.3, num_malicious=1))
+    assert isinstance(strategy, base)
+    assert strategy.min_train_nodes == 7 and strategy.fraction_train == pytest.approx(1.0)
+    if name == "fedtrimmedavg":
+        assert strategy.beta == pytest.approx(0.3)
+    if name in ("krum", "multikrum", "bulyan"):
+        assert strategy.num_malicious_nodes == 1
+    if name == "multikrum":
+        assert strategy.num_nodes_to_select == 6  # clients per round - num_malicious
+    if name == "krum":
+        assert strategy.num_nodes_to_select == 1
 
 
-def test_many_missing_tensors_are_abbreviated() -> None:
-    expected = specs_of(ArrayRecord({f"t{i}": Array(np.zeros(1, np.float32)) for i in range(5)}))
-    assert problem_with(_reply({"t0": np.zeros(1, np.float32)}), expected) == "missing tensors ['t1', 't2', 't3'] ..."
+def test_multikrum_takes_the_configured_number_of_updates() -> None:
+    strategy = build_strategy(_robust_config("multikrum", num_malicious=1, num_selected=3))
+    assert strategy.num_nodes_to_select == 3
 
 
-@pytest.mark.parametrize(
-    ("num_examples", "shown"),
-    [(0, "0"), (-5, "-5"), (10.0, "10.0"), (2.5, "2.5"), ([10], "[10]")],
-    ids=["zero", "negative", "float", "fraction", "list"],
-)
-def test_num_examples_must_be_a_positive_integer(expected: dict, num_examples: object, shown: str) -> None:
-    problem = problem_with(_reply(GOOD, num_examples), expected)
-    assert problem == f"'num-examples' must be a positive integer, got {shown}"
+def _parsed(replies: list[Message], sent: dict[str, np.ndarray]) -> list[Message]:
+    """The replies as the server hands them to a strategy: parsed at the edge, in the server's key order."""
+    expected = specs_of(ArrayRecord({k: Array(v) for k, v in sent.items()}))
+    checked = check_train_replies(replies, expected, metrics=train_metric_specs(dp_sgd=False), server_round=1,
+                                  name_of=str)
+    assert not checked.problems
+    return checked.valid
 
 
-def test_num_examples_missing_is_named(expected: dict) -> None:
-    arrays = ArrayRecord({k: Array(v) for k, v in GOOD.items()})
-    content = RecordDict({keys.ARRAYS: arrays, keys.METRICS: MetricRecord({"train_loss": 0.1})})
-    reply = Message(content, reply_to=_instruction(1))
-    assert problem_with(reply, expected) == "'num-examples' must be a positive integer, got None"
+ROBUST = ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"]
 
 
-def test_num_examples_as_bool_is_refused(expected: dict) -> None:
-    # MetricRecord itself refuses bools, so a True weight can never reach aggregation as 1.
-    with pytest.raises(TypeError, match="bool"):
-        MetricRecord({keys.NUM_EXAMPLES: True})
+@pytest.mark.parametrize("name", ROBUST)
+def test_robust_rules_take_partial_updates_whose_keys_grow_between_rounds(name: str) -> None:
+    strategy = build_strategy(_robust_config(name))
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 2)).astype(np.float32)
+    b = rng.normal(size=4).astype(np.float32)
+    # Round 1: only "a" trains; round 2: unfreezing adds "b". Nothing carries over between rounds.
+    round_1 = [_reply({"a": a + rng.normal(scale=0.1, size=a.shape).astype(np.float32)}, node=n) for n in range(7)]
+    arrays, metrics = strategy.aggregate_train(1, _parsed(round_1, {"a": a}))
+    assert arrays is not None and list(arrays) == ["a"] and metrics is not None
+    sent = {"a": arrays["a"].numpy(), "b": b}
+    round_2 = [_reply({k: v + np.float32(0.01 * n) for k, v in sent.items()}, node=n) for n in range(7)]
+    arrays, _ = strategy.aggregate_train(2, _parsed(round_2, sent))
+    assert arrays is not None and list(arrays) == ["a", "b"]
+    assert arrays["b"].numpy().shape == (4,) and arrays["b"].numpy().dtype == np.float32
+    assert strategy_state(strategy) == ({}, {})  # nothing to checkpoint: a resumed run rebuilds it whole
 
 
-def test_two_array_records_are_refused(expected: dict) -> None:
-    extra = RecordDict({"other": ArrayRecord({"w": Array(GOOD["w"])})})
-    problem = problem_with(_reply(GOOD, extra=extra), expected)
-    assert problem == "expected one ArrayRecord 'arrays', got ['arrays', 'other']"
+@pytest.mark.parametrize("name", ROBUST)
+def test_robust_rules_keep_out_two_hostile_updates_of_seven(name: str) -> None:
+    # f = 2 needs 7 clients for Krum (2f + 3) but 11 for Bulyan (4f + 3): Bulyan is given f = 1,
+    # and its Krum stage and coordinate-wise trimming still leave the two far-off updates out.
+    f = 1 if name == "bulyan" else 2
+    strategy = build_strategy(_robust_config(name, trim_fraction=0.3, num_malicious=f))
+    rng = np.random.default_rng(1)
+    start = np.zeros(50, np.float32)
+    honest = [start + 1.0 + rng.normal(scale=0.05, size=50).astype(np.float32) for _ in range(5)]
+    hostile = [start - 1e6, start + rng.normal(scale=1e3, size=50).astype(np.float32)]
+    replies = [_reply({"w": w}, 10, node=n) for n, w in enumerate(honest + hostile)]
+    arrays, _ = strategy.aggregate_train(1, _parsed(replies, {"w": start}))
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), 1.0, atol=0.2)
 
 
-def test_an_array_record_under_another_name_is_refused(expected: dict) -> None:
-    arrays = ArrayRecord({k: Array(v) for k, v in GOOD.items()})
-    content = RecordDict({"weights": arrays, keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3})})
-    problem = problem_with(Message(content, reply_to=_instruction(1)), expected)
-    assert problem == "expected one ArrayRecord 'arrays', got ['weights']"
+def test_plain_fedavg_is_taken_over_by_one_hostile_update() -> None:
+    # What the robust rules (and the update bound) are for.
+    start = np.zeros(50, np.float32)
+    replies = [_reply({"w": start + 1.0}, node=n) for n in range(4)] + [_reply({"w": start - 1e6}, node=9)]
+    arrays, _ = build_strategy(_robust_config("fedavg")).aggregate_train(1, _parsed(replies, {"w": start}))
+    assert arrays is not None and (arrays["w"].numpy() < -1e5).all()
 
 
-def test_no_metric_record_is_refused(expected: dict) -> None:
-    assert problem_with(_reply(GOOD, None), expected) == "expected one MetricRecord, got 0"
+@pytest.mark.parametrize("name", ["krum", "bulyan"])
+def test_tensors_are_paired_by_name_whatever_order_a_client_sends_them_in(name: str) -> None:
+    # Krum's distances and Bulyan's trimming pair tensors by position; one client sending its two
+    # same-shaped tensors in the other order would swap them there. Parsed replies are in the
+    # server's order.
+    strategy = build_strategy(_robust_config(name, num_malicious=1))
+    sent = {"first": np.zeros(4, np.float32), "second": np.zeros(4, np.float32)}
+    honest = [{"first": np.full(4, 1.0 + 0.01 * n, np.float32), "second": np.full(4, -1.0, np.float32)}
+              for n in range(7)]
+    replies = [_reply(update, node=n) for n, update in enumerate(honest)]
+    replies[0] = _reply({"second": honest[0]["second"], "first": honest[0]["first"]}, node=0)  # reversed order
+    assert list(replies[0].content[keys.ARRAYS]) == ["second", "first"]
+    parsed = _parsed(replies, sent)
+    assert all(list(reply.content[keys.ARRAYS]) == ["first", "second"] for reply in parsed)
+    arrays, _ = strategy.aggregate_train(1, parsed)
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["first"].numpy(), 1.03, atol=0.031)
+    np.testing.assert_allclose(arrays["second"].numpy(), -1.0)
 
 
-def test_two_metric_records_are_refused(expected: dict) -> None:
-    extra = RecordDict({"more": MetricRecord({keys.NUM_EXAMPLES: 3})})
-    assert problem_with(_reply(GOOD, extra=extra), expected) == "expected one MetricRecord, got 2"
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "bulyan"])
+def test_coordinate_wise_rules_keep_a_running_variance_a_variance(name: str) -> None:
+    strategy = build_strategy(_robust_config(name))
+    variance = np.full(8, 1.0, np.float32)
+    rng = np.random.default_rng(2)
+    replies = [_reply({"bn.running_var": variance * rng.uniform(0.2, 3.0, size=8).astype(np.float32)}, node=n)
+               for n in range(7)]
+    arrays, _ = strategy.aggregate_train(1, _parsed(replies, {"bn.running_var": variance}))
+    assert arrays is not None and (arrays["bn.running_var"].numpy() > 0).all()
 
 
-def test_undecodable_bytes_are_named(expected: dict) -> None:
-    broken = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"\x00garbage")
-    content = RecordDict(
-        {
-            keys.ARRAYS: ArrayRecord({"w": Array(GOOD["w"]), "b": broken}),
-            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3}),
-        }
-    )
-    problem = problem_with(Message(content, reply_to=_instruction(1)), expected)
-    assert problem is not None and problem.startswith("tensor 'b' cannot be decoded: ")
+def test_multikrum_weights_the_updates_it_chooses_by_num_examples() -> None:
+    strategy = build_strategy(_robust_config("multikrum", num_malicious=1, num_selected=2))
+    start = np.zeros(3, np.float32)
+    updates = [np.full(3, 1.0, np.float32), np.full(3, 1.1, np.float32)] + [np.full(3, v, np.float32)
+                                                                               for v in (5.0, 9.0, -7.0, 20.0, -30.0)]
+    replies = [_reply({"w": u}, weight, node=n) for n, (u, weight) in enumerate(zip(updates, [10, 30, 1, 1, 1, 1, 1],
+                                                                                   strict=True))]
+    arrays, _ = strategy.aggregate_train(1, _parsed(replies, {"w": start}))
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), (1.0 * 10 + 1.1 * 30) / 40, rtol=1e-6)
 
 
-# --- sort_replies -----------------------------------------------------------------------------
-
-
-def test_sort_replies_separates_valid_rejected_and_failed(expected: dict, caplog: pytest.LogCaptureFixture) -> None:
-    good = _reply(GOOD, node=1)
-    bad = _reply(_with("w", np.full((2, 3), np.nan, np.float32)), node=2)
-    failed = _error_reply(_flower_reason("no data"), node=3)
-
+@pytest.mark.parametrize(("name", "clients", "tolerated"), [("bulyan", 5, 0), ("krum", 4, 0), ("bulyan", 2, 0)])
+def test_a_round_with_too_few_updates_for_f_lowers_f_and_says_so(
+    name: str, clients: int, tolerated: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    strategy = build_strategy(_robust_config(name, clients=11, num_malicious=1))
+    start = np.zeros(3, np.float32)
+    replies = [_reply({"w": start + np.float32(1 + 0.01 * n)}, node=n) for n in range(clients)]
     with caplog.at_level("WARNING", logger="fedtune.server"):
-        result = sort_replies([good, bad, failed], expected, server_round=4)
-
-    assert result.valid == [good]
-    assert result.rejected == [bad]
-    assert result.failed == [failed]
-    assert result.problems == {2: f"tensor 'w' {NON_FINITE}", 3: "no data"}
-    logged = [record.getMessage() for record in caplog.records]
-    assert f"round 4: rejected the update of client 2: tensor 'w' {NON_FINITE}" in logged
-    assert "round 4: client 3 failed: no data" in logged
-
-
-# --- concise_reason ---------------------------------------------------------------------------
+        arrays, _ = strategy.aggregate_train(4, _parsed(replies, {"w": start}))
+    assert strategy.num_malicious_nodes == 1  # the configured f is back for the next round
+    warned = [r.getMessage() for r in caplog.records if r.name == "fedtune.server"]
+    assert any(f"round 4: {name}: {clients} usable updates tolerate {tolerated} hostile ones" in m for m in warned)
+    if clients >= 3:
+        assert arrays is not None
+        np.testing.assert_allclose(arrays["w"].numpy(), 1.0, atol=0.05)
+    else:
+        assert arrays is None  # Bulyan needs 3 updates even for f = 0 (Flower skips the round)
 
 
-def test_concise_reason_extracts_the_client_message_from_flowers_wrapper() -> None:
-    reason = _flower_reason("data root missing")
-    assert reason.endswith("\nException ClientAppException occurred. Message: data root missing'>")
-    assert concise_reason(reason) == "data root missing"
+def test_trimmed_mean_says_when_it_cuts_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    strategy = build_strategy(_robust_config("fedtrimmedavg", trim_fraction=0.2))
+    start = np.zeros(3, np.float32)
+    replies = [_reply({"w": start + np.float32(n)}, node=n) for n in range(4)]  # int(0.2 x 4) = 0
+    with caplog.at_level("WARNING", logger="fedtune.server"):
+        strategy.aggregate_train(2, _parsed(replies, {"w": start}))
+    assert "round 2: fedtrimmedavg: trim_fraction 0.2 of 4 usable updates cuts none" in caplog.text
 
 
-def test_concise_reason_extracts_the_message_from_a_ray_traceback() -> None:
-    reason = (
-        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() "
-        "(pid=4242, ip=127.0.0.1, actor_id=abc)\n"
-        "  File \"/venv/lib/python3.11/site-packages/flwr/simulation/ray_transport/ray_actor.py\", line 65, in run\n"
-        "    raise ClientAppException(str(ex)) from ex\n"
-        "flwr.clientapp.client_app.ClientAppException: \n"
-        "Exception ClientAppException occurred. Message: data root missing'>"
-    )
-    assert concise_reason(reason) == "data root missing"
+def test_robust_rules_resume_from_a_checkpoint_of_their_empty_state() -> None:
+    for name in ROBUST:
+        strategy = build_strategy(_robust_config(name))
+        tensors, scalars = strategy_state(strategy)
+        restore_strategy_state(build_strategy(_robust_config(name)), tensors, scalars)
 
 
-def test_concise_reason_keeps_only_the_first_line_of_a_multi_line_client_message() -> None:
-    assert concise_reason(_flower_reason("data root missing\nsee the docs")) == "data root missing"
+# --- which strategies fit which settings ------------------------------------------------------
 
 
-def test_concise_reason_of_a_plain_traceback_is_its_last_line() -> None:
-    reason = (
-        "Traceback (most recent call last):\n"
-        '  File "client/app.py", line 52, in run_training\n'
-        "    data = local_data(settings, node)\n"
-        "FileNotFoundError: data root missing: /data/ants\n"
-        "\n   \n"
-    )
-    assert concise_reason(reason) == "FileNotFoundError: data root missing: /data/ants"
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"federation": {"num_clients": 4}, "strategy": {"name": "krum"}},
+         "strategy.num_malicious: krum tolerating 1 hostile clients needs at least 5 clients per round "
+         "(2 x num_malicious + 3), but federation.clients_per_round gives 4"),
+        ({"federation": {"num_clients": 10, "clients_per_round": 6}, "strategy": {"name": "bulyan"}},
+         "strategy.num_malicious: bulyan tolerating 1 hostile clients needs at least 7 clients per round "
+         "(4 x num_malicious + 3), but federation.clients_per_round gives 6"),
+        ({"federation": {"num_clients": 6}, "strategy": {"name": "multikrum", "num_malicious": 2}},
+         "strategy.num_malicious: multikrum tolerating 2 hostile clients needs at least 7"),
+        ({"federation": {"num_clients": 6}, "strategy": {"name": "multikrum", "num_selected": 6}},
+         "strategy.num_selected: multikrum can average at most clients per round - num_malicious = 5 updates, not 6"),
+        ({"federation": {"num_clients": 4}, "strategy": {"name": "fedtrimmedavg", "trim_fraction": 0.2}},
+         "strategy.trim_fraction: 0.2 of 4 clients per round cuts no update; at least 0.25 is needed"),
+        ({"strategy": {"name": "fedmedian"}, "privacy": {"secure_aggregation": {"enabled": True}}},
+         "privacy.secure_aggregation: cannot be combined with strategy fedmedian: it compares single updates"),
+        ({"strategy": {"name": "krum"}, "privacy": {"central": {"enabled": True}}},
+         "privacy.central: needs strategy fedavg, not krum"),
+        ({"strategy": {"bound": {"enabled": True}}, "privacy": {"secure_aggregation": {"enabled": True}}},
+         "strategy.bound.enabled: the update bound cannot be combined with privacy.secure_aggregation"),
+        ({"strategy": {"bound": {"enabled": True}}, "privacy": {"central": {"enabled": True}}},
+         "strategy.bound.enabled: the update bound cannot be combined with privacy.central"),
+        ({"strategy": {"bound": {"norm_ratio": 1.0}}}, "strategy.bound.norm_ratio: Input should be greater than 1"),
+        ({"strategy": {"bound": {"weight_ratio": 0.5}}},
+         "strategy.bound.weight_ratio: Input should be greater than or equal to 1"),
+        ({"strategy": {"bound": {"norm_action": "drop"}}}, "strategy.bound.norm_action: Input should be 'reject'"),
+        ({"strategy": {"bound": {"enabled": "sometimes"}}}, "strategy.bound.enabled"),
+        ({"strategy": {"bound": {"max_examples": 0}}}, "strategy.bound.max_examples"),
+    ],
+    ids=["krum-too-few", "bulyan-too-few", "multikrum-f2", "multikrum-selected", "trim-none", "secagg-robust",
+         "central-krum", "secagg-bound", "central-bound", "norm-ratio", "weight-ratio", "action", "enabled",
+         "max-examples"],
+)
+def test_combinations_that_cannot_hold_are_config_errors_naming_the_keys(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(settings)
+    assert message in str(error.value)
 
 
-def test_concise_reason_of_nothing() -> None:
-    assert concise_reason("") == "no reason given"
-    assert concise_reason("\n  \n") == "no reason given"
-
-
-def test_concise_reason_is_bounded() -> None:
-    assert len(concise_reason(_flower_reason("x" * 2000))) == 500
-    assert len(concise_reason("y" * 2000)) == 500
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"strategy": {"name": "krum"}, "privacy": {"dp_sgd": {"enabled": True}}},
+        {"strategy": {"name": "bulyan"}, "federation": {"num_clients": 7}, "privacy": {"dp_sgd": {"enabled": True}}},
+        {"privacy": {"secure_aggregation": {"enabled": True}}},  # bound auto: off, nothing to refuse
+        {"privacy": {"central": {"enabled": True}}},
+        {"strategy": {"name": "fedadam", "bound": {"enabled": True, "norm_action": "clip"}}},
+        {"strategy": {"name": "fedmedian", "bound": {"enabled": False}}},
+        {"strategy": {"bound": {"norm_ratio": None, "weight_ratio": None, "max_examples": 500}}},
+    ],
+    ids=["krum-dp-sgd", "bulyan-dp-sgd", "secagg-auto", "central-auto", "fedadam-clip", "median-unbounded",
+         "absolute-cap-only"],
+)
+def test_combinations_that_hold_are_accepted(settings: dict) -> None:
+    parse_config(settings)

@@ -1,0 +1,61 @@
+"""The strategy registry: names in the experiment file, each mapped to a factory of a Flower strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.serverapp.strategy import Strategy
+
+from fedtune.config import ExperimentConfig
+
+# name -> factory(cfg, buffer_keys): `buffer_keys` name the non-parameter tensors that may travel.
+StrategyFactory = Callable[[ExperimentConfig, frozenset[str]], Strategy]
+STRATEGIES: dict[str, StrategyFactory] = {}
+
+
+def register(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
+    """Registers a factory under `name`; a name registered twice is an error, never an overwrite."""
+
+    def decorator(factory: StrategyFactory) -> StrategyFactory:
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} is already registered (by {STRATEGIES[name].__module__}."
+                             f"{STRATEGIES[name].__qualname__})")
+        STRATEGIES[name] = factory
+        return factory
+
+    return decorator
+
+
+def build_strategy(cfg: ExperimentConfig, *, buffer_keys: frozenset[str] = frozenset()) -> Strategy:
+    """The configured strategy; `buffer_keys` name the non-parameter tensors that may travel."""
+    name = cfg.strategy.name
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name](cfg, buffer_keys)
+
+
+def sampling(cfg: ExperimentConfig, available: int | None = None) -> dict[str, int | float]:
+    """Flower's sampling settings; with `available`, capped to that many eligible clients."""
+    clients = cfg.federation.num_clients
+    per_round = cfg.federation.sampled_per_round
+    evaluate = per_round if cfg.data.val_fraction > 0 else 0
+    cap = clients if available is None else available
+    return {
+        "fraction_train": per_round / clients,
+        "min_train_nodes": min(per_round, cap),
+        "fraction_evaluate": evaluate / clients,
+        "min_evaluate_nodes": min(evaluate, cap),
+        "min_available_nodes": cap,
+    }
+
+
+def fit_sampling_to(strategy: Strategy, cfg: ExperimentConfig, available: int) -> None:
+    """Sample from `available` eligible clients from now on (some may have left, at their budget).
+
+    Flower's sampling waits forever for min_available_nodes, so the minimums must shrink with
+    the pool. A wrapper (the central-DP ones) samples through the strategy it wraps.
+    """
+    inner = getattr(strategy, "strategy", strategy)
+    for name, value in sampling(cfg, available).items():
+        if name.startswith("min_"):
+            setattr(inner, name, value)
