@@ -101,6 +101,11 @@ def _fedtrimmedavg(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strate
 
 @register("krum")
 def _krum(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
+    if cfg.data.partition.scheme != "iid":
+        # Measured: 14 points below FedAvg on the quickstart task (README, "What robustness costs").
+        log.warning("strategy krum keeps one client's update a round: on %s partitions that is one client's "
+                    "view of the task, and the model learns far more slowly than with fedavg; multikrum "
+                    "averages the best-scored updates instead", cfg.data.partition.scheme)
     return FittedKrum(num_malicious_nodes=cfg.strategy.num_malicious, **sampling(cfg))
 
 

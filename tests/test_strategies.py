@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message
@@ -248,6 +250,17 @@ def test_build_strategy_builds_each_robust_rule_with_its_parameters(name: str, b
         assert strategy.num_nodes_to_select == 6  # clients per round - num_malicious
     if name == "krum":
         assert strategy.num_nodes_to_select == 1
+
+
+@pytest.mark.parametrize(("scheme", "warned"), [("dirichlet", True), ("shards", True), ("iid", False)])
+def test_krum_on_non_iid_partitions_says_what_it_costs(scheme: str, warned: bool,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    cfg = parse_config({"federation": {"num_clients": 7}, "data": {"partition": {"scheme": scheme}},
+                        "strategy": {"name": "krum", "num_malicious": 1}})
+    with caplog.at_level(logging.WARNING, logger="fedtune.server"):
+        build_strategy(cfg)
+    assert ("keeps one client's update a round" in caplog.text) is warned
+    assert ("multikrum averages the best-scored updates instead" in caplog.text) is warned
 
 
 def test_multikrum_takes_the_configured_number_of_updates() -> None:
