@@ -48,6 +48,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fedtune.ports import wait_until_listening
 from fedtune.results import RunDirectory, compare_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,15 +158,8 @@ def _signal_session(process: subprocess.Popen, signum: int) -> None:
 
 
 def _wait_for_port(port: int, processes: Processes, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        processes.check()
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listened on port {port} within {timeout:.0f} s")
+    if not wait_until_listening(port, timeout=timeout, check_alive=processes.check, interval=0.2):
+        raise RuntimeError(f"nothing listened on port {port} within {timeout:.0f} s")
 
 
 def _environment() -> dict[str, str]:

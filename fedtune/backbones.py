@@ -119,14 +119,6 @@ def preprocessing_for(name: str) -> Preprocessing:
     return _spec(name).preprocessing
 
 
-def imagenet_model(name: str) -> nn.Module:
-    """The native model with its published weights and 1000-class head, in eval mode (sanity checks)."""
-    spec = _spec(name)
-    native = spec.build()
-    spec.load_pretrained(native)
-    return native.eval()
-
-
 def _read_weights_file(path: Path) -> dict[str, Tensor]:
     """The tensors of a .safetensors file or a plain torch state dict; ValueError naming the file otherwise."""
     if not path.is_file():
@@ -182,10 +174,6 @@ def _rgb(values: Sequence[float]) -> tuple[float, float, float]:
 
 def _new_head(in_features: int, num_classes: int, head_dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Dropout(head_dropout), nn.Linear(in_features, num_classes))
-
-
-def _pool() -> nn.Sequential:
-    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
 
 
 # --- torchvision backbones -------------------------------------------------------------------

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-LOOPBACK = "127.0.0.1"
+from fedtune.ports import LOOPBACK
+
 _VALID_FOR = datetime.timedelta(days=30)  # a server run is far shorter; the files are remade at each start
 
 

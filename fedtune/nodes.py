@@ -42,7 +42,8 @@ from fedtune import lifeline
 from fedtune.bundle import APP_ROOT, local_identity
 from fedtune.gateway import FleetGateway, Gateway, bind
 from fedtune.logs import setup_logging
-from fedtune.loopback_tls import LOOPBACK, make_loopback_tls
+from fedtune.loopback_tls import make_loopback_tls
+from fedtune.ports import LOOPBACK, free_loopback_port, wait_until_listening
 
 CONNECTION = "fedtune"
 # A worker that keeps dying (say, it cannot import torch) is restarted no more often than this.
@@ -152,22 +153,12 @@ def _executable(name: str) -> str:
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def check_alive() -> None:
         if process.poll() is not None:
             raise NodeError(f"the SuperLink exited with code {process.returncode} before it listened on port {port}")
-        try:
-            with socket.create_connection((LOOPBACK, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise NodeError(f"the SuperLink did not listen on {LOOPBACK}:{port} within {timeout:.0f} s")
 
-
-def _free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    if not wait_until_listening(port, timeout=timeout, check_alive=check_alive):
+        raise NodeError(f"the SuperLink did not listen on {LOOPBACK}:{port} within {timeout:.0f} s")
 
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -329,7 +320,7 @@ def _serve_on(
     # ("database is locked") and runs failed; nothing in it is needed after the run: the server's
     # own checkpoint is what a restart resumes from.
     loopback = make_loopback_tls(state_dir / "loopback-tls")
-    link_port = _free_loopback_port()
+    link_port = free_loopback_port()
     superlink = [_executable("flower-superlink"), "--disable-runtime-dependency-installation",
                  "--ssl-ca-certfile", str(loopback.ca), "--ssl-certfile", str(loopback.certificate),
                  "--ssl-keyfile", str(loopback.key), "--host", LOOPBACK, "--port", str(link_port)]

@@ -9,9 +9,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fedtune.backbones import StagedModel
+from fedtune.backbones import HEAD, StagedModel
 
-HEAD = "head"
 # BatchNorm's step counter is an int64 that weighted averaging would turn into a float, and it
 # only matters for BatchNorm layers with momentum=None (none of the registered backbones).
 _NOT_TRAVELLING_SUFFIX = "num_batches_tracked"
@@ -102,8 +101,7 @@ def set_train_mode(model: StagedModel, stages: list[str], *, freeze_statistics: 
 
 def first_trainable_index(model: StagedModel, stages: list[str]) -> int:
     """Index of the lowest trainable stage: everything below it is a frozen prefix."""
-    names = list(model.stages)
-    return min(names.index(stage) for stage in stages)
+    return min(model.stage_index(stage) for stage in stages)
 
 
 def param_groups(

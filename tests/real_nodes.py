@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedtune import ports
 from server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,16 +37,12 @@ def make_certs(directory: Path) -> Path:
 
 
 def wait_until_listening(port: int, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def check_alive() -> None:
         if server.poll() is not None:
             raise AssertionError(f"the server exited with code {server.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f} s")
+
+    if not ports.wait_until_listening(port, timeout=timeout, check_alive=check_alive, interval=0.5):
+        raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f} s")
 
 
 class LoopbackFederation:

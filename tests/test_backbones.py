@@ -15,7 +15,6 @@ from fedtune.backbones import (
     BACKBONES,
     StagedModel,
     build_model,
-    imagenet_model,
     preprocessing_for,
 )
 
@@ -99,6 +98,14 @@ def test_pool_has_no_parameters_and_is_not_a_block() -> None:
 
     assert not list(model.stages["pool"].parameters())
     assert "pool" not in model.block_names
+
+
+def imagenet_model(name: str) -> nn.Module:
+    """The native model with its published weights and 1000-class head, in eval mode."""
+    spec = BACKBONES[name]
+    native = spec.build()
+    spec.load_pretrained(native)
+    return native.eval()
 
 
 def test_lite0_imagenet_weights_reach_build_model() -> None:
