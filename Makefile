@@ -22,6 +22,7 @@ quickstart: setup
 	$(BIN)/fedtune simulate configs/quickstart.yaml --compare-scratch
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-all: setup
