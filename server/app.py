@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.logs import setup_logging
-from server.federation import run_federation
+from server.federation import node_count_mismatch, run_federation
 from server.grid import PromptGrid
 
 # The app bundle's root: `flwr run` ships configs/ inside it, so a relative config path is
@@ -29,6 +31,27 @@ def config_from_run_config(run_config: dict[str, object]) -> ExperimentConfig:
     return load_config(path, overrides)
 
 
+def check_simulated_node_count(grid: Grid, cfg: ExperimentConfig, *, settle: float = 0.5) -> None:
+    """In a simulation, say at once when the node count is not federation.num_clients.
+
+    Flower's simulation registers all its nodes in one loop as it starts
+    (flwr/server/superlink/fleet/vce/vce_api.py, `_register_nodes`), so a count that holds still
+    is final; `flwr run`'s default federation has 2 nodes. Real nodes connect one by one:
+    run_federation waits for them up to federation.connect_timeout.
+    """
+    if not isinstance(grid, InMemoryGrid):
+        return
+    deadline = time.monotonic() + cfg.federation.connect_timeout
+    counted = -1
+    while (connected := len(list(grid.get_node_ids()))) != counted or not connected:
+        if time.monotonic() > deadline:
+            break
+        counted = connected
+        time.sleep(settle)
+    if connected != cfg.federation.num_clients:
+        raise RuntimeError(node_count_mismatch(connected, cfg.federation.num_clients))
+
+
 app = ServerApp()
 
 
@@ -41,4 +64,5 @@ def main(grid: Grid, context: Context) -> None:
         # rather than let the setting look obeyed.
         log.warning("federation.ray_address applies to `fedtune simulate` only and is ignored here; with `flwr run`, "
                     "set RAY_ADDRESS in the environment the local SuperLink starts from (deploy/README.md)")
+    check_simulated_node_count(grid, cfg)
     run_federation(PromptGrid(grid), cfg)

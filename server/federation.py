@@ -90,11 +90,14 @@ def _wait_for_nodes(grid: Grid, cfg: ExperimentConfig) -> None:
     while (connected := len(list(grid.get_node_ids()))) < expected and time.monotonic() < deadline:
         time.sleep(0.5)
     if connected != expected:
-        raise RuntimeError(
-            f"{connected} nodes are connected but federation.num_clients is {expected}: in simulation with "
+        raise RuntimeError(node_count_mismatch(connected, expected))
+
+
+def node_count_mismatch(connected: int, expected: int) -> str:
+    """What to do when the federation's node count is not federation.num_clients."""
+    return (f"{connected} nodes are connected but federation.num_clients is {expected}: in simulation with "
             f"`flwr run`, pass --federation-config \"num-supernodes={expected}\" (or set federation.num_clients "
-            f"to {connected}); on real nodes, start {expected} clients"
-        )
+            f"to {connected}); on real nodes, start {expected} clients")
 
 
 @dataclass

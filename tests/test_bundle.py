@@ -68,6 +68,16 @@ def test_the_bundle_of_this_checkout_is_accepted_whatever_lies_outside_the_packa
     check_bundle(build_fab_from_disk(app), local)
 
 
+def test_the_bundle_carries_the_apps_code_and_experiment_files_only(genuine: bytes) -> None:
+    # pyproject.toml's fab-include: no README, benchmarks, deploy files or test helpers travel with a run.
+    with zipfile.ZipFile(io.BytesIO(genuine)) as bundle:
+        names = bundle.namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert tops == {".info", "pyproject.toml", "fedtune", "server", "client", "strategies", "configs"}
+    assert "configs/quickstart.yaml" in names  # the ServerApp reads it (run config `config`)
+    assert all(name.endswith(".py") for name in names if name.split("/")[0] in {"fedtune", "server", "client"})
+
+
 def test_one_changed_byte_in_a_runtime_file_is_named(tmp_path: Path, local) -> None:
     app = _copy(tmp_path)
     source = (app / "client" / "app.py").read_bytes()

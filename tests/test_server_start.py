@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
 from image_files import write_image_folder, write_truncated_png
 
 from fedtune.config import load_config
 from fedtune.data import BadImageError
+from server.app import check_simulated_node_count
 from server.federation import run_federation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,3 +50,28 @@ def test_a_corrupt_test_image_fails_before_the_run_directory_exists(tmp_path: Pa
     with pytest.raises(BadImageError, match=f"{cut}: cannot be decoded"):
         run_federation(grid=None, cfg=cfg)  # type: ignore[arg-type]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_simulation_with_the_wrong_node_count_says_so_at_once(tmp_path: Path) -> None:
+    # `flwr run`'s default federation simulates 2 nodes; the experiment wants 3. Flower's own
+    # simulation engine (on Ray) registers the nodes; the check must not wait out connect_timeout.
+    cfg = load_config(REPO / "configs" / "quickstart.yaml",
+                      ["federation.num_clients=3", "federation.connect_timeout=300", f"output.dir={tmp_path}"])
+    seen: list[tuple[str, float]] = []
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:  # noqa: ANN001
+        started = time.monotonic()
+        try:
+            check_simulated_node_count(grid, cfg)
+            seen.append(("no error", time.monotonic() - started))
+        except RuntimeError as error:
+            seen.append((str(error), time.monotonic() - started))
+
+    run_simulation(server_app=app, client_app=ClientApp(), num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1}})
+    [(message, seconds)] = seen
+    assert message.startswith("2 nodes are connected but federation.num_clients is 3")
+    assert '--federation-config "num-supernodes=3"' in message
+    assert seconds < 10
