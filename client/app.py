@@ -53,7 +53,7 @@ app = ClientApp(mods=[secure_aggregation_mod, _client_side_clipping])
 def _refuse(msg: Message, error: RefusedMessage) -> Message:
     reply = protocol.refusal(msg, error)
     log.warning("refused a %s message from the server: %s", msg.metadata.message_type,
-                reply.error.reason.removeprefix(f"{keys.REFUSED}: "))  # as cut for the reply
+                (reply.error.reason or "").removeprefix(f"{keys.REFUSED}: "))  # as cut for the reply
     return reply
 
 
@@ -133,7 +133,8 @@ def _query(msg: Message, context: Context) -> Message:
             cache.store(question.model_hash, tensors)
         except ValueError as error:  # not the model the hash announces
             raise RefusedMessage(keys.BACKBONE, str(error)) from None
-    answer = {keys.HAS_MODEL: int(cache.has(question.model_hash)), keys.PARTITION: node.partition_id}
+    answer: dict[str, int | float | list[int] | list[float]] = {
+        keys.HAS_MODEL: int(cache.has(question.model_hash)), keys.PARTITION: node.partition_id}
     return Message(RecordDict({keys.METRICS: MetricRecord(answer)}), reply_to=msg)
 
 

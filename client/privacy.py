@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedtune.atomic import replace_atomically
 from fedtune.backbones import StagedModel
 from fedtune.config import DPSGDConfig, TrainConfig
-from fedtune.engine import Metrics, make_optimizer
+from fedtune.engine import Metrics, make_optimizer, size_of
 from fedtune.messages import PRIVACY_REFUSAL
 from fedtune.params import freeze_all_but, set_train_mode
 from fedtune.protocol import RefusedMessage
@@ -128,6 +128,8 @@ class _StatisticsFrozenBatchNorm(nn.Module):
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__()
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(f"{bn} keeps no running statistics (track_running_stats=False): there are none to freeze")
         self.mean, self.var, self.eps = bn.running_mean, bn.running_var, bn.eps
         self.affine = _ChannelAffine(bn.weight, bn.bias)
         self.drop = getattr(bn, "drop", nn.Identity())
@@ -161,7 +163,7 @@ def _opacus_compatible(modules: list[nn.Module]) -> Iterator[None]:
                 setattr(parent, name, _StatisticsFrozenBatchNorm(child))
             if getattr(child, "inplace", False) is True:
                 inplace.append(child)
-                child.inplace = False
+                child.inplace = False  # type: ignore[assignment]  # torch types any attribute Tensor | Module
             prepare(child)
 
     for module in modules:
@@ -172,7 +174,7 @@ def _opacus_compatible(modules: list[nn.Module]) -> Iterator[None]:
         for parent, name, original in swapped:
             setattr(parent, name, original)
         for module in inplace:
-            module.inplace = True
+            module.inplace = True  # type: ignore[assignment]
 
 
 class _Trainable(nn.Module):
@@ -206,7 +208,7 @@ def _private_epochs(
             loss.backward()
             optimizer.step()
             total_loss += loss.item() * len(targets)
-            correct += (logits.argmax(1) == targets).sum().item()
+            correct += int((logits.argmax(1) == targets).sum())
             seen += len(targets)
     return total_loss, correct, seen
 
@@ -252,9 +254,9 @@ def train_private_round(
     The noise multiplier is calibrated once, in the first round, for planned_rounds x
     local_epochs x batches per epoch, so that the whole plan fits target_epsilon.
     """
-    if len(data) == 0:
+    if size_of(data) == 0:
         raise ValueError("no training examples on this client")
-    loader = DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True,
+    loader = DataLoader(data, batch_size=min(cfg.batch_size, size_of(data)), shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     steps = cfg.local_epochs * len(loader)
     if ledger.noise_multiplier is None:
@@ -300,5 +302,5 @@ def train_private_round(
     model.eval()
     ledger.history = list(engine.accountant.history)
     epsilon = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant)
-    metrics = Metrics(loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), num_examples=len(data))
+    metrics = Metrics(loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), num_examples=size_of(data))
     return metrics, epsilon

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
@@ -264,7 +265,7 @@ def model_inputs(
     model_hash: str,
     augmented: bool,
     cache: FeatureCache,
-    device: object,
+    device: torch.device,
     in_use: Iterable[Path] = (),
 ) -> tuple[Dataset, int]:
     """What to feed the trainable stages, and from which stage index.

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     """Have `write` fill a temp file beside `path`, then swap it in; on failure `path` is untouched."""
     # Same folder, so os.replace is a rename within one filesystem (atomic); the leading dot keeps
     # the temp file out of casual listings if the process is killed before cleanup.

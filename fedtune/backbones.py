@@ -7,6 +7,7 @@ import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -19,6 +20,9 @@ from fedtune.preprocessing import Preprocessing
 
 HEAD = "head"
 Stages = list[tuple[str, nn.Module]]
+# A torchvision or timm model in its own layout. Splitting one reads its submodules by name
+# (model.layer1, model.classifier[3].in_features), which torch types as `Tensor | Module`.
+NativeModel = Any
 
 
 class StagedModel(nn.Module):
@@ -33,7 +37,7 @@ class StagedModel(nn.Module):
             raise ValueError(f"stage names must be unique; got {names}")
         # ModuleDict keeps insertion order, and its keys become the state-dict prefixes
         # (stages.<name>.*) by which tensors are frozen, cached and sent.
-        self.stages = nn.ModuleDict(stages)
+        self.stages = nn.ModuleDict(dict(stages))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_stages(x)
@@ -207,7 +211,7 @@ def _torchvision_spec(
     )
 
 
-def _split_resnet(model: nn.Module, num_classes: int, head_dropout: float) -> Stages:
+def _split_resnet(model: NativeModel, num_classes: int, head_dropout: float) -> Stages:
     return [
         ("stem", nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)),
         ("layer1", model.layer1),
@@ -219,11 +223,11 @@ def _split_resnet(model: nn.Module, num_classes: int, head_dropout: float) -> St
     ]
 
 
-def _split_features(model: nn.Module) -> Stages:
+def _split_features(model: NativeModel) -> Stages:
     return [(f"features_{i}", block) for i, block in enumerate(model.features)]
 
 
-def _split_mobilenet_v3(model: nn.Module, num_classes: int, head_dropout: float) -> Stages:
+def _split_mobilenet_v3(model: NativeModel, num_classes: int, head_dropout: float) -> Stages:
     # classifier = Linear, Hardswish, Dropout, Linear: the hidden Linear is pretrained, so it stays.
     return [
         *_split_features(model),
@@ -233,7 +237,7 @@ def _split_mobilenet_v3(model: nn.Module, num_classes: int, head_dropout: float)
     ]
 
 
-def _split_efficientnet(model: nn.Module, num_classes: int, head_dropout: float) -> Stages:
+def _split_efficientnet(model: NativeModel, num_classes: int, head_dropout: float) -> Stages:
     # classifier = Dropout, Linear: the new head brings its own dropout.
     return [
         *_split_features(model),
@@ -242,7 +246,7 @@ def _split_efficientnet(model: nn.Module, num_classes: int, head_dropout: float)
     ]
 
 
-def _split_convnext(model: nn.Module, num_classes: int, head_dropout: float) -> Stages:
+def _split_convnext(model: NativeModel, num_classes: int, head_dropout: float) -> Stages:
     # classifier = LayerNorm2d, Flatten, Linear: the LayerNorm is pretrained, so it stays.
     return [
         *_split_features(model),
@@ -282,7 +286,7 @@ class _ClassToken(nn.Module):
         return x[:, 0]
 
 
-def _split_vit(model: nn.Module, num_classes: int, head_dropout: float) -> Stages:
+def _split_vit(model: NativeModel, num_classes: int, head_dropout: float) -> Stages:
     return [
         ("embed", _VitEmbed(model)),
         *[(f"encoder_{i}", layer) for i, layer in enumerate(model.encoder.layers)],
@@ -367,6 +371,8 @@ def _load_lite0_pretrained(model: nn.Module) -> None:
 
 def _lite0_preprocessing() -> Preprocessing:
     cfg = timm.models.get_pretrained_cfg("tf_efficientnet_lite0")
+    if cfg is None:
+        raise RuntimeError("timm has no pretrained config for tf_efficientnet_lite0: is timm installed whole?")
     crop = cfg.input_size[-1]
     return Preprocessing(
         crop_size=crop,
@@ -377,7 +383,7 @@ def _lite0_preprocessing() -> Preprocessing:
     )
 
 
-def _split_lite0(model: nn.Module, num_classes: int, head_dropout: float) -> Stages:
+def _split_lite0(model: NativeModel, num_classes: int, head_dropout: float) -> Stages:
     return [
         ("stem", nn.Sequential(model.conv_stem, model.bn1)),  # timm's bn1 includes the activation
         *[(f"blocks_{i}", block) for i, block in enumerate(model.blocks)],

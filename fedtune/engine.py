@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -52,11 +53,18 @@ def extract_features(
     return TensorDataset(torch.cat(features), torch.cat(labels))
 
 
+def size_of(data: Dataset) -> int:
+    """The number of examples of a map-style data set (every one fedtune uses has a length).
+
+    torch's `Dataset` type does not declare `__len__` (iterable data sets have none)."""
+    return len(cast(Sized, data))
+
+
 def _batches(data: Dataset, batch_size: int, *, shuffle: bool, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     # In training, a last batch of one example would break BatchNorm in trainable stages; shuffling
     # changes which examples fall out from epoch to epoch.
-    drop_last = shuffle and len(data) > batch_size
+    drop_last = shuffle and size_of(data) > batch_size
     yield from DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
 
 
@@ -89,7 +97,7 @@ def train_one_round(
     With proximal_mu > 0 the FedProx term mu/2 * ||w - w_global||^2 keeps clients near the
     global model. With freeze_statistics, BatchNorm keeps its running statistics (see set_train_mode).
     """
-    if len(data) == 0:
+    if size_of(data) == 0:
         raise ValueError("no training examples on this client")
     model.to(device)
     freeze_all_but(model, stages)
@@ -116,10 +124,10 @@ def train_one_round(
             scaler.step(optimizer)
             scaler.update()
             total_loss += loss.item() * len(targets)
-            correct += (logits.argmax(1) == targets).sum().item()
+            correct += int((logits.argmax(1) == targets).sum())
             seen += len(targets)
     model.eval()
-    return Metrics(loss=total_loss / seen, accuracy=correct / seen, num_examples=len(data))
+    return Metrics(loss=total_loss / seen, accuracy=correct / seen, num_examples=size_of(data))
 
 
 @torch.no_grad()
@@ -134,7 +142,7 @@ def evaluate(
         inputs, targets = inputs.to(device), targets.to(device)
         logits = model.forward_stages(inputs, start).float()
         total_loss += loss_fn(logits, targets).item()
-        correct += (logits.argmax(1) == targets).sum().item()
+        correct += int((logits.argmax(1) == targets).sum())
         seen += len(targets)
     if not seen:
         return Metrics(loss=float("nan"), accuracy=float("nan"), num_examples=0)

@@ -284,4 +284,4 @@ def parse_query_answer(reply: Message) -> QueryAnswer:
 
 def says_model_missing(reply: Message) -> bool:
     """Whether a node's reply says it lacks the model (never received, deleted, or found damaged)."""
-    return reply.has_error() and reply.error.reason.startswith(keys.MODEL_MISSING)
+    return reply.has_error() and (reply.error.reason or "").startswith(keys.MODEL_MISSING)

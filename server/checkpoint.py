@@ -56,7 +56,7 @@ class RandomState:
 
     @classmethod
     def capture(cls) -> RandomState:
-        name, keys, position, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+        name, keys, position, has_gauss, cached = np.random.get_state()
         return cls(
             python=_as_lists(random.getstate()),
             numpy={"name": name, "keys": [int(k) for k in keys], "position": int(position),
@@ -189,7 +189,7 @@ def _digest(tensors: dict[str, torch.Tensor], state_text: str) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 

@@ -216,7 +216,7 @@ class _Federation:
         return _TrainOutcome(
             aggregated=aggregated,
             metrics=metrics,
-            client_metrics={r.metadata.src_node_id: r.content[keys.METRICS] for r in usable},
+            client_metrics={r.metadata.src_node_id: r.content.metric_records[keys.METRICS] for r in usable},
             problems=problems,
             bounded=bounded,
             rejected=len(checked.rejected),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import MetricRecord
 
@@ -50,10 +50,11 @@ class PrivacyReport:
         figures: dict[str, float] = {}
         for node, metrics in client_metrics.items():
             if keys.EPSILON in metrics:
-                figures[f"epsilon_client_{node}"] = float(metrics[keys.EPSILON])
+                # Parsed at the edge (strategies/validation.py): these are numbers, never lists.
+                figures[f"epsilon_client_{node}"] = float(cast(float, metrics[keys.EPSILON]))
                 self.dp_sgd_clients[node] = {
-                    "noise_multiplier": float(metrics.get(keys.NOISE_MULTIPLIER, 0.0)),
-                    "sample_rate": float(metrics.get(keys.SAMPLE_RATE, 0.0)),
+                    "noise_multiplier": float(cast(float, metrics.get(keys.NOISE_MULTIPLIER, 0.0))),
+                    "sample_rate": float(cast(float, metrics.get(keys.SAMPLE_RATE, 0.0))),
                 }
         if figures:
             figures["epsilon_max"] = max(figures.values())

@@ -7,7 +7,7 @@ the registry itself is `registry.py`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
@@ -56,13 +56,13 @@ class _PartialUpdatesMixin:
 
 
 class PartialFedAdam(_PartialUpdatesMixin, FedAdam):
-    def __init__(self, *, buffer_keys: frozenset[str], **kwargs: object) -> None:
+    def __init__(self, *, buffer_keys: frozenset[str], **kwargs: Any) -> None:  # FedAdam's or FedYogi's own arguments
         super().__init__(**kwargs)
         self.buffer_keys = buffer_keys
 
 
 class PartialFedYogi(_PartialUpdatesMixin, FedYogi):
-    def __init__(self, *, buffer_keys: frozenset[str], **kwargs: object) -> None:
+    def __init__(self, *, buffer_keys: frozenset[str], **kwargs: Any) -> None:  # FedAdam's or FedYogi's own arguments
         super().__init__(**kwargs)
         self.buffer_keys = buffer_keys
 
@@ -79,9 +79,17 @@ def _fedprox(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
     return FedProx(proximal_mu=cfg.strategy.proximal_mu, **sampling(cfg))
 
 
-def _fedopt_args(cfg: ExperimentConfig) -> dict[str, object]:
+class _FedOptArgs(TypedDict):
+    eta: float
+    eta_l: float
+    beta_1: float
+    beta_2: float
+    tau: float
+
+
+def _fedopt_args(cfg: ExperimentConfig) -> _FedOptArgs:
     s = cfg.strategy
-    return {"eta": s.eta, "eta_l": cfg.train.lr, "beta_1": s.beta_1, "beta_2": s.beta_2, "tau": s.tau}
+    return _FedOptArgs(eta=s.eta, eta_l=cfg.train.lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
 
 
 @register("fedadam")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypedDict
 
 from flwr.serverapp.strategy import Strategy
 
@@ -34,19 +35,29 @@ def build_strategy(cfg: ExperimentConfig, *, buffer_keys: frozenset[str] = froze
     return STRATEGIES[name](cfg, buffer_keys)
 
 
-def sampling(cfg: ExperimentConfig, available: int | None = None) -> dict[str, int | float]:
+class Sampling(TypedDict):
+    """The sampling arguments every Flower strategy takes."""
+
+    fraction_train: float
+    min_train_nodes: int
+    fraction_evaluate: float
+    min_evaluate_nodes: int
+    min_available_nodes: int
+
+
+def sampling(cfg: ExperimentConfig, available: int | None = None) -> Sampling:
     """Flower's sampling settings; with `available`, capped to that many eligible clients."""
     clients = cfg.federation.num_clients
     per_round = cfg.federation.sampled_per_round
     evaluate = per_round if cfg.data.val_fraction > 0 else 0
     cap = clients if available is None else available
-    return {
-        "fraction_train": per_round / clients,
-        "min_train_nodes": min(per_round, cap),
-        "fraction_evaluate": evaluate / clients,
-        "min_evaluate_nodes": min(evaluate, cap),
-        "min_available_nodes": cap,
-    }
+    return Sampling(
+        fraction_train=per_round / clients,
+        min_train_nodes=min(per_round, cap),
+        fraction_evaluate=evaluate / clients,
+        min_evaluate_nodes=min(evaluate, cap),
+        min_available_nodes=cap,
+    )
 
 
 def fit_sampling_to(strategy: Strategy, cfg: ExperimentConfig, available: int) -> None:
