@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from fedtune.preprocessing import Preprocessing
+from fedtune.registry import Registry
 
 HEAD = "head"
 Stages = list[tuple[str, nn.Module]]
@@ -79,22 +80,18 @@ class BackboneSpec:
     classifier: str
 
 
-BACKBONES: dict[str, BackboneSpec] = {}
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 
 
 def register(spec_factory: Callable[[], BackboneSpec]) -> Callable[[], BackboneSpec]:
     """Decorator: call the factory once at import and file its spec under the spec's name."""
     spec = spec_factory()
-    if spec.name in BACKBONES:
-        raise ValueError(f"backbone {spec.name!r} registered twice")
-    BACKBONES[spec.name] = spec
+    BACKBONES.add(spec.name, spec)
     return spec_factory
 
 
 def _spec(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[name]
+    return BACKBONES.get_known(name)
 
 
 def build_model(

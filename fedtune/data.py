@@ -28,6 +28,8 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 from torchvision.transforms.v2 import functional as F
 
+from fedtune.registry import Registry
+
 Split = Literal["train", "test"]
 Transform = Callable[[Tensor], Any]
 # What to do with an image file that cannot be decoded safely: stop, naming it, or leave it out.
@@ -257,7 +259,7 @@ def check_image_files(
 # ---------------------------------------------------------------------------------------------
 
 SourceLoader = Callable[..., ImageDataset]
-SOURCES: dict[str, SourceLoader] = {}
+SOURCES: Registry[SourceLoader] = Registry("data source")
 
 
 # Sources that can fetch their data when data.download is true.
@@ -273,9 +275,7 @@ def register_source(
     """File a loader under `name`; `argument` raises ValueError for an argument the source does not take."""
 
     def decorate(loader: SourceLoader) -> SourceLoader:
-        if name in SOURCES:
-            raise ValueError(f"data source {name!r} registered twice")
-        SOURCES[name] = loader
+        SOURCES.add(name, loader)
         if downloads:
             DOWNLOADING_SOURCES.add(name)
         if argument is not None:

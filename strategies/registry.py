@@ -8,31 +8,17 @@ from typing import TypedDict
 from flwr.serverapp.strategy import Strategy
 
 from fedtune.config import ExperimentConfig
+from fedtune.registry import Registry
 
 # name -> factory(cfg, buffer_keys): `buffer_keys` name the non-parameter tensors that may travel.
 StrategyFactory = Callable[[ExperimentConfig, frozenset[str]], Strategy]
-STRATEGIES: dict[str, StrategyFactory] = {}
-
-
-def register(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
-    """Registers a factory under `name`; a name registered twice is an error, never an overwrite."""
-
-    def decorator(factory: StrategyFactory) -> StrategyFactory:
-        if name in STRATEGIES:
-            raise ValueError(f"strategy {name!r} is already registered (by {STRATEGIES[name].__module__}."
-                             f"{STRATEGIES[name].__qualname__})")
-        STRATEGIES[name] = factory
-        return factory
-
-    return decorator
+STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
+register = STRATEGIES.register
 
 
 def build_strategy(cfg: ExperimentConfig, *, buffer_keys: frozenset[str] = frozenset()) -> Strategy:
     """The configured strategy; `buffer_keys` name the non-parameter tensors that may travel."""
-    name = cfg.strategy.name
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name](cfg, buffer_keys)
+    return STRATEGIES.get_known(cfg.strategy.name)(cfg, buffer_keys)
 
 
 class Sampling(TypedDict):
