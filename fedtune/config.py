@@ -94,7 +94,7 @@ class DataConfig(_Section):
     image_size: Annotated[int | None, Field(ge=16, le=1024)] = None
     augment: bool = False
     # An image file that cannot be decoded safely (not an image, corrupt, truncated, or more pixels
-    # than fedtune.data.MAX_IMAGE_PIXELS): "error" stops, naming the file; "skip" leaves it out with
+    # than fedtune.data.images.MAX_IMAGE_PIXELS): "error" stops, naming the file; "skip" leaves it out with
     # a warning naming it (every image is then decoded once when the data is loaded, to find them).
     bad_images: Literal["error", "skip"] = "error"
     partition: PartitionConfig = PartitionConfig()

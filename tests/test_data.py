@@ -18,13 +18,13 @@ import torch
 from image_files import write_bomb_png, write_gray16_png, write_image_folder, write_truncated_png
 from PIL import Image
 
-from fedtune import data
 from fedtune.data import (
     SOURCES,
     BadImageError,
     ImageDataset,
     check_source,
     fingerprint,
+    hymenoptera,
     load_split,
     partition,
     read_image,
@@ -124,9 +124,9 @@ def test_hymenoptera_from_local_copy(root: Path) -> None:
 
 @needs_hymenoptera
 def test_hymenoptera_checksum_matches_local_copy() -> None:
-    digest, count = data._tree_digest(HYMENOPTERA)
+    digest, count = hymenoptera._tree_digest(HYMENOPTERA)
 
-    assert (digest, count) == (data.HYMENOPTERA_TREE_SHA256, data.HYMENOPTERA_FILES)
+    assert (digest, count) == (hymenoptera.HYMENOPTERA_TREE_SHA256, hymenoptera.HYMENOPTERA_FILES)
 
 
 @needs_hymenoptera
@@ -185,7 +185,7 @@ def test_hymenoptera_download_unpacks_verifies_and_removes_zip(
 
     test = load_split("hymenoptera", "test", root=str(tmp_path / "cache"), download=True, seed=0)
 
-    assert requested == [data.HYMENOPTERA_URL]
+    assert requested == [hymenoptera.HYMENOPTERA_URL]
     assert len(test) == 153
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["hymenoptera_data"]  # zip and staging gone
     # a second load finds the unpacked copy and does not download again
