@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from fedtune.logs import Verbosity, verbosity
 
@@ -48,9 +48,10 @@ class RoundProgress:
         if self._console.is_terminal:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
-                BarColumn(),
+                BarColumn(bar_width=20),
                 TextColumn("round"),
                 MofNCompleteColumn(),
+                TimeElapsedColumn(),
                 TextColumn("{task.fields[status]}"),
                 console=self._console,
             )

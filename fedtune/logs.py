@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import sys
 import warnings
 from typing import TextIO
@@ -26,6 +27,9 @@ _THRESHOLDS = {
     Verbosity.VERBOSE: (logging.DEBUG, logging.DEBUG),
 }
 _verbosity = Verbosity.NORMAL
+# The chosen verbosity travels in the environment to this process's children: the workers of a
+# local Ray (virtual clients) and Flower's processes, which call setup_logging() themselves.
+VERBOSITY_ENV = "FEDTUNE_VERBOSITY"
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -53,12 +57,20 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 _FLOWER_ROUTINE_WARNINGS = ("Manually terminating ClientAppActor",)
 
 
+def _is_under(name: str, parent: str) -> bool:
+    return name == parent or name.startswith(f"{parent}.")
+
+
 class _ByOrigin(logging.Filter):
-    """fedtune's records from its threshold, every other library's from its own (Flower's, Ray's, Opacus's)."""
+    """fedtune's records from its threshold, every other library's from its own (Flower's, Ray's, Opacus's).
+
+    A client's own info lines count as routine too: in a simulation each of the virtual clients
+    prints one a round (client/app.py), which Ray then forwards to this terminal.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         own, others = _THRESHOLDS[_verbosity]
-        if record.name == "fedtune" or record.name.startswith("fedtune."):
+        if _is_under(record.name, "fedtune") and not _is_under(record.name, "fedtune.client"):
             return record.levelno >= own
         if _verbosity is not Verbosity.VERBOSE and record.name == "flwr" and record.levelno == logging.WARNING:
             message = record.getMessage()
@@ -82,8 +94,9 @@ def verbosity() -> Verbosity:
 def setup_logging(level: Verbosity | None = None) -> None:
     """Print every log record of this process once, on stderr, as `level` allows; idempotent.
 
-    `None` keeps the verbosity chosen before (the `fedtune` command chooses it from -q / -v before
-    the code that runs the federation calls this again, once flwr is imported).
+    `None` keeps the verbosity chosen before, in this process or (FEDTUNE_VERBOSITY) its parent:
+    the `fedtune` command chooses it from -q / -v; the code that runs the federation calls this
+    again once flwr is imported, and so does the ClientApp in Ray's workers.
 
     One handler on the root logger prints every library's records. Two others would print them a
     second time, so they are set aside:
@@ -95,8 +108,16 @@ def setup_logging(level: Verbosity | None = None) -> None:
     pytest's capture handlers are subclasses of StreamHandler and are left alone.
     """
     global _verbosity
+    inherited = os.environ.get(VERBOSITY_ENV)
+    unknown = None
     if level is not None:
         _verbosity = level
+        os.environ[VERBOSITY_ENV] = level.value
+    elif inherited is not None:
+        try:
+            _verbosity = Verbosity(inherited)
+        except ValueError:
+            unknown = inherited
     root = logging.getLogger()
     for handler in list(root.handlers):
         if type(handler) is logging.StreamHandler:  # logging.basicConfig's, from a library's import
@@ -107,6 +128,10 @@ def setup_logging(level: Verbosity | None = None) -> None:
         root.addHandler(handler)
     own, _ = _THRESHOLDS[_verbosity]
     logging.getLogger("fedtune").setLevel(own)
+    if unknown is not None:
+        logging.getLogger("fedtune").warning("%s=%.40r is not one of %s; kept %s", VERBOSITY_ENV, unknown,
+                                             ", ".join(v.value for v in Verbosity), _verbosity.value)
+        os.environ[VERBOSITY_ENV] = _verbosity.value  # said once, not at every later call
 
     if "flwr" in sys.modules:  # else Flower's handler does not exist yet; importing flwr here would slow every command
         from flwr.common.logger import update_console_handler

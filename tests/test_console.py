@@ -109,6 +109,36 @@ def test_quiet_shows_only_errors() -> None:
     assert _messages(_logged_after_opacus("QUIET")) == ["flower error line"]
 
 
+def test_a_child_process_inherits_the_verbosity_and_a_client_s_info_lines_need_it() -> None:
+    """Ray's workers (virtual clients) call setup_logging() with no level: the parent's -v reaches them."""
+    code = """
+        import logging
+        from fedtune.logs import setup_logging
+
+        setup_logging()
+        logging.getLogger("fedtune.client").info("client info line")
+        logging.getLogger("fedtune.client").warning("client warning line")
+    """
+    for chosen, expected in ((Verbosity.NORMAL, ["client warning line"]),
+                             (Verbosity.VERBOSE, ["client info line", "client warning line"])):
+        logs.setup_logging(chosen)
+        done = _python(code)
+        assert _messages(done.stderr.splitlines()) == expected, done.stderr
+
+
+def test_an_unknown_inherited_verbosity_is_named_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(logs.VERBOSITY_ENV, "loud\x1b[31m")
+    done = _python("""
+        from fedtune.logs import setup_logging
+
+        setup_logging()
+        setup_logging()
+    """)
+    assert _messages(done.stderr.splitlines()) == [
+        "FEDTUNE_VERBOSITY='loud\\x1b[31m' is not one of quiet, normal, verbose; kept normal"
+    ]
+
+
 def _record(round_: int, **extra: float) -> RoundRecord:
     return RoundRecord(
         round=round_, trainable_blocks="0", clients_sampled=5, clients_ok=5, clients_rejected=0, clients_failed=0,
