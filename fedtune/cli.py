@@ -6,7 +6,7 @@ import enum
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -153,7 +153,9 @@ def predict(
     """Classify images with a saved model; prints accuracy where labels are known."""
     from fedtune.predict import accuracy, load_saved, predict_folder, predict_test_split
 
-    policy = bad_images.value if bad_images is not None else None
+    policy: Literal["error", "skip"] | None = None
+    if bad_images is not None:
+        policy = "skip" if bad_images is BadImagesChoice.skip else "error"
     try:
         run = load_saved(model)
         if images:
