@@ -144,3 +144,8 @@ def setup_logging(level: Verbosity | None = None) -> None:
         # A tip about a future default of Ray's, printed at every ray.init (ray/_private/worker.py,
         # line 2051): nothing for a fedtune user to do.
         warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+        # Printed by every DP-SGD client (torch/utils/hooks.py, line 230): Opacus's hooks on a
+        # trainable part fed cached features, which need no gradient. Expected, and harmless there.
+        # (Opacus's own "Secure RNG turned off" stays: it names a limit of the guarantee.)
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed",
+                                category=UserWarning)
