@@ -102,7 +102,7 @@ def setup_logging(level: Verbosity | None = None) -> None:
     second time, so they are set aside:
     - a plain StreamHandler on the root logger that an import put there: Opacus calls
       logging.basicConfig when imported (opacus/utils/module_utils.py, line 25);
-    - Flower's own console handler on the `flwr` logger (flwr/supercore/logger.py, lines 148-154):
+    - Flower's own console handler on the `flwr` logger (flwr/supercore/logger.py, lines 147-153):
       it is turned off through Flower's update_console_handler, and `flwr` records, which
       propagate to the root, are printed there like any other library's.
     pytest's capture handlers are subclasses of StreamHandler and are left alone.
