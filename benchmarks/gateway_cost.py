@@ -33,9 +33,9 @@ from pathlib import Path
 
 import httpx
 
+from fedtune.console import compare_table
 from fedtune.gateway import FleetGateway, Gateway, bind
 from fedtune.loopback_tls import make_loopback_tls
-from fedtune.results import compare_table
 
 CHUNK = 5 * 1024 * 1024  # Flower's array chunk (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
 SMALL = 200

@@ -31,10 +31,11 @@ from transfer import run_variant
 from client.privacy import PrivacyLedger, train_private_round
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
 from fedtune.config import DPSGDConfig, TrainConfig
+from fedtune.console import compare_table
 from fedtune.data import load_split
 from fedtune.engine import extract_features, train_one_round
 from fedtune.params import first_trainable_index, trainable_stages
-from fedtune.results import RunDirectory, compare_table
+from fedtune.results import RunDirectory
 
 PRIVACY: dict[str, list[str]] = {
     "non-private": [],

@@ -222,7 +222,7 @@ def cost_table(out: Path, *, seeds: list[int], only: list[str] | None) -> list[d
 
 
 def _write(rows: list[dict[str, Any]], out: Path, command: str) -> None:
-    from fedtune.results import compare_table
+    from fedtune.console import compare_table
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))

@@ -48,8 +48,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fedtune.console import compare_table
 from fedtune.ports import wait_until_listening
-from fedtune.results import RunDirectory, compare_table
+from fedtune.results import RunDirectory
 
 REPO = Path(__file__).resolve().parents[1]
 NOOP_APP = REPO / "benchmarks" / "noop_app"

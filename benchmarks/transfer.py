@@ -20,7 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedtune.results import RunDirectory, compare_table
+from fedtune.console import compare_table
+from fedtune.results import RunDirectory
 
 VARIANTS: dict[str, list[str]] = {
     "(a) pretrained, head only": ["model.weights=imagenet", "train.trainable_blocks=0"],

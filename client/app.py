@@ -24,6 +24,7 @@ from fedtune import protocol
 from fedtune.backbones import StagedModel
 from fedtune.config import ClientSettings
 from fedtune.engine import evaluate, resolve_device, train_one_round
+from fedtune.logs import setup_logging
 from fedtune.params import trainable_state_dict
 from fedtune.protocol import RefusedMessage, RoundInstruction
 
@@ -46,8 +47,16 @@ def _client_side_clipping(msg: Message, context: Context, call_next: ClientAppCa
     return call_next(msg, context)
 
 
-# SecAgg+ outermost: it turns its legacy-layout train messages into fedtune's before the rest see them.
-app = ClientApp(mods=[secure_aggregation_mod, _client_side_clipping])
+def _log_lines_once(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """This process's log lines printed once: a virtual client's Ray worker, or a node's ClientApp process,
+    imports Opacus, whose logging.basicConfig would repeat every line (fedtune/logs.py)."""
+    setup_logging()
+    return call_next(msg, context)
+
+
+# SecAgg+ outermost after the logging: it turns its legacy-layout train messages into fedtune's
+# before the rest see them.
+app = ClientApp(mods=[_log_lines_once, secure_aggregation_mod, _client_side_clipping])
 
 
 def _refuse(msg: Message, error: RefusedMessage) -> Message:

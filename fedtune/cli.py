@@ -6,12 +6,17 @@ import enum
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from fedtune.config import ConfigError, ExperimentConfig, load_config
+from fedtune.logs import Verbosity, setup_logging
 
+if TYPE_CHECKING:
+    from fedtune.config import ExperimentConfig
+
+# Every fedtune import that pulls in torch, Flower or the server sits inside the command that needs
+# it: `fedtune --help` then answers without loading them (benchmarks/cli_startup.py).
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated fine-tuning of pretrained backbones on Flower.")
 
@@ -32,7 +37,21 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+@cli.callback()
+def _console(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also print debug lines, and Flower's and Ray's routine ones.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the result.")] = False,
+) -> None:
+    if verbose and quiet:
+        _fail("--verbose and --quiet cannot be given together")
+    setup_logging(Verbosity.VERBOSE if verbose else Verbosity.QUIET if quiet else Verbosity.NORMAL)
+
+
 def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
+    from fedtune.config import ConfigError, load_config
+
     try:
         return load_config(config, overrides or [])
     except ConfigError as error:
@@ -107,7 +126,7 @@ def simulate(
         # Bad data paths, weights files or a run that cannot go on: one line, not a traceback.
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=1) from None
-    from fedtune.results import compare_table
+    from fedtune.console import compare_table
 
     typer.echo("")
     typer.echo(compare_table(rows, list(rows[0])))
@@ -134,7 +153,9 @@ def predict(
     """Classify images with a saved model; prints accuracy where labels are known."""
     from fedtune.predict import accuracy, load_saved, predict_folder, predict_test_split
 
-    policy = bad_images.value if bad_images is not None else None
+    policy: Literal["error", "skip"] | None = None
+    if bad_images is not None:
+        policy = "skip" if bad_images is BadImagesChoice.skip else "error"
     try:
         run = load_saved(model)
         if images:
@@ -161,8 +182,8 @@ def backbones(
 ) -> None:
     """List the backbones, their blocks (bottom to top) and what travels per trainable_blocks."""
     from fedtune.backbones import BACKBONES, build_model
+    from fedtune.console import format_bytes
     from fedtune.params import num_bytes, trainable_stages, trainable_state_dict
-    from fedtune.results import format_bytes
 
     for name in sorted(BACKBONES):
         model = build_model(name, num_classes=num_classes, weights="none")

@@ -31,6 +31,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedtune.logs import VERBOSITY_ENV, Verbosity
+
 TOKEN_VARIABLE = "FEDTUNE_RUN_TOKEN"
 _PROC = Path("/proc")
 # How often the watchdog looks at the watched process's descendants (reading /proc/*/stat: a few
@@ -159,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     run = _Run(args.token, args.parent_pid)
     _watch(run, args.fd)
     ended = run.end()
-    if ended:
+    # Routine after most simulations (Ray's workers still shutting down as the command returns), and
+    # printed once the command is gone, after the shell's prompt: said only under `fedtune -v`.
+    if ended and os.environ.get(VERBOSITY_ENV) == Verbosity.VERBOSE.value:
         print(f"fedtune: ended {len(ended)} process(es) left behind by the run (pids {', '.join(map(str, ended))})",
               file=sys.stderr, flush=True)
 

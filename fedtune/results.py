@@ -1,4 +1,7 @@
-"""A run's results folder: resolved config, per-round history (JSON, CSV), final model, plots; live progress."""
+"""A run's results folder: resolved config, per-round history (JSON, CSV), final model, plots.
+
+What a person sees at the terminal is fedtune/console.py.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 import yaml
@@ -17,14 +19,12 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, PercentFormatter
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
 
 from fedtune.atomic import replace_atomically
+from fedtune.console import format_bytes
 
 CONFIG_JSON = "config.json"
 CONFIG_YAML = "config.yaml"
@@ -274,128 +274,6 @@ def load_model_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     return tensors, metadata
 
 
-class RoundProgress:
-    """Live progress of a run for a person at a terminal.
-
-    A rich progress bar over rounds plus one table line per finished round (round, blocks,
-    clients ok/sampled, central acc, fed acc, bytes sent/received, seconds). Degrades to plain
-    log lines when stdout is not a terminal (CI).
-    """
-
-    _HEADER = (
-        f"{'round':>5}  {'blocks':>6}  {'clients':>7}  {'central acc':>11}  {'fed acc':>7}  "
-        f"{'sent':>9}  {'received':>9}  {'time':>7}"
-    )
-
-    def __init__(self, total_rounds: int, *, title: str, console: Console | None = None) -> None:
-        self.total_rounds = total_rounds
-        self.title = title
-        # rich's Console resolves sys.stdout when it prints, so redirected or captured output
-        # (CI logs, pytest's capsys) is seen as "not a terminal" and gets plain lines.
-        self._console = console or Console()
-        self._progress: Progress | None = None
-        self._task: TaskID | None = None
-
-    def __enter__(self) -> RoundProgress:
-        if self._console.is_terminal:
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("rounds"),
-                TimeElapsedColumn(),
-                console=self._console,
-            )
-            self._progress.start()
-            self._task = self._progress.add_task(escape(self.title), total=self.total_rounds)
-            self._print(self._HEADER, style="bold")
-        else:
-            self._print(f"{self.title}: {self.total_rounds} rounds")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-    def round_done(self, record: RoundRecord) -> None:
-        if self._progress is not None and self._task is not None:
-            self._print(self._table_row(record))
-            self._progress.update(self._task, completed=min(record.round, self.total_rounds))
-        else:
-            self._print(self._log_line(record))
-
-    def message(self, text: str) -> None:
-        self._print(text)
-
-    def _print(self, text: str, *, style: str | None = None) -> None:
-        # Printed through the progress's console while it is live, so lines scroll above the bar;
-        # soft_wrap keeps a log line on one line whatever width a CI runner reports.
-        console = self._progress.console if self._progress is not None else self._console
-        console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
-
-    def _table_row(self, record: RoundRecord) -> str:
-        row = (
-            f"{record.round:>5}  {record.trainable_blocks:>6}  "
-            f"{f'{record.clients_ok}/{record.clients_sampled}':>7}  "
-            f"{_accuracy_text(record.central_accuracy):>11}  {_accuracy_text(record.federated_accuracy):>7}  "
-            f"{format_bytes(record.bytes_sent):>9}  {format_bytes(record.bytes_received):>9}  "
-            f"{f'{record.seconds:.1f}s':>7}"
-        )
-        problems = _client_problems(record)
-        return f"{row}  {problems}" if problems else row
-
-    def _log_line(self, record: RoundRecord) -> str:
-        parts = [
-            f"round {record.round}/{self.total_rounds}",
-            f"blocks={record.trainable_blocks}",
-            f"clients={record.clients_ok}/{record.clients_sampled}",
-            f"central_acc={_accuracy_text(record.central_accuracy)}",
-            f"fed_acc={_accuracy_text(record.federated_accuracy)}",
-            f"sent={format_bytes(record.bytes_sent)}",
-            f"received={format_bytes(record.bytes_received)}",
-            f"time={record.seconds:.1f}s",
-        ]
-        problems = _client_problems(record)
-        return "  ".join(parts + [problems] if problems else parts)
-
-
-def format_bytes(n: int) -> str:
-    """Decimal (SI) units, as network traffic is usually quoted: 21_900 -> "21.9 KB"."""
-    if abs(n) < 1000:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KB", "MB", "GB", "TB"):
-        value /= 1000
-        # Checked against 999.95, not 1000, so 999_960 is "1.0 MB" rather than "1000.0 KB".
-        if abs(value) < 999.95 or unit == "TB":
-            break
-    return f"{value:.1f} {unit}"
-
-
-def compare_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A GitHub-markdown table of rows (e.g. pretrained vs scratch), padded to read in a terminal too."""
-    cells = [[_cell_text(column, row.get(column)) for column in columns] for row in rows]
-    # Numbers are right-aligned so their digits line up, in the terminal and on GitHub.
-    numeric = [
-        all(_is_number(row.get(column)) for row in rows if row.get(column) is not None) for column in columns
-    ]
-    widths = [max([len(column), 3, *(len(line[i]) for line in cells)]) for i, column in enumerate(columns)]
-
-    def line(values: list[str]) -> str:
-        padded = (v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric, strict=True))
-        return "| " + " | ".join(padded) + " |"
-
-    dashes = ("-" * (w - 1) + ":" if right else "-" * w for w, right in zip(widths, numeric, strict=True))
-    rule = "| " + " | ".join(dashes) + " |"
-    return "\n".join([line(list(columns)), rule, *(line(values) for values in cells)])
-
-
 def _timestamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -436,38 +314,6 @@ def _record_from_dict(row: dict[str, Any]) -> RoundRecord:
     if unknown:
         raise TypeError(f"unknown round fields {unknown}")
     return RoundRecord(**row)
-
-
-def _accuracy_text(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def _client_problems(record: RoundRecord) -> str:
-    problems = [
-        f"{count} {kind}"
-        for count, kind in (
-            (record.clients_rejected, "rejected"), (record.clients_failed, "failed"),
-            (record.updates_rejected_norm, "over the norm bound"), (record.updates_clipped, "clipped"),
-            (record.weights_capped, "weight capped"),
-        )
-        if count
-    ]
-    return ", ".join(problems)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _cell_text(column: str, value: Any) -> str:
-    if value is None:
-        return ""
-    if column.startswith("bytes") and _is_number(value):
-        return format_bytes(round(value))
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    # A pipe inside a cell would end it early in markdown.
-    return str(value).replace("|", "\\|")
 
 
 def _round_axis(ax: Axes, rounds: list[int]) -> None:

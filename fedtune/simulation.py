@@ -12,7 +12,7 @@ from flwr.simulation import run_simulation
 
 from fedtune import lifeline
 from fedtune.config import ExperimentConfig
-from fedtune.logs import setup_logging
+from fedtune.logs import Verbosity, setup_logging, verbosity
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -63,7 +63,9 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
             # this process). Without an address Ray would attach to a cluster named by RAY_ADDRESS
             # or last started by `ray start` on this machine; "local" keeps an unset
             # federation.ray_address meaning a Ray of this run's own.
-            "init_args": {"include_dashboard": False, "address": address or "local"},
+            # Ray's own INFO lines only under `fedtune -v`.
+            "init_args": {"include_dashboard": False, "address": address or "local",
+                          "logging_level": logging.INFO if verbosity() is Verbosity.VERBOSE else logging.WARNING},
         },
     )
     if not outcome:

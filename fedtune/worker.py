@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import signal
 import sys
 import time
-from logging import ERROR, INFO
+from logging import ERROR
 from pathlib import Path
 from types import FrameType
 
@@ -48,6 +49,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedtune.bundle import APP_ROOT, RUNTIME_PACKAGES, BundleChecker, local_identity
+from fedtune.logs import setup_logging
 
 # How often an idle worker asks the SuperNode for a task. Flower's SuperExec asks every 1 s
 # (FLWR_SUPEREXEC_TASK_POLL_INTERVAL); a request to a local HTTP API every 0.2 s costs nothing
@@ -70,6 +72,8 @@ def load_local_app() -> tuple[ClientApp, BundleChecker]:
             raise WorkerError(f"the package {package!r} would be imported from {origin}, not from this node's "
                               f"fedtune at {APP_ROOT}")
     from client.app import app  # imports torch too: done once, before the first message
+
+    setup_logging()  # after the import of Opacus (by client.app), whose root handler would repeat every line
 
     try:
         return app, BundleChecker(local_identity())
@@ -144,8 +148,9 @@ def serve(runtime_api_address: str, *, app: ClientApp | None = None, bundles: Bu
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker(),  # waits for a SuperNode that is still starting
     )
-    log(INFO, "ClientApp worker ready: runs %s for the messages of the SuperNode at %s", bundles.local.label,
-        runtime_api_address)
+    # fedtune's own logger: Flower's INFO lines are shown only under `fedtune -v` (fedtune/logs.py).
+    logging.getLogger("fedtune.worker").info("ClientApp worker ready: runs %s for the messages of the SuperNode "
+                                             "at %s", bundles.local.label, runtime_api_address)
     try:
         while True:
             acquired = tasks.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))

@@ -20,10 +20,11 @@ from flwr.serverapp.strategy import Strategy
 from fedtune import messages as keys
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
 from fedtune.config import ClientSettings, ExperimentConfig
+from fedtune.console import RoundProgress
 from fedtune.data import load_split
 from fedtune.engine import resolve_device
 from fedtune.params import first_trainable_index, load_tensors, state_hash, trainable_stages, trainable_state_dict
-from fedtune.results import CLASS_NAMES, RoundProgress, RoundRecord, RunDirectory, encode_class_names, summarize_history
+from fedtune.results import CLASS_NAMES, RoundRecord, RunDirectory, encode_class_names, summarize_history
 from server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
 from server.delivery import ModelDelivery, Traffic
 from server.evaluate import CentralEvaluator
@@ -422,7 +423,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     completed = first_round - 1
     with RoundProgress(cfg.federation.rounds, title=f"{cfg.name}: federated fine-tuning") as progress:
         for record in run_dir.records:
-            progress.round_done(record)
+            progress.round_done(record, replayed=True)
         for server_round in range(first_round, cfg.federation.rounds + 1):
             eligible = federation.eligible_clients()
             if federation.at_budget and eligible < cfg.federation.min_clients:

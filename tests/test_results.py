@@ -13,16 +13,14 @@ import yaml
 from rich.console import Console
 
 from fedtune import results
+from fedtune.console import RoundProgress, compare_table, format_bytes
 from fedtune.results import (
     CLASS_NAMES,
     RECORD_COLUMNS,
-    RoundProgress,
     RoundRecord,
     RunDirectory,
     class_names_of,
-    compare_table,
     encode_class_names,
-    format_bytes,
     load_model_file,
 )
 
