@@ -11,7 +11,6 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.logs import setup_logging
 from server.federation import run_federation
-from server.grid import PromptGrid
 
 # The app bundle's root: `flwr run` ships configs/ inside it, so a relative config path is
 # looked up there when it is not found in the working directory.
@@ -41,4 +40,4 @@ def main(grid: Grid, context: Context) -> None:
         # rather than let the setting look obeyed.
         log.warning("federation.ray_address applies to `fedtune simulate` only and is ignored here; with `flwr run`, "
                     "set RAY_ADDRESS in the environment the local SuperLink starts from (deploy/README.md)")
-    run_federation(PromptGrid(grid), cfg)
+    run_federation(grid, cfg)  # which sends everything through its transport (server/transport.py)

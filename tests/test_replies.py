@@ -13,12 +13,12 @@ from flwr.serverapp.strategy import FedAvg
 from replies import TRAIN_METRICS, error_reply, evaluate_reply, flower_reason, instruction, train_reply
 
 from fedtune import messages as keys
+from fedtune.text import concise_reason
 from strategies.validation import (
     MAX_METRICS,
     UnusableReply,
     check_evaluate_replies,
     check_train_replies,
-    concise_reason,
     parse_evaluate_content,
     parse_train_content,
     specs_of,

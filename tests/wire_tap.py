@@ -1,0 +1,98 @@
+"""A grid that records every message that really leaves the server and every reply that really comes back.
+
+Tests put it between Flower's grid and fedtune's server, below fedtune's own transport, so what it
+sees is what crossed the wire whatever path sent it. It counts bytes its own way (each object of a
+message's content as Flower deflates it for the SuperLink) and files them by round. Messages carry
+no round number (Flower's Message-API strategies leave group_id empty), but every round of a run
+that evaluates on clients ends with its evaluate messages: the first other message after them
+opens the next round. A reply goes with the round of the message it answers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.run import Run
+
+
+def content_bytes(content: RecordDict) -> int:
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+@dataclass
+class Tapped:
+    """What crossed in one round: bytes each way, and the messages sent by type and SecAgg+ stage."""
+
+    sent: int = 0
+    received: int = 0
+    messages: list[str] = field(default_factory=list)
+
+
+class WireTap(Grid):
+    """Flower's grid, unchanged, recording what it pushes and pulls, round by round (`rounds[0]` is round 1)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.rounds: list[Tapped] = []
+        self._round_of: dict[str, Tapped] = {}  # message id -> the round it was sent in
+        self._last_type = MessageType.EVALUATE
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = list(self._grid.push_messages(messages))
+        pushed = set(ids)
+        for message in messages:
+            if message.metadata.message_id not in pushed:
+                continue
+            message_type = message.metadata.message_type
+            if self._last_type == MessageType.EVALUATE and message_type != MessageType.EVALUATE:
+                self.rounds.append(Tapped())
+            self._last_type = message_type
+            tapped = self._round_of[message.metadata.message_id] = self.rounds[-1]
+            tapped.sent += content_bytes(message.content)
+            stage = message.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
+            tapped.messages.append(message_type + (f":{stage}" if stage else ""))
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        for reply in replies:
+            if not reply.has_error():
+                self._round_of[reply.metadata.reply_to_message_id].received += content_bytes(reply.content)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while True:
+            arrived = list(self.pull_messages(pending))
+            replies.extend(arrived)
+            pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                return replies
+            time.sleep(0.1)
