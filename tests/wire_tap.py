@@ -11,6 +11,7 @@ opens the next round. A reply goes with the round of the message it answers.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -23,16 +24,25 @@ from flwr.supercore.run import Run
 
 
 def content_bytes(content: RecordDict) -> int:
+    """Bytes of the objects Flower pushes to the SuperLink for this content."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
 @dataclass
 class Tapped:
-    """What crossed in one round: bytes each way, and the messages sent by type and SecAgg+ stage."""
+    """What crossed in one round, by kind of message: "query", "train", "evaluate", or "train:<SecAgg+ stage>"."""
 
-    sent: int = 0
-    received: int = 0
-    messages: list[str] = field(default_factory=list)
+    messages: Counter[str] = field(default_factory=Counter)  # messages sent
+    sent_by_kind: Counter[str] = field(default_factory=Counter)  # bytes of those messages
+    received_by_kind: Counter[str] = field(default_factory=Counter)  # bytes of their replies
+
+    @property
+    def sent(self) -> int:
+        return sum(self.sent_by_kind.values())
+
+    @property
+    def received(self) -> int:
+        return sum(self.received_by_kind.values())
 
 
 class WireTap(Grid):
@@ -41,7 +51,7 @@ class WireTap(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self.rounds: list[Tapped] = []
-        self._round_of: dict[str, Tapped] = {}  # message id -> the round it was sent in
+        self._sent_in: dict[str, tuple[Tapped, str]] = {}  # message id -> its round and kind
         self._last_type = MessageType.EVALUATE
 
     def set_run(self, run: Run) -> None:
@@ -72,17 +82,19 @@ class WireTap(Grid):
             if self._last_type == MessageType.EVALUATE and message_type != MessageType.EVALUATE:
                 self.rounds.append(Tapped())
             self._last_type = message_type
-            tapped = self._round_of[message.metadata.message_id] = self.rounds[-1]
-            tapped.sent += content_bytes(message.content)
             stage = message.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
-            tapped.messages.append(message_type + (f":{stage}" if stage else ""))
+            kind = message_type + (f":{stage}" if stage else "")
+            self._sent_in[message.metadata.message_id] = (self.rounds[-1], kind)
+            self.rounds[-1].messages[kind] += 1
+            self.rounds[-1].sent_by_kind[kind] += content_bytes(message.content)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self._grid.pull_messages(message_ids))
         for reply in replies:
             if not reply.has_error():
-                self._round_of[reply.metadata.reply_to_message_id].received += content_bytes(reply.content)
+                tapped, kind = self._sent_in[reply.metadata.reply_to_message_id]
+                tapped.received_by_kind[kind] += content_bytes(reply.content)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
