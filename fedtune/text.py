@@ -11,8 +11,10 @@ def printable(text: str, limit: int) -> str:
     return shown + "..." if len(text) > limit else shown
 
 
-def concise_reason(reason: str) -> str:
+def concise_reason(reason: str | None) -> str:
     """The client's own error message out of the traceback text Flower and Ray wrap around it; bounded."""
+    if not reason:  # Flower's Error allows none
+        return "no reason given"
     marker = "Message: "
     at = reason.rfind(marker)
     if at >= 0:

@@ -105,7 +105,7 @@ class ModelDelivery:
         messages = list(messages)
         self.ensure_models(grid, [m.metadata.dst_node_id for m in messages])
         replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-        lost = {r.metadata.src_node_id: r.error.reason for r in replies if says_model_missing(r)}
+        lost = {r.metadata.src_node_id: r.error.reason or "" for r in replies if says_model_missing(r)}
         if not lost:
             return replies
         for node, reason in lost.items():

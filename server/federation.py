@@ -235,7 +235,7 @@ class _Federation:
             server_round=server_round,
             node_ids=nodes,
             arrays=arrays,
-            config=messages[0].content[keys.CONFIG],  # with what the strategy added (FedProx's mu)
+            config=messages[0].content.config_records[keys.CONFIG],  # with what the strategy added (FedProx's mu)
             settings=self.cfg.privacy.secure_aggregation,
             timeout=self.cfg.federation.round_timeout,
         )

@@ -104,17 +104,20 @@ class Transport(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        ids = list(self._grid.push_messages(messages))
-        pushed = set(ids)  # Flower gives each message its id as it accepts it; one it refused is not sent
+        # Measured before the push: once pushed, Flower's simulation engine pickles the same objects
+        # for Ray in another thread, and measuring writes into them (an object id is cached in the
+        # object's __dict__ when first computed): "dictionary changed size during iteration".
         size_of: dict[int, tuple[int, int]] = {}  # Flower's strategies share one content object between messages
         for message in messages:
-            if message.metadata.message_id not in pushed:
-                continue
             if id(message.content) not in size_of:
                 size_of[id(message.content)] = _sizes(message.content)
-            total, backbone_bytes = size_of[id(message.content)]
-            self.traffic.sent += total
-            self.traffic.sent_backbone += backbone_bytes
+        ids = list(self._grid.push_messages(messages))
+        pushed = set(ids)  # Flower gives each message its id as it accepts it; one it refused is not sent
+        for message in messages:
+            if message.metadata.message_id in pushed:
+                total, backbone_bytes = size_of[id(message.content)]
+                self.traffic.sent += total
+                self.traffic.sent_backbone += backbone_bytes
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

@@ -392,6 +392,10 @@ def test_concise_reason_of_nothing() -> None:
     assert concise_reason(flower_reason("")) == "no reason given"
 
 
+def test_concise_reason_of_an_error_without_a_reason() -> None:
+    assert concise_reason(None) == "no reason given"  # Flower's Error allows it, and a peer may send it
+
+
 def test_concise_reason_is_bounded_even_for_a_huge_reason() -> None:
     assert len(concise_reason(flower_reason("x" * 2000))) == 503  # 500 characters and "..."
     assert len(concise_reason("y" * 2000)) == 503

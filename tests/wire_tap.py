@@ -19,11 +19,11 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
 from flwr.supercore.run import Run
 
 
-def content_bytes(content: RecordDict) -> int:
+def content_bytes(content: InflatableObject) -> int:
     """Bytes of the objects Flower pushes to the SuperLink for this content."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
@@ -73,20 +73,22 @@ class WireTap(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
+        # Measured before the push, as the server's transport does (server/transport.py says why).
+        sizes = [content_bytes(message.content) for message in messages]
         ids = list(self._grid.push_messages(messages))
         pushed = set(ids)
-        for message in messages:
+        for message, size in zip(messages, sizes, strict=True):
             if message.metadata.message_id not in pushed:
                 continue
             message_type = message.metadata.message_type
             if self._last_type == MessageType.EVALUATE and message_type != MessageType.EVALUATE:
                 self.rounds.append(Tapped())
             self._last_type = message_type
-            stage = message.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
-            kind = message_type + (f":{stage}" if stage else "")
+            protocol = message.content.config_records.get(RECORD_KEY_CONFIGS)
+            kind = message_type if protocol is None else message_type + ":" + str(protocol.get(Key.STAGE))
             self._sent_in[message.metadata.message_id] = (self.rounds[-1], kind)
             self.rounds[-1].messages[kind] += 1
-            self.rounds[-1].sent_by_kind[kind] += content_bytes(message.content)
+            self.rounds[-1].sent_by_kind[kind] += size
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
