@@ -11,18 +11,16 @@ of 2 clipping_range / quantization_range. Updates are small, so a small clipping
 step) fits them where whole weights would need a large one. The server adds the averaged update
 back to the tensors it sent (server/secure_aggregation.py).
 
-This module is also the single definition of the extra entries the server puts into the legacy
-FitIns config, so both sides agree on them.
+fedtune's own entries of the legacy FitIns config (its train config, the tensors' order, the
+bounds) are written by the server and parsed here with fedtune/protocol.py, which both sides share.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-from collections.abc import Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, NDArray, Scalar, Status, bytes_to_ndarray, ndarrays_to_parameters
@@ -30,39 +28,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedtune import messages as keys
-from fedtune.config import MAX_SECAGG_SCALE
-from fedtune.protocol import MAX_SETTINGS_CHARS, RefusedMessage, excerpt, parse_number
-
-# Entries of the legacy FitIns config. Legacy configs hold scalars only (Flower's compat layer
-# rejects lists when it decodes them), and the legacy tensors are a bare list, so fedtune's config
-# travels as JSON and the tensor names as an explicit, ordered JSON list.
-FEDTUNE_CONFIG = "fedtune.secagg.config"
-ARRAY_KEYS = "fedtune.secagg.array-keys"
-CLIPPING_RANGE = "fedtune.secagg.clipping-range"
-MAX_WEIGHT = "fedtune.secagg.max-weight"
-
-# Bounds of what a client accepts in those entries (fedtune/protocol.py bounds the rest).
-_MAX_CONFIG_CHARS = 4 * MAX_SETTINGS_CHARS  # the train config, client settings inside, escaped once more
+from fedtune.protocol import parse_secure_fit_config
 
 # Legacy layout record names (Flower's compat functions write and read these).
 _FITINS_PARAMETERS = "fitins.parameters"
 _FITINS_CONFIG = "fitins.config"
-
-
-def encode_fit_config(
-    config: ConfigRecord, array_keys: Sequence[str], *, clipping_range: float, max_weight: float
-) -> dict[str, Scalar]:
-    """The legacy FitIns config that carries fedtune's train config and the tensor order."""
-    try:
-        fedtune_config = json.dumps(dict(config))
-    except TypeError as err:  # bytes values: fedtune never sends any, but say so if one appears
-        raise TypeError(f"a train config entry cannot travel under secure aggregation: {err}") from err
-    return {
-        FEDTUNE_CONFIG: fedtune_config,
-        ARRAY_KEYS: json.dumps(list(array_keys)),
-        CLIPPING_RANGE: float(clipping_range),
-        MAX_WEIGHT: float(max_weight),
-    }
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -82,50 +52,16 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return secaggplus_mod(msg, context, train_in_legacy_layout)
 
 
-def _json_entry(fit_config: ConfigRecord, key: str, *, max_chars: int) -> object:
-    """A JSON text entry of the legacy FitIns config, bounded before it is parsed."""
-    text = fit_config.get(key)
-    if not isinstance(text, str):
-        raise RefusedMessage(key, f"must be a JSON string, got {type(text).__name__}")
-    if len(text) > max_chars:
-        raise RefusedMessage(key, f"is {len(text)} characters long, more than {max_chars}")
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested too deep
-        raise RefusedMessage(key, f"not valid JSON ({type(error).__name__})") from None
-
-
-def _parse_fit_config(fit_config: ConfigRecord) -> tuple[ConfigRecord, list[str], float, float]:
-    """fedtune's train config, the tensor names, the clipping range and the maximum weight, checked."""
-    entries = _json_entry(fit_config, FEDTUNE_CONFIG, max_chars=_MAX_CONFIG_CHARS)
-    if not isinstance(entries, dict):
-        raise RefusedMessage(FEDTUNE_CONFIG, f"must hold a JSON object, got {type(entries).__name__}")
-    try:
-        config = ConfigRecord(entries)  # Flower's own check of the value types
-    except (TypeError, ValueError) as error:
-        raise RefusedMessage(FEDTUNE_CONFIG, excerpt(str(error))) from None
-    names = _json_entry(fit_config, ARRAY_KEYS, max_chars=_MAX_CONFIG_CHARS)
-    if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
-        raise RefusedMessage(ARRAY_KEYS, "must hold a JSON list of tensor names")
-    if len(set(names)) != len(names):
-        raise RefusedMessage(ARRAY_KEYS, "names a tensor twice")
-    clipping_range = parse_number(fit_config.get(CLIPPING_RANGE), CLIPPING_RANGE, low=0.0, high=MAX_SECAGG_SCALE,
-                                  low_inclusive=False)
-    max_weight = parse_number(fit_config.get(MAX_WEIGHT), MAX_WEIGHT, low=0.0, high=MAX_SECAGG_SCALE,
-                              low_inclusive=False)
-    return config, names, clipping_range, max_weight
-
-
 def _train_in_legacy_layout(msg: Message, context: Context, train: ClientAppCallable) -> Message:
     """Legacy FitIns in, fedtune's train handler, legacy FitRes (holding the update) out."""
-    fit_config = msg.content.config_records[_FITINS_CONFIG]
-    config, names, clipping_range, max_weight = _parse_fit_config(fit_config)
+    fit_config = parse_secure_fit_config(msg.content.config_records[_FITINS_CONFIG])
+    names = fit_config.array_keys
     sent = [bytes_to_ndarray(array.data) for array in msg.content.array_records[_FITINS_PARAMETERS].values()]
     if len(sent) != len(names):
         raise ValueError(f"secure aggregation: received {len(sent)} tensors but {len(names)} tensor names")
     request = RecordDict({
         keys.ARRAYS: ArrayRecord({name: Array(array) for name, array in zip(names, sent, strict=True)}),
-        keys.CONFIG: config,
+        keys.CONFIG: fit_config.config,
     })
     # Same metadata as the protocol message, so the handler's reply is addressed as usual;
     # secaggplus_mod builds the message that actually leaves this node.
@@ -142,7 +78,8 @@ def _train_in_legacy_layout(msg: Message, context: Context, train: ClientAppCall
         )
     num_examples = int(metrics[keys.NUM_EXAMPLES])
     updates = _updates(trained, names, sent)
-    _check_fits_protocol(updates, names, num_examples, clipping_range=clipping_range, max_weight=max_weight)
+    _check_fits_protocol(updates, names, num_examples, clipping_range=fit_config.clipping_range,
+                         max_weight=fit_config.max_weight)
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters(updates),

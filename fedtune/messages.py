@@ -27,3 +27,12 @@ MODEL_MISSING = "model not cached"
 # How a node's error reply begins when a message from the server failed the checks of
 # fedtune/protocol.py; the rest names the field and the problem.
 REFUSED = "refused the server's message"
+
+# Under SecAgg+ (Flower's legacy FitIns layout): entries fedtune adds to the FitIns config.
+# Legacy configs hold scalars only (Flower's compat layer rejects lists when it decodes them), and
+# the legacy tensors are a bare list, so fedtune's train config travels as JSON and the tensor
+# names as an explicit, ordered JSON list (fedtune/protocol.py encodes and parses them).
+SECAGG_CONFIG = "fedtune.secagg.config"  # JSON of the round's train config
+SECAGG_ARRAY_KEYS = "fedtune.secagg.array-keys"  # JSON list: the name of each legacy tensor, in order
+SECAGG_CLIPPING_RANGE = "fedtune.secagg.clipping-range"  # the client refuses an update SecAgg+ would clip
+SECAGG_MAX_WEIGHT = "fedtune.secagg.max-weight"  # the client refuses a num-examples above it

@@ -8,19 +8,21 @@ a short excerpt of the offending value, never the whole of it).
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.common import Scalar
 from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch import Tensor
 
 from fedtune import messages as keys
-from fedtune.config import MAX_DP_SCALE, MAX_PROXIMAL_MU, MAX_ROUNDS, ClientSettings, ConfigError
+from fedtune.config import MAX_DP_SCALE, MAX_PROXIMAL_MU, MAX_ROUNDS, MAX_SECAGG_SCALE, ClientSettings, ConfigError
 
 # fedtune.params.state_hash: a sha256 hex digest, lowercase.
 MODEL_HASH_FORM = re.compile(r"[0-9a-f]{64}")
@@ -30,6 +32,7 @@ MAX_SETTINGS_CHARS = 64 * 1024  # the settings JSON is about 300-3,000 character
 MAX_STAGES = 256  # the registered backbones have at most 20 stages
 MAX_PARTITION_LABEL = 2**31 - 1
 MAX_REASON_CHARS = 1_000  # of an error reply's reason, and of what the server logs of one
+MAX_SECAGG_CONFIG_CHARS = 4 * MAX_SETTINGS_CHARS  # the train config, client settings inside, escaped once more
 _EXCERPT_CHARS = 40
 
 # Keys a round's config may carry: fedtune's own and those Flower's strategies add.
@@ -247,6 +250,78 @@ def parse_round_instruction(content: RecordDict) -> RoundInstruction:
         server_round=parse_server_round(config[keys.SERVER_ROUND]),
         proximal_mu=parse_proximal_mu(config[keys.PROXIMAL_MU]) if keys.PROXIMAL_MU in config else 0.0,
         arrays=content.array_records[keys.ARRAYS],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Under SecAgg+: fedtune's entries of the legacy FitIns config, as the server writes them and a client reads them
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_secure_fit_config(
+    config: ConfigRecord, array_keys: Sequence[str], *, clipping_range: float, max_weight: float
+) -> dict[str, Scalar]:
+    """The legacy FitIns config that carries fedtune's train config and the tensor order."""
+    try:
+        fedtune_config = json.dumps(dict(config))
+    except TypeError as err:  # bytes values: fedtune never sends any, but say so if one appears
+        raise TypeError(f"a train config entry cannot travel under secure aggregation: {err}") from err
+    return {
+        keys.SECAGG_CONFIG: fedtune_config,
+        keys.SECAGG_ARRAY_KEYS: json.dumps(list(array_keys)),
+        keys.SECAGG_CLIPPING_RANGE: float(clipping_range),
+        keys.SECAGG_MAX_WEIGHT: float(max_weight),
+    }
+
+
+@dataclass(frozen=True)
+class SecureFitConfig:
+    """fedtune's train config, the legacy tensors' names in order, and the bounds the update must fit."""
+
+    config: ConfigRecord
+    array_keys: list[str]
+    clipping_range: float
+    max_weight: float
+
+
+def _json_entry(fit_config: ConfigRecord, key: str) -> object:
+    """A JSON text entry of the legacy FitIns config, bounded before it is parsed."""
+    text = fit_config.get(key)
+    if not isinstance(text, str):
+        raise RefusedMessage(key, f"must be a JSON string, got {_type_name(text)}")
+    if len(text) > MAX_SECAGG_CONFIG_CHARS:
+        raise RefusedMessage(key, f"is {len(text)} characters long, more than {MAX_SECAGG_CONFIG_CHARS}")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested too deep
+        raise RefusedMessage(key, f"not valid JSON ({type(error).__name__})") from None
+
+
+def parse_secure_fit_config(fit_config: ConfigRecord) -> SecureFitConfig:
+    """fedtune's entries of a legacy FitIns config, each of its exact form, or RefusedMessage.
+
+    The train config inside is checked as far as a ConfigRecord's value types here; the train
+    handler parses it like any round instruction (parse_round_instruction).
+    """
+    entries = _json_entry(fit_config, keys.SECAGG_CONFIG)
+    if not isinstance(entries, dict):
+        raise RefusedMessage(keys.SECAGG_CONFIG, f"must hold a JSON object, got {_type_name(entries)}")
+    try:
+        config = ConfigRecord(entries)  # Flower's own check of the value types
+    except (TypeError, ValueError) as error:
+        raise RefusedMessage(keys.SECAGG_CONFIG, excerpt(str(error))) from None
+    names = _json_entry(fit_config, keys.SECAGG_ARRAY_KEYS)
+    if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        raise RefusedMessage(keys.SECAGG_ARRAY_KEYS, "must hold a JSON list of tensor names")
+    if len(set(names)) != len(names):
+        raise RefusedMessage(keys.SECAGG_ARRAY_KEYS, "names a tensor twice")
+    return SecureFitConfig(
+        config=config,
+        array_keys=names,
+        clipping_range=parse_number(fit_config.get(keys.SECAGG_CLIPPING_RANGE), keys.SECAGG_CLIPPING_RANGE,
+                                    low=0.0, high=MAX_SECAGG_SCALE, low_inclusive=False),
+        max_weight=parse_number(fit_config.get(keys.SECAGG_MAX_WEIGHT), keys.SECAGG_MAX_WEIGHT,
+                                low=0.0, high=MAX_SECAGG_SCALE, low_inclusive=False),
     )
 
 

@@ -13,7 +13,6 @@ from flwr.superlink.grid import InMemoryGrid
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.logs import setup_logging
 from server.federation import node_count_mismatch, run_federation
-from server.grid import PromptGrid
 
 # The app bundle's root: `flwr run` ships configs/ inside it, so a relative config path is
 # looked up there when it is not found in the working directory.
@@ -65,4 +64,4 @@ def main(grid: Grid, context: Context) -> None:
         log.warning("federation.ray_address applies to `fedtune simulate` only and is ignored here; with `flwr run`, "
                     "set RAY_ADDRESS in the environment the local SuperLink starts from (deploy/README.md)")
     check_simulated_node_count(grid, cfg)
-    run_federation(PromptGrid(grid), cfg)
+    run_federation(grid, cfg)  # which sends everything through its transport (server/transport.py)

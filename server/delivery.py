@@ -1,4 +1,4 @@
-"""Getting messages to clients: the full model only to nodes that lack it (or lost it), every byte counted."""
+"""Getting messages to clients: the full model only to nodes that lack it (or lost it)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedtune import messages as keys
 from fedtune.protocol import MAX_REASON_CHARS, parse_query_answer, says_model_missing
-from strategies.validation import concise_reason
+from fedtune.text import concise_reason
 
 log = logging.getLogger("fedtune.server")
 
@@ -20,18 +19,6 @@ log = logging.getLogger("fedtune.server")
 # node said it lost it. A node that keeps losing it (a broken disk, a cache cap below the model's
 # size, or a client asking on purpose) is not sent it again, and fails its rounds until it is fixed.
 MAX_DELIVERIES = 3
-
-
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of a message's content as Flower serialises it for the wire."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
-
-
-@dataclass
-class Traffic:
-    sent: int = 0
-    received: int = 0
-    sent_backbone: int = 0
 
 
 def _addressed_again(message: Message) -> Message:
@@ -50,6 +37,7 @@ class ModelDelivery:
     is what Flower's mods (client-side clipping, SecAgg+) require. A node that answers a train or
     evaluate message with "model not cached" (deleted, or found damaged) is sent the model again
     and then its message again, within the same round, up to MAX_DELIVERIES times per run.
+    Every message goes through `grid`; the run's Transport (server/transport.py) counts its bytes.
     """
 
     model_hash: str
@@ -59,7 +47,6 @@ class ModelDelivery:
     deliveries: dict[int, int] = field(default_factory=dict)  # node -> times the backbone was sent
     # node -> the partition-id it gave in its answer to the query: a label for log lines, trusted for nothing else
     partitions: dict[int, int] = field(default_factory=dict)
-    _backbone_bytes: int | None = None
 
     def name_of(self, node: int) -> str:
         """How log lines name a node: `client 3 (node 123456…)`, or `node 1234567890123` before it answered."""
@@ -73,16 +60,14 @@ class ModelDelivery:
         """These nodes may no longer hold the model: ask them again before their next message."""
         self.holders.difference_update(nodes)
 
-    def _query(self, grid: Grid, nodes: list[int], content: RecordDict, traffic: Traffic, what: str) -> None:
+    def _query(self, grid: Grid, nodes: list[int], content: RecordDict, what: str) -> None:
         """Send `content` as a QUERY to each node; those answering HAS_MODEL=1 become holders."""
         queries = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-        traffic.sent += payload_bytes(content) * len(queries)
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("%s did not %s: %s", self.name_of(node), what, concise_reason(reply.error.reason))
                 continue
-            traffic.received += payload_bytes(reply.content)
             answer = parse_query_answer(reply)
             if answer.partition is not None:
                 self.partitions[node] = answer.partition
@@ -91,13 +76,13 @@ class ModelDelivery:
             if answer.has_model:
                 self.holders.add(node)
 
-    def ensure_models(self, grid: Grid, nodes: list[int], traffic: Traffic) -> None:
+    def ensure_models(self, grid: Grid, nodes: list[int]) -> None:
         """Ask newcomers whether they cache the model; send it to those that do not."""
         newcomers = [n for n in nodes if n not in self.holders]
         if not newcomers:
             return
         question = RecordDict({keys.CONFIG: ConfigRecord({keys.MODEL_HASH: self.model_hash})})
-        self._query(grid, newcomers, question, traffic, "answer the model query")
+        self._query(grid, newcomers, question, "answer the model query")
         lacking = []
         for node in (n for n in newcomers if n not in self.holders):
             if self.deliveries.get(node, 0) >= MAX_DELIVERIES:
@@ -109,39 +94,26 @@ class ModelDelivery:
         if not lacking:
             return
         delivery = RecordDict({**question, keys.BACKBONE: self.backbone})
-        if self._backbone_bytes is None:
-            self._backbone_bytes = payload_bytes(RecordDict({keys.BACKBONE: self.backbone}))
         for node in lacking:
             self.deliveries[node] = self.deliveries.get(node, 0) + 1
-        traffic.sent_backbone += self._backbone_bytes * len(lacking)
-        self._query(grid, lacking, delivery, traffic, "store the model")
+        self._query(grid, lacking, delivery, "store the model")
 
-    def _exchange(self, grid: Grid, messages: list[Message], traffic: Traffic) -> list[Message]:
-        size_of: dict[int, int] = {}  # the strategy shares one content object between messages
-        for message in messages:
-            if id(message.content) not in size_of:
-                size_of[id(message.content)] = payload_bytes(message.content)
-            traffic.sent += size_of[id(message.content)]
-        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-        traffic.received += sum(payload_bytes(r.content) for r in replies if not r.has_error())
-        return replies
-
-    def send_and_receive(self, grid: Grid, messages: Iterable[Message], traffic: Traffic) -> list[Message]:
+    def send_and_receive(self, grid: Grid, messages: Iterable[Message]) -> list[Message]:
         """Each message's reply (or none, past the timeout); nodes that lost the model get it and their
         message again once, and their second reply replaces the first. A round with a re-send can take
         up to twice the timeout."""
         messages = list(messages)
-        self.ensure_models(grid, [m.metadata.dst_node_id for m in messages], traffic)
-        replies = self._exchange(grid, messages, traffic)
-        lost = {r.metadata.src_node_id: r.error.reason for r in replies if says_model_missing(r)}
+        self.ensure_models(grid, [m.metadata.dst_node_id for m in messages])
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        lost = {r.metadata.src_node_id: r.error.reason or "" for r in replies if says_model_missing(r)}
         if not lost:
             return replies
         for node, reason in lost.items():
             log.warning("%s lost the model (%s); sending it again", self.name_of(node), reason[:MAX_REASON_CHARS])
         self.forget(lost)
-        self.ensure_models(grid, list(lost), traffic)
+        self.ensure_models(grid, list(lost))
         again = [_addressed_again(m) for m in messages if m.metadata.dst_node_id in lost.keys() & self.holders]
         if not again:
             return replies
-        second = {r.metadata.src_node_id: r for r in self._exchange(grid, again, traffic)}
+        second = {r.metadata.src_node_id: r for r in grid.send_and_receive(again, timeout=self.timeout)}
         return [second.get(r.metadata.src_node_id, r) if r.metadata.src_node_id in lost else r for r in replies]

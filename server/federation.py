@@ -9,7 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,11 +26,12 @@ from fedtune.engine import resolve_device
 from fedtune.params import first_trainable_index, load_tensors, state_hash, trainable_stages, trainable_state_dict
 from fedtune.results import CLASS_NAMES, RoundRecord, RunDirectory, encode_class_names, summarize_history
 from server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
-from server.delivery import ModelDelivery, Traffic
+from server.delivery import ModelDelivery
 from server.evaluate import CentralEvaluator
 from server.preflight import check_model_fits
 from server.privacy_report import PrivacyReport
 from server.secure_aggregation import secure_train_round
+from server.transport import Transport
 from strategies import build_strategy, fit_sampling_to, restore_strategy_state, strategy_state
 from strategies.bound import BoundEvent, UpdateBound, bound_applies
 from strategies.validation import (
@@ -84,11 +85,11 @@ class EarlyStopping:
         self.best, self.best_round, self.stale = state["best"], int(state["best_round"]), int(state["stale"])
 
 
-def _wait_for_nodes(grid: Grid, cfg: ExperimentConfig) -> None:
+def _wait_for_nodes(transport: Transport, cfg: ExperimentConfig) -> None:
     """Strategies wait forever for missing nodes; fail instead, saying how to fix it."""
     expected = cfg.federation.num_clients
     deadline = time.monotonic() + cfg.federation.connect_timeout
-    while (connected := len(list(grid.get_node_ids()))) < expected and time.monotonic() < deadline:
+    while (connected := len(transport.connected_node_ids())) < expected and time.monotonic() < deadline:
         time.sleep(0.5)
     if connected != expected:
         raise RuntimeError(node_count_mismatch(connected, expected))
@@ -125,27 +126,11 @@ class _EvaluateOutcome:
     failed: int = 0
 
 
-class _EligibleNodes:
-    """The grid as a strategy sees it when sampling: without the clients that have left the run."""
-
-    def __init__(self, grid: Grid, excluded: set[int]) -> None:
-        self._grid = grid
-        self._excluded = excluded
-
-    def get_node_ids(self) -> list[int]:
-        # Sorted: Flower samples from this list with `random`, so a resumed run (same random state,
-        # same node ids) samples the same clients as an uninterrupted one would.
-        return sorted(node for node in self._grid.get_node_ids() if node not in self._excluded)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._grid, name)
-
-
 @dataclass
 class _Federation:
     """The server's state during a run, and how one round is played."""
 
-    grid: Grid
+    transport: Transport  # every message of the run goes through it; it counts their bytes
     cfg: ExperimentConfig
     model: StagedModel
     model_hash: str
@@ -157,7 +142,11 @@ class _Federation:
     run_key: str  # names the run on the clients' disks; the same after a resume
     bound: UpdateBound | None  # strategy.bound, where it applies
     train_metrics: dict[str, MetricSpec]  # what a train reply must report
-    at_budget: set[int] = field(default_factory=set)  # clients that refused to train past their privacy budget
+
+    @property
+    def at_budget(self) -> set[int]:
+        """Clients that refused to train past their privacy budget: they left the run, and are sampled no more."""
+        return self.transport.departed
 
     def checkpoint(self, completed: int, stopper: EarlyStopping, elapsed_seconds: float) -> Checkpoint:
         """Everything the next round depends on, after `completed` rounds."""
@@ -180,12 +169,12 @@ class _Federation:
         restore_strategy_state(self.strategy, checkpoint.strategy_tensors, checkpoint.strategy_scalars)
         checkpoint.random_state.restore()
         stopper.restore(checkpoint.early_stopping)
-        self.at_budget = set(checkpoint.at_budget)
+        self.transport.departed = set(checkpoint.at_budget)
         self.privacy.restore(checkpoint.privacy)
         self.delivery.deliveries = dict(checkpoint.deliveries)
 
     def eligible_clients(self) -> int:
-        return len(set(self.grid.get_node_ids()) - self.at_budget)
+        return len(self.transport.get_node_ids())  # those at their budget left out
 
     def travelling(self, stages: list[str]) -> dict[str, torch.Tensor]:
         return trainable_state_dict(self.model, stages, statistics=not self.cfg.privacy.freezes_statistics)
@@ -195,10 +184,10 @@ class _Federation:
         return metrics.loss, metrics.accuracy
 
     def _train_plain(
-        self, server_round: int, messages: list[Message], arrays: ArrayRecord, traffic: Traffic
+        self, server_round: int, messages: list[Message], arrays: ArrayRecord
     ) -> _TrainOutcome:
         """Send; parse each reply; bound the updates; aggregate with the strategy (and its DP wrapper, if any)."""
-        replies = self.delivery.send_and_receive(self.grid, messages, traffic)
+        replies = self.delivery.send_and_receive(self.transport, messages)
         checked = check_train_replies(
             replies, specs_of(arrays), metrics=self.train_metrics, server_round=server_round,
             name_of=self.delivery.name_of, reject_unchanged=arrays if self.cfg.privacy.central.enabled else None,
@@ -225,9 +214,9 @@ class _Federation:
             failed=len(checked.failed) + len(messages) - len(replies),
         )
 
-    def _evaluate(self, server_round: int, messages: list[Message], traffic: Traffic) -> _EvaluateOutcome:
+    def _evaluate(self, server_round: int, messages: list[Message]) -> _EvaluateOutcome:
         """Send; parse each reply; cap the weights; aggregate the metrics."""
-        replies = self.delivery.send_and_receive(self.grid, messages, traffic)
+        replies = self.delivery.send_and_receive(self.transport, messages)
         checked = check_evaluate_replies(replies, server_round=server_round, name_of=self.delivery.name_of)
         capped = []
         if self.bound is not None:
@@ -240,17 +229,17 @@ class _Federation:
         )
 
     def _train_secure(
-        self, server_round: int, messages: list[Message], arrays: ArrayRecord, traffic: Traffic
+        self, server_round: int, messages: list[Message], arrays: ArrayRecord
     ) -> _TrainOutcome:
         """SecAgg+: the server learns only the average of the sampled clients' updates."""
         nodes = [m.metadata.dst_node_id for m in messages]
-        self.delivery.ensure_models(self.grid, nodes, traffic)
+        self.delivery.ensure_models(self.transport, nodes)
         aggregated, metrics, report = secure_train_round(
-            self.grid,
+            self.transport,  # every protocol message is metered with the round's other messages
             server_round=server_round,
             node_ids=nodes,
             arrays=arrays,
-            config=messages[0].content[keys.CONFIG],  # with what the strategy added (FedProx's mu)
+            config=messages[0].content.config_records[keys.CONFIG],  # with what the strategy added (FedProx's mu)
             settings=self.cfg.privacy.secure_aggregation,
             timeout=self.cfg.federation.round_timeout,
         )
@@ -275,20 +264,19 @@ class _Federation:
         config = ConfigRecord(
             {keys.CLIENT_CONFIG: self.settings, keys.MODEL_HASH: self.model_hash, keys.TRAINABLE_STAGES: stages}
         )
-        traffic = Traffic()
+        traffic = self.transport.start_count()  # every message until the record: train, evaluate, queries, SecAgg+
 
-        sampling_grid = cast(Grid, _EligibleNodes(self.grid, self.at_budget))
-        train_messages = list(self.strategy.configure_train(server_round, arrays, config, sampling_grid))
+        train_messages = list(self.strategy.configure_train(server_round, arrays, config, self.transport))
         train = self._train_secure if self.cfg.privacy.secure_aggregation.enabled else self._train_plain
-        outcome = train(server_round, train_messages, arrays, traffic) if train_messages else _TrainOutcome()
+        outcome = train(server_round, train_messages, arrays) if train_messages else _TrainOutcome()
         if outcome.aggregated is not None:
             load_tensors(self.model, outcome.aggregated.to_torch_state_dict(), expected_keys=list(arrays.keys()))
         else:
             log.warning("round %d: no valid update to aggregate; the model is unchanged", server_round)
 
         eval_arrays = ArrayRecord(self.travelling(stages))
-        eval_messages = list(self.strategy.configure_evaluate(server_round, eval_arrays, config, sampling_grid))
-        evaluation = self._evaluate(server_round, eval_messages, traffic) if eval_messages else _EvaluateOutcome()
+        eval_messages = list(self.strategy.configure_evaluate(server_round, eval_arrays, config, self.transport))
+        evaluation = self._evaluate(server_round, eval_messages) if eval_messages else _EvaluateOutcome()
         fed_metrics = evaluation.metrics
 
         for node, problem in outcome.problems.items():
@@ -347,7 +335,11 @@ class _Federation:
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
-    """Run every round of `cfg` on the nodes behind `grid`; results go to a new run directory."""
+    """Run every round of `cfg` on the nodes behind `grid`; results go to a new run directory.
+
+    `grid` is Flower's, as the ServerApp gets it: every message of the run goes through one
+    Transport around it (server/transport.py), which counts each round's bytes.
+    """
     # Flower samples clients with `random` and draws central-DP noise with numpy's global generator.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -370,8 +362,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     # Names the run on the clients' disks; a resumed run keeps its key, so their ledgers continue.
     run_key = checkpoint.run_key if checkpoint else f"{cfg.name}-{secrets.token_hex(6)}"
     buffers = frozenset(name for name, _ in model.named_buffers())
+    transport = Transport(grid)
     federation = _Federation(
-        grid=grid,
+        transport=transport,
         cfg=cfg,
         model=model,
         model_hash=model_hash,
@@ -389,7 +382,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     stopper = EarlyStopping(cfg)
     if checkpoint is not None:
         federation.restore(checkpoint, stopper)
-    _wait_for_nodes(grid, cfg)
+    _wait_for_nodes(transport, cfg)
 
     log.info("model %s: %s, %d classes, hash %s", cfg.model.backbone, cfg.model.weights, num_classes, model_hash[:12])
     started = time.monotonic()

@@ -8,6 +8,10 @@ of an ordinary round; the clients need `client.secure_aggregation.secure_aggrega
 The clients send updates (trained minus sent tensors, see client/secure_aggregation.py); the
 protocol returns their average weighted by num-examples, and it is added to the tensors sent.
 
+The workflow sends every protocol message (keys, shares, masked vectors, unmasking) through the
+grid it is handed; fedtune hands it the run's transport (server/transport.py), so those messages
+are metered like every other.
+
 `SecAggPlusWorkflow` returns nothing, whether it completed or halted (it only logs "Secure
 aggregation halted."), and a halted round would leave the model as it was without anyone
 noticing; here every halt raises `SecureAggregationError`, naming the stage and the cause.
@@ -34,9 +38,9 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from client.secure_aggregation import encode_fit_config
 from fedtune import messages as keys
-from strategies.validation import concise_reason
+from fedtune.protocol import encode_secure_fit_config
+from fedtune.text import concise_reason
 
 if TYPE_CHECKING:
     from fedtune.config import SecureAggregationConfig
@@ -94,6 +98,7 @@ def secure_train_round(
 
     Returns tensors with the keys, dtypes and shapes of `arrays`, the clients' train metrics averaged
     like Flower's FedAvg does (None if they sent none besides num-examples), and who took part.
+    Every message of the protocol goes through `grid` (the run's Transport meters them).
     `timeout` applies to each of the protocol's four exchanges. Raises SecureAggregationError when
     the protocol halts (too few clients left to reconstruct the masks, or clients that do not
     speak SecAgg+), ValueError when the settings cannot work for this many clients.
@@ -122,7 +127,7 @@ def secure_train_round(
     except ValueError as err:  # Flower's own checks of the settings
         raise ValueError(f"privacy.secure_aggregation: {err}") from err
 
-    fit_config = encode_fit_config(
+    fit_config = encode_secure_fit_config(
         ConfigRecord({**config, keys.SERVER_ROUND: server_round}),
         names,
         clipping_range=settings.clipping_range,

@@ -23,11 +23,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedtune import messages as keys
+from fedtune.text import MAX_REASON, concise_reason, printable
 
 log = logging.getLogger("fedtune.server")
 
 MAX_METRICS = 64  # metrics in one reply: the client's handlers send 3 (6 under DP-SGD)
-MAX_REASON = 500  # characters of a client's error message kept for the log and the history
 _MAX_NAME = 60  # characters of a client-chosen name (a metric's) shown in a log line
 _MAX_NAMES_SHOWN = 3
 _NPY_HEADER_BYTES = 4096  # room for a .npy header around a tensor's data (numpy writes 128 bytes or so)
@@ -94,15 +94,9 @@ def specs_of(arrays: ArrayRecord) -> dict[str, TensorSpec]:
 # --- parsing one reply ------------------------------------------------------------------------
 
 
-def printable(text: str, limit: int = _MAX_NAME) -> str:
-    """A peer's text made safe for one log line: bounded, control characters (newlines, terminal escapes) replaced."""
-    shown = "".join(c if c.isprintable() else "?" for c in text[:limit])
-    return shown + "..." if len(text) > limit else shown
-
-
 def _names(names: Iterable[str]) -> str:
     names = sorted(names)
-    shown = [printable(name) for name in names[:_MAX_NAMES_SHOWN]]
+    shown = [printable(name, _MAX_NAME) for name in names[:_MAX_NAMES_SHOWN]]
     return f"{shown}{' ...' if len(names) > _MAX_NAMES_SHOWN else ''}"
 
 
@@ -210,20 +204,6 @@ def parse_evaluate_content(content: RecordDict) -> tuple[RecordDict, list[str]]:
     record = _only_record(content.metric_records, "MetricRecord")
     parsed_metrics, ignored = _parse_metrics(record, EVALUATE_METRICS)
     return RecordDict({keys.METRICS: parsed_metrics}), ignored
-
-
-def concise_reason(reason: str) -> str:
-    """The client's own error message out of the traceback text Flower and Ray wrap around it; bounded."""
-    marker = "Message: "
-    at = reason.rfind(marker)
-    if at >= 0:
-        tail = reason[at + len(marker): at + len(marker) + 4 * MAX_REASON].strip()
-        first = tail.splitlines()[0].removesuffix("'>").strip() if tail else ""  # Ray wraps it in a repr
-        return printable(first, MAX_REASON) if first else "no reason given"
-    end = len(reason.rstrip())
-    start = max(reason.rfind("\n", 0, end) + 1, end - 4 * MAX_REASON)
-    last = reason[start:end].strip()
-    return printable(last, MAX_REASON) if last else "no reason given"
 
 
 # --- sorting a round's replies ----------------------------------------------------------------

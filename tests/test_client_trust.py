@@ -505,10 +505,11 @@ def _legacy_train(entries: dict[str, object]) -> Message:
     from flwr.common import FitIns, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
-    from client.secure_aggregation import encode_fit_config
+    from fedtune.protocol import encode_secure_fit_config
 
     tensors = {k: v.numpy() for k, v in _trainable().items()}
-    fit_config = encode_fit_config(ConfigRecord(round_config()), list(tensors), clipping_range=8.0, max_weight=1000.0)
+    fit_config = encode_secure_fit_config(ConfigRecord(round_config()), list(tensors), clipping_range=8.0,
+                                          max_weight=1000.0)
     fit_config.update(entries)
     content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(list(tensors.values())), fit_config),
                                           keep_input=True)

@@ -23,7 +23,7 @@ from fedtune.protocol import (
     parse_query_answer,
     says_model_missing,
 )
-from server.delivery import MAX_DELIVERIES, ModelDelivery, Traffic
+from server.delivery import MAX_DELIVERIES, ModelDelivery
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -92,14 +92,14 @@ def federation(tmp_path: Path) -> tuple[ModelDelivery, LoopbackGrid]:
 
 def _round(delivery: ModelDelivery, grid: LoopbackGrid, server_round: int) -> list[Message]:
     messages = [instruction(round_config(server_round=server_round), dst_node_id=node) for node in grid.nodes]
-    return delivery.send_and_receive(grid, messages, Traffic())
+    return delivery.send_and_receive(grid, messages)
 
 
 def test_name_of_uses_the_partition_label_from_the_answer(federation: tuple[ModelDelivery, LoopbackGrid]) -> None:
     delivery, grid = federation
     assert delivery.name_of(1234567890123) == "node 1234567890123"  # before it answered
 
-    delivery.ensure_models(grid, list(grid.nodes), Traffic())
+    delivery.ensure_models(grid, list(grid.nodes))
 
     assert delivery.name_of(1234567890123) == "client 0 (node 123456…)"
     assert delivery.name_of(42) == "client 1 (node 42)"
@@ -177,7 +177,7 @@ def test_a_refused_query_is_logged_with_the_nodes_reason(
     delivery.model_hash = "../../etc/passwd"  # a server bug or a tampered run: the client says no
 
     with caplog.at_level(logging.WARNING, logger="fedtune.server"):
-        delivery.ensure_models(grid, [42], Traffic())
+        delivery.ensure_models(grid, [42])
 
     assert not delivery.holders
     assert any(f"{keys.REFUSED}: {keys.MODEL_HASH}: must be 64 lowercase hex" in r.getMessage()

@@ -13,12 +13,12 @@ from flwr.serverapp.strategy import FedAvg
 from replies import TRAIN_METRICS, error_reply, evaluate_reply, flower_reason, instruction, train_reply
 
 from fedtune import messages as keys
+from fedtune.text import concise_reason
 from strategies.validation import (
     MAX_METRICS,
     UnusableReply,
     check_evaluate_replies,
     check_train_replies,
-    concise_reason,
     parse_evaluate_content,
     parse_train_content,
     specs_of,
@@ -390,6 +390,10 @@ def test_concise_reason_of_nothing() -> None:
     assert concise_reason("") == "no reason given"
     assert concise_reason("\n  \n") == "no reason given"
     assert concise_reason(flower_reason("")) == "no reason given"
+
+
+def test_concise_reason_of_an_error_without_a_reason() -> None:
+    assert concise_reason(None) == "no reason given"  # Flower's Error allows it, and a peer may send it
 
 
 def test_concise_reason_is_bounded_even_for_a_huge_reason() -> None:

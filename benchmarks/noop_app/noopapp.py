@@ -40,9 +40,9 @@ def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
     rounds, nodes, results = int(cfg["rounds"]), int(cfg["nodes"]), Path(str(cfg["results"]))
     if cfg["grid"] == "prompt":
-        from server.grid import PromptGrid  # fedtune's, from the environment the SuperLink runs in
+        from server.transport import Transport  # fedtune's, from the environment the SuperLink runs in
 
-        grid = PromptGrid(grid)
+        grid = Transport(grid)
     record: dict[str, object] = {"started": time.time(), "grid": cfg["grid"], "rounds": []}
     deadline = time.monotonic() + NODE_WAIT
     while len(node_ids := sorted(grid.get_node_ids())) < nodes:

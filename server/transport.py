@@ -1,0 +1,142 @@
+"""The server's one way to its nodes: every message of every path goes through it, and its bytes are counted.
+
+`run_federation` wraps Flower's grid in a `Transport` once, and hands the transport, never the bare
+grid, to everything that sends: the strategy's train and evaluate messages, the model query and
+delivery (server/delivery.py), and Flower's own SecAgg+ workflow (server/secure_aggregation.py),
+which takes the grid it is given and calls its `send_and_receive` for each of its four stages. So
+the byte counts in a round's record include the protocol's key exchange, shares and masked vectors.
+Flower is not patched: a Grid subclass handed to Flower's code is its supported extension point.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.run import Run
+
+from fedtune import messages as keys
+
+# Flower's simulation grid pulls every 0.1 s too (flwr/superlink/grid/inmemory_grid.py): a pull
+# is one small request to the SuperLink on the same machine.
+PULL_INTERVAL = 0.1
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's content as Flower serialises it for the wire (its objects, deflated)."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+def _sizes(content: RecordDict) -> tuple[int, int]:
+    """payload_bytes(content), and how many of them are the full model (fedtune's BACKBONE record), in one pass."""
+    sizes = {object_id: len(obj.deflate()) for object_id, obj in get_all_nested_objects(content).items()}
+    backbone = content.array_records.get(keys.BACKBONE)
+    # Object ids are cached once computed: this second walk deflates nothing again.
+    backbone_bytes = 0 if backbone is None else sum(sizes[i] for i in get_all_nested_objects(backbone))
+    return sum(sizes.values()), backbone_bytes
+
+
+@dataclass
+class Traffic:
+    """Bytes of message content that crossed between the server and its nodes, counted per message.
+
+    A message sent to n nodes counts n times: each node receives it. Replies count their content;
+    an error reply carries none.
+    """
+
+    sent: int = 0
+    received: int = 0
+    sent_backbone: int = 0  # of `sent`: the full model delivered to nodes that lacked it
+
+
+class Transport(Grid):
+    """Flower's grid, metering every message and reply, pulling replies promptly, without nodes that left the run.
+
+    - Metering: `push_messages` counts each message Flower accepted, `pull_messages` each reply, into
+      `traffic`; `start_count()` begins a fresh count (one per round). Every other method of Flower's
+      Grid that sends (`send_and_receive`) goes through these two.
+    - Prompt replies: on real nodes the ServerApp gets Flower's HttpGrid, whose `send_and_receive`
+      sleeps 3 s between two pulls (flwr/superlink/grid/http_grid.py:412 in Flower 1.41): every
+      exchange ended up to 3 s after its last reply. Here replies are looked for every `interval` s.
+    - Sampling: `get_node_ids` leaves out the nodes in `departed` (clients that left the run at
+      their privacy budget), so a strategy never samples them; `connected_node_ids` lists them all.
+    """
+
+    def __init__(self, grid: Grid, *, interval: float = PULL_INTERVAL) -> None:
+        self._grid = grid
+        self._interval = interval
+        self.traffic = Traffic()
+        self.departed: set[int] = set()
+
+    def start_count(self) -> Traffic:
+        """A fresh count of everything that crosses from now on (the previous count is kept by whoever holds it)."""
+        self.traffic = Traffic()
+        return self.traffic
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def connected_node_ids(self) -> list[int]:
+        """Every node connected to the SuperLink, those that left the run included."""
+        return list(self._grid.get_node_ids())
+
+    def get_node_ids(self) -> list[int]:
+        # Sorted: Flower samples from this list with `random`, so a resumed run (same random state,
+        # same node ids) samples the same clients as an uninterrupted one would.
+        return sorted(node for node in self._grid.get_node_ids() if node not in self.departed)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        # Measured before the push: once pushed, Flower's simulation engine pickles the same objects
+        # for Ray in another thread, and measuring writes into them (an object id is cached in the
+        # object's __dict__ when first computed): "dictionary changed size during iteration".
+        size_of: dict[int, tuple[int, int]] = {}  # Flower's strategies share one content object between messages
+        for message in messages:
+            if id(message.content) not in size_of:
+                size_of[id(message.content)] = _sizes(message.content)
+        ids = list(self._grid.push_messages(messages))
+        pushed = set(ids)  # Flower gives each message its id as it accepts it; one it refused is not sent
+        for message in messages:
+            if message.metadata.message_id in pushed:
+                total, backbone_bytes = size_of[id(message.content)]
+                self.traffic.sent += total
+                self.traffic.sent_backbone += backbone_bytes
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        for reply in replies:
+            if not reply.has_error():
+                self.traffic.received += payload_bytes(reply.content)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push `messages`, then pull until every one has its reply or `timeout` seconds have passed
+        (like Flower's: at least one pull, and `timeout=None` waits for all replies)."""
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while True:
+            arrived = list(self.pull_messages(pending))
+            replies.extend(arrived)
+            pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                return replies
+            time.sleep(self._interval)

@@ -1,0 +1,112 @@
+"""A grid that records every message that really leaves the server and every reply that really comes back.
+
+Tests put it between Flower's grid and fedtune's server, below fedtune's own transport, so what it
+sees is what crossed the wire whatever path sent it. It counts bytes its own way (each object of a
+message's content as Flower deflates it for the SuperLink) and files them by round. Messages carry
+no round number (Flower's Message-API strategies leave group_id empty), but every round of a run
+that evaluates on clients ends with its evaluate messages: the first other message after them
+opens the next round. A reply goes with the round of the message it answers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
+from flwr.supercore.run import Run
+
+
+def content_bytes(content: InflatableObject) -> int:
+    """Bytes of the objects Flower pushes to the SuperLink for this content."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+@dataclass
+class Tapped:
+    """What crossed in one round, by kind of message: "query", "train", "evaluate", or "train:<SecAgg+ stage>"."""
+
+    messages: Counter[str] = field(default_factory=Counter)  # messages sent
+    sent_by_kind: Counter[str] = field(default_factory=Counter)  # bytes of those messages
+    received_by_kind: Counter[str] = field(default_factory=Counter)  # bytes of their replies
+
+    @property
+    def sent(self) -> int:
+        return sum(self.sent_by_kind.values())
+
+    @property
+    def received(self) -> int:
+        return sum(self.received_by_kind.values())
+
+
+class WireTap(Grid):
+    """Flower's grid, unchanged, recording what it pushes and pulls, round by round (`rounds[0]` is round 1)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.rounds: list[Tapped] = []
+        self._sent_in: dict[str, tuple[Tapped, str]] = {}  # message id -> its round and kind
+        self._last_type = MessageType.EVALUATE
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        # Measured before the push, as the server's transport does (server/transport.py says why).
+        sizes = [content_bytes(message.content) for message in messages]
+        ids = list(self._grid.push_messages(messages))
+        pushed = set(ids)
+        for message, size in zip(messages, sizes, strict=True):
+            if message.metadata.message_id not in pushed:
+                continue
+            message_type = message.metadata.message_type
+            if self._last_type == MessageType.EVALUATE and message_type != MessageType.EVALUATE:
+                self.rounds.append(Tapped())
+            self._last_type = message_type
+            protocol = message.content.config_records.get(RECORD_KEY_CONFIGS)
+            kind = message_type if protocol is None else message_type + ":" + str(protocol.get(Key.STAGE))
+            self._sent_in[message.metadata.message_id] = (self.rounds[-1], kind)
+            self.rounds[-1].messages[kind] += 1
+            self.rounds[-1].sent_by_kind[kind] += size
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        for reply in replies:
+            if not reply.has_error():
+                tapped, kind = self._sent_in[reply.metadata.reply_to_message_id]
+                tapped.received_by_kind[kind] += content_bytes(reply.content)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while True:
+            arrived = list(self.pull_messages(pending))
+            replies.extend(arrived)
+            pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                return replies
+            time.sleep(0.1)
