@@ -65,7 +65,9 @@ def _train_in_legacy_layout(msg: Message, context: Context, train: ClientAppCall
     })
     # Same metadata as the protocol message, so the handler's reply is addressed as usual;
     # secaggplus_mod builds the message that actually leaves this node.
-    reply = train(Message(content=request, metadata=copy.copy(msg.metadata)), context)
+    # `metadata=` is in the implementation's signature, not in its overloads (flwr/app/message/message.py,
+    # lines 133-144; Flower's own make_message does the same, line 453).
+    reply = train(Message(content=request, metadata=copy.copy(msg.metadata)), context)  # type: ignore[call-overload]
     if reply.has_error():
         raise RuntimeError(reply.error.reason)
 
@@ -76,7 +78,9 @@ def _train_in_legacy_layout(msg: Message, context: Context, train: ClientAppCall
             f"secure aggregation: the train reply needs an ArrayRecord {keys.ARRAYS!r} and a MetricRecord "
             f"{keys.METRICS!r} with {keys.NUM_EXAMPLES!r}; it has {sorted(reply.content.keys())}"
         )
-    num_examples = int(metrics[keys.NUM_EXAMPLES])
+    num_examples = metrics[keys.NUM_EXAMPLES]
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
+        raise ValueError(f"secure aggregation: num-examples must be a positive integer, got {num_examples!r}")
     updates = _updates(trained, names, sent)
     _check_fits_protocol(updates, names, num_examples, clipping_range=fit_config.clipping_range,
                          max_weight=fit_config.max_weight)

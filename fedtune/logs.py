@@ -32,7 +32,7 @@ _verbosity = Verbosity.NORMAL
 VERBOSITY_ENV = "FEDTUNE_VERBOSITY"
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """Writes to sys.stderr as it is at each record, not as it was when the handler was made.
 
     So a record printed while rich's live display has sys.stderr redirected scrolls above the
@@ -43,7 +43,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__()
         self.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 

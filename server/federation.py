@@ -242,6 +242,8 @@ class _Federation:
             config=messages[0].content.config_records[keys.CONFIG],  # with what the strategy added (FedProx's mu)
             settings=self.cfg.privacy.secure_aggregation,
             timeout=self.cfg.federation.round_timeout,
+            metric_specs=self.train_metrics,
+            name_of=self.delivery.name_of,
         )
         # A node may drop out because it lost its cached model; ask it again before its next round.
         self.delivery.forget(report.dropped)

@@ -20,7 +20,7 @@ noticing; here every halt raises `SecureAggregationError`, naming the stage and 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,7 +40,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedtune import messages as keys
 from fedtune.protocol import encode_secure_fit_config
-from fedtune.text import concise_reason
+from fedtune.text import concise_reason, printable
+from strategies.validation import WEIGHT_ONLY, MetricSpec, UnusableReply, parse_metric_values
 
 if TYPE_CHECKING:
     from fedtune.config import SecureAggregationConfig
@@ -93,11 +94,16 @@ def secure_train_round(
     config: ConfigRecord,
     settings: SecureAggregationConfig,
     timeout: float | None,
+    metric_specs: Mapping[str, MetricSpec] = WEIGHT_ONLY,
+    name_of: Callable[[int], str] = lambda node: f"node {node}",
 ) -> tuple[ArrayRecord, MetricRecord | None, SecureRoundReport]:
     """Train `arrays` on `node_ids` under SecAgg+; the num-examples-weighted average of what they trained.
 
     Returns tensors with the keys, dtypes and shapes of `arrays`, the clients' train metrics averaged
     like Flower's FedAvg does (None if they sent none besides num-examples), and who took part.
+    Each client's metrics travel in plain text and are parsed against `metric_specs`: a client whose
+    metrics cannot be used is left out of the averaged metrics, with a log line naming it (its
+    update is in the secure sum all the same, bounded by clipping_range and max_weight).
     Every message of the protocol goes through `grid` (the run's Transport meters them).
     `timeout` applies to each of the protocol's four exchanges. Raises SecureAggregationError when
     the protocol halts (too few clients left to reconstruct the masks, or clients that do not
@@ -152,11 +158,8 @@ def secure_train_round(
         raise SecureAggregationError(f"round {server_round}: secure aggregation produced no aggregate")
     average_update = parameters_to_ndarrays(strategy.results[0][1].parameters)
     aggregated = _apply_update(arrays, names, average_update, server_round)
-    records = [
-        RecordDict({keys.METRICS: MetricRecord({**res.metrics, keys.NUM_EXAMPLES: res.num_examples})})
-        for _, res in strategy.results
-    ]
-    metrics = aggregate_metricrecords(records, keys.NUM_EXAMPLES)
+    client_metrics, averaged = parse_client_metrics(strategy.results, metric_specs, server_round, name_of)
+    metrics = aggregate_metricrecords(averaged, keys.NUM_EXAMPLES) if averaged else MetricRecord()
     completed = sorted(int(proxy.cid) for proxy, _ in strategy.results)
     report = SecureRoundReport(
         sampled=sorted(nodes),
@@ -164,10 +167,7 @@ def secure_train_round(
         dropped={node: stage for node, stage in workflow.dropped_at.items() if node not in completed},
         num_shares=workflow.state.num_shares,
         threshold=workflow.state.threshold,
-        client_metrics={
-            int(proxy.cid): record.metric_records[keys.METRICS]
-            for (proxy, _), record in zip(strategy.results, records, strict=True)
-        },
+        client_metrics=client_metrics,
     )
     if report.dropped:
         log.warning("round %d: secure aggregation went on without %d dropped clients: %s", server_round,
@@ -300,3 +300,31 @@ class _ObservedSecAggPlus(SecAggPlusWorkflow):
             f"num_shares)"
         )
         return text + "".join(f"; {problem}" for problem in self.problems)
+
+
+def parse_client_metrics(
+    results: Sequence[tuple[ClientProxy, FitRes]],
+    specs: Mapping[str, MetricSpec],
+    server_round: int,
+    name_of: Callable[[int], str],
+) -> tuple[dict[int, MetricRecord], list[RecordDict]]:
+    """Each client's metrics as it reported them (known ones checked, other finite numbers kept),
+    and, to be averaged, those of them that every usable client reported."""
+    reported: dict[int, MetricRecord] = {}
+    for proxy, res in results:
+        node = int(proxy.cid)
+        try:
+            known, numbers, dropped = parse_metric_values({**res.metrics, keys.NUM_EXAMPLES: res.num_examples}, specs)
+        except UnusableReply as problem:
+            log.warning("round %d: left the train metrics of %s out of the round's: %s (its masked update is in "
+                        "the sum all the same)", server_round, name_of(node), problem)
+            continue
+        if dropped:
+            log.warning("round %d: ignored metrics %s in the train reply of %s: not numbers", server_round,
+                        ", ".join(printable(name, 60) for name in dropped[:3]), name_of(node))
+        reported[node] = MetricRecord({**numbers, **known})
+    # Flower averages the keys of the first record in every other: one client's extra key must not end the round.
+    shared = set.intersection(*(set(record) for record in reported.values())) if reported else set()
+    averaged = [RecordDict({keys.METRICS: MetricRecord({k: v for k, v in record.items() if k in shared})})
+                for record in reported.values()]
+    return reported, averaged

@@ -73,6 +73,7 @@ class MetricSpec:
 _COUNT = MetricSpec(1, _LARGEST_COUNT, integer=True)
 _LOSS = MetricSpec(0.0, math.inf)
 _FRACTION = MetricSpec(0.0, 1.0)
+WEIGHT_ONLY: dict[str, MetricSpec] = {keys.NUM_EXAMPLES: _COUNT}
 EVALUATE_METRICS: dict[str, MetricSpec] = {
     keys.NUM_EXAMPLES: _COUNT, EVALUATE_LOSS: _LOSS, EVALUATE_ACCURACY: _FRACTION
 }
@@ -163,25 +164,41 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
-def _parse_metrics(record: MetricRecord, specs: Mapping[str, MetricSpec]) -> tuple[MetricRecord, list[str]]:
-    """The known metrics, checked; and the names of those dropped as unknown."""
-    if len(record) > MAX_METRICS:
-        raise UnusableReply(f"its MetricRecord holds {len(record)} metrics, more than {MAX_METRICS}")
-    parsed: dict[str, int | float] = {}
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_metric_values(
+    values: Mapping[str, object], specs: Mapping[str, MetricSpec]
+) -> tuple[dict[str, int | float], dict[str, int | float], list[str]]:
+    """(the known metrics, checked; the unknown ones that are finite numbers; the names of the rest).
+
+    UnusableReply when a known metric is missing or out of its range, or there are too many.
+    """
+    if len(values) > MAX_METRICS:
+        raise UnusableReply(f"its MetricRecord holds {len(values)} metrics, more than {MAX_METRICS}")
+    known: dict[str, int | float] = {}
     for name, spec in specs.items():
-        if name not in record:
+        if name not in values:
             raise UnusableReply(f"metric {name!r} is missing")
-        value = record[name]
-        number = isinstance(value, int | float) and not isinstance(value, bool)
+        value = values[name]
         if (
-            not number
+            not isinstance(value, int | float)
+            or not _is_number(value)
             or (spec.integer and not isinstance(value, int))
-            or not math.isfinite(value)  # type: ignore[arg-type]
-            or not spec.low <= value <= spec.high  # type: ignore[operator]
+            or not spec.low <= value <= spec.high
         ):
             raise UnusableReply(f"metric {name!r} must be {spec.rule}, got {_shown(value)}")
-        parsed[name] = value  # type: ignore[assignment]
-    return MetricRecord(parsed), sorted(set(record) - set(specs))
+        known[name] = value
+    unknown = {name: value for name, value in values.items() if name not in specs}
+    numbers = {name: value for name, value in unknown.items() if isinstance(value, int | float) and _is_number(value)}
+    return known, numbers, sorted(set(unknown) - set(numbers))
+
+
+def _parse_metrics(record: MetricRecord, specs: Mapping[str, MetricSpec]) -> tuple[MetricRecord, list[str]]:
+    """The known metrics, checked; and the names of those dropped as unknown."""
+    known, unknown_numbers, others = parse_metric_values(record, specs)
+    return MetricRecord(dict(known)), sorted([*unknown_numbers, *others])
 
 
 def parse_train_content(
@@ -263,7 +280,8 @@ def check_train_replies(
 
     def parse(content: RecordDict) -> tuple[RecordDict, list[str]]:
         parsed, ignored = parse_train_content(content, expected, metrics)
-        if sent is not None and all(np.array_equal(parsed[keys.ARRAYS][k].numpy(), v) for k, v in sent.items()):
+        returned = parsed.array_records[keys.ARRAYS]
+        if sent is not None and all(np.array_equal(returned[k].numpy(), v) for k, v in sent.items()):
             raise UnusableReply("the update is empty: the tensors are exactly those sent")
         return parsed, ignored
 

@@ -8,6 +8,7 @@ the server side (fedtune.config pulls in timm: seconds per worker) is imported w
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -29,7 +30,11 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Parameters, Status
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.simulation import run_simulation
 
 from client.secure_aggregation import secure_aggregation_mod
@@ -301,3 +306,37 @@ def test_other_messages_pass_the_mod_untouched(message_type: str) -> None:
     reply = secure_aggregation_mod(msg, context, handler)
     assert seen == [msg] and seen[0].content is content and replies == [reply]
     assert not context.state.config_records  # no SecAgg+ state was started
+
+
+def test_hostile_plain_text_metrics_never_end_the_round(caplog: pytest.LogCaptureFixture) -> None:
+    # SecAgg+ masks the tensors only: num-examples and the metrics reach the server as the client
+    # wrote them, past the ClientApp's own MetricRecord checks.
+    from server.secure_aggregation import parse_client_metrics
+    from strategies.validation import train_metric_specs
+
+    def result(node: int, num_examples: int, **metrics: object) -> tuple[ClientProxy, FitRes]:
+        proxy = GridClientProxy(str(node), None, 1)  # type: ignore[arg-type]
+        return proxy, FitRes(Status(Code.OK, ""), Parameters([], ""), num_examples, metrics)  # type: ignore[arg-type]
+
+    good = {"train_loss": 0.5, "train_accuracy": 0.75}
+    results = [
+        result(1, 10, **good, extra=1.0),
+        result(2, 30, **good),
+        result(3, 10**12 * 10**6, **good),  # above 2**53: not even exact as a weight
+        result(4, 20, train_loss="0.1", train_accuracy=0.5),  # a string, which MetricRecord cannot hold
+        result(5, 20, train_loss=float("nan"), train_accuracy=0.5),
+        result(6, 20, **good, note="hello", blob=b"\x00" * 10),
+    ]
+    with caplog.at_level(logging.WARNING, logger="fedtune.server"):
+        reported, averaged = parse_client_metrics(results, train_metric_specs(dp_sgd=False), 2, lambda n: f"client {n}")
+
+    assert sorted(reported) == [1, 2, 6]
+    assert reported[1]["extra"] == 1.0 and "note" not in reported[6]
+    metrics = aggregate_metricrecords(averaged, keys.NUM_EXAMPLES)
+    assert set(metrics) == {"train_loss", "train_accuracy"}  # `extra` is one client's only
+    assert metrics["train_loss"] == pytest.approx(0.5)
+    for node, problem in ((3, "metric 'num-examples' must be a positive integer up to 2**53"),
+                          (4, "metric 'train_loss' must be a finite number >= 0, got '0.1'"),
+                          (5, "metric 'train_loss' must be a finite number >= 0, got nan")):
+        assert f"round 2: left the train metrics of client {node} out of the round's: {problem}" in caplog.text
+    assert "ignored metrics blob, note in the train reply of client 6: not numbers" in caplog.text
