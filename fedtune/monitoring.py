@@ -8,6 +8,7 @@ federation.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -40,6 +41,8 @@ _METRICS_PER_CALL = 1000
 # The round record's `extra` keys are the server's own (epsilon_client_<node id>, ...); one of
 # another form could break MLflow's key rules and with them the whole sink, so it is left out.
 _EXTRA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+# Tracking URIs MLflow serves with its SQLAlchemy store (mlflow/store/db/db_types.py, DATABASE_ENGINES).
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 _MAX_PROBLEM_CHARS = 300  # of a backend's error, in the warning
 
 # The record's fields under the names both tools show, grouped by what they are about.
@@ -278,9 +281,15 @@ def mlflow_problem(settings: MLflowConfig) -> str | None:
         from mlflow import environment_variables
     except ImportError:
         return f"output.mlflow: MLflow is not installed; {MLFLOW_INSTALL} (or remove output.mlflow)"
+    scheme = settings.tracking_uri.partition(":")[0].partition("+")[0].lower()
     # MLflow 3 refuses file stores unless told otherwise (mlflow/store/tracking/file_store.py, FileStore.__init__).
     allow_file_store = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)
-    if settings.tracking_uri.startswith("file:") and allow_file_store is not None and not allow_file_store.get():
+    if scheme == "file" and allow_file_store is not None and not allow_file_store.get():
         return ("output.mlflow.tracking_uri: this MLflow refuses file: stores unless MLFLOW_ALLOW_FILE_STORE=true is "
                 "set; set it, or use sqlite:///abs/path/mlflow.db (needs SQLAlchemy and alembic: pip install mlflow)")
+    # Database stores are MLflow's SQLAlchemy store, which mlflow-skinny leaves to the full package.
+    missing = [name for name in ("sqlalchemy", "alembic") if importlib.util.find_spec(name) is None]
+    if scheme in _DATABASE_SCHEMES and missing:
+        return (f"output.mlflow.tracking_uri: a {scheme}: store needs {' and '.join(missing)}, not "
+                "installed here; pip install mlflow (or use an http(s):// tracking server)")
     return None

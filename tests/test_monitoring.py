@@ -16,8 +16,15 @@ from test_results import make_record
 from typer.testing import CliRunner
 
 from fedtune.cli import cli
-from fedtune.config import ConfigError, ExperimentConfig, load_config, parse_config
-from fedtune.monitoring import MAX_PARAM_CHARS, TENSORBOARD_DIR, RunMonitor, config_params, scalars_of
+from fedtune.config import ConfigError, ExperimentConfig, MLflowConfig, load_config, parse_config
+from fedtune.monitoring import (
+    MAX_PARAM_CHARS,
+    TENSORBOARD_DIR,
+    RunMonitor,
+    config_params,
+    mlflow_problem,
+    scalars_of,
+)
 from fedtune.results import MODEL_FILE, SUMMARY_JSON
 from fedtune.simulation import simulate
 
@@ -302,6 +309,16 @@ def test_a_file_store_mlflow_refuses_is_caught_before_the_run(tmp_path: Path, mo
         result.output)
 
 
+@pytest.mark.parametrize("uri", ["sqlite:////tmp/mlflow.db", "postgresql+psycopg2://db.example/mlflow"])
+def test_a_database_store_without_sqlalchemy_is_caught_before_the_run(
+    uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "alembic", None)  # as where only mlflow-skinny is installed
+    problem = mlflow_problem(MLflowConfig(tracking_uri=uri))
+    assert problem is not None and problem.startswith("output.mlflow.tracking_uri: a ")
+    assert "needs alembic, not installed here; pip install mlflow" in problem
+
+
 # --- a real run -------------------------------------------------------------------------------------------------
 
 
@@ -309,7 +326,8 @@ def test_a_simulation_leaves_tensorboard_files_and_an_mlflow_run(
     tmp_path: Path, file_store: str
 ) -> None:
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [
-        "data.image_size=32", "federation.num_clients=3", "federation.rounds=2", "train.trainable_blocks=0", "train.unfreeze=[]",
+        "data.image_size=32", "federation.num_clients=3", "federation.rounds=2", "train.trainable_blocks=0",
+        "train.unfreeze=[]",
         f"output.dir={tmp_path / 'runs'}", "output.tensorboard=true",
         f"output.mlflow={{tracking_uri: '{file_store}', experiment: quickstart}}",
     ])
