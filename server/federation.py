@@ -358,7 +358,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
         cfg.model.backbone, num_classes=num_classes, weights=cfg.model.weights, head_dropout=cfg.model.head_dropout
     )
     check_model_fits(cfg, model)  # fails early, naming the key, if trainable_blocks or lr_multipliers do not fit
-    check_monitoring(cfg)  # output.mlflow set without MLflow installed
+    check_monitoring(cfg)  # output.mlflow: MLflow installed, and able to open that kind of store
     initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     model_hash = state_hash(initial_state)
     resumable = find_resumable(cfg) if cfg.output.resume else None

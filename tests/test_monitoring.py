@@ -175,6 +175,23 @@ def test_mlflow_gets_metrics_by_step_params_and_artifacts(tmp_path: Path, file_s
     assert {MODEL_FILE, SUMMARY_JSON} <= artifacts
 
 
+def test_a_sqlite_store_works_as_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # MLflow puts a database store's artifacts in ./mlruns
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = monitored(tmp_path, mlflow={"tracking_uri": store})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / MODEL_FILE).write_bytes(b"model bytes")
+    monitor = RunMonitor.open(cfg, run_dir, history=[make_record(0)], resumed=False)
+    monitor.write(make_record(1))
+    monitor.close(run_dir)
+
+    client = MlflowClient(store)
+    run_id = only_run(store)
+    assert [m.step for m in client.get_metric_history(run_id, "bytes/received")] == [0, 1]
+    assert MODEL_FILE in {a.path for a in client.list_artifacts(run_id)}
+
+
 def test_a_resumed_run_is_a_new_mlflow_run_holding_each_round_once(tmp_path: Path, file_store: str) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
