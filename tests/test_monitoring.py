@@ -25,8 +25,9 @@ from fedtune.monitoring import (
     mlflow_problem,
     scalars_of,
 )
-from fedtune.results import MODEL_FILE, SUMMARY_JSON
+from fedtune.results import MODEL_FILE, SUMMARY_JSON, RunDirectory
 from fedtune.simulation import simulate
+from server.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_TAGS = {
@@ -339,30 +340,64 @@ def test_a_database_store_without_sqlalchemy_is_caught_before_the_run(
 # --- a real run -------------------------------------------------------------------------------------------------
 
 
-def test_a_simulation_leaves_tensorboard_files_and_an_mlflow_run(
-    tmp_path: Path, file_store: str
-) -> None:
-    cfg = load_config(REPO / "configs" / "quickstart.yaml", [
+def quickstart(tmp_path: Path, store: str) -> ExperimentConfig:
+    """3 clients, 32 px, 2 rounds, the head only; both outputs on."""
+    return load_config(REPO / "configs" / "quickstart.yaml", [
         "data.image_size=32", "federation.num_clients=3", "federation.rounds=2", "train.trainable_blocks=0",
-        "train.unfreeze=[]",
-        f"output.dir={tmp_path / 'runs'}", "output.tensorboard=true",
-        f"output.mlflow={{tracking_uri: '{file_store}', experiment: quickstart}}",
+        "train.unfreeze=[]", f"output.dir={tmp_path / 'runs'}", "output.tensorboard=true",
+        f"output.mlflow={{tracking_uri: '{store}', experiment: quickstart}}",
     ])
-    outcome = simulate(cfg)
 
-    accumulator = scalars(outcome.run_dir / TENSORBOARD_DIR)
+
+def check_both_tools(run_dir: Path, store: str, *, resumed: bool) -> None:
+    """Each round once in TensorBoard and in the (last) MLflow run, as history.json has it; the model logged."""
+    accumulator = scalars(run_dir / TENSORBOARD_DIR)
     assert EXPECTED_TAGS <= set(accumulator.Tags()["scalars"])
-    assert [step for step, _ in steps(accumulator, "central/accuracy")] == [0, 1, 2]
+    history = RunDirectory.load_history(run_dir)
+    assert steps(accumulator, "central/accuracy") == [(r.round, round(r.central_accuracy or 0, 6)) for r in history]
     assert [step for step, _ in steps(accumulator, "federated/accuracy")] == [1, 2]
     assert all(value > 0 for _, value in steps(accumulator, "bytes/sent")[1:])
-    assert outcome.rounds_completed == 2
 
-    client = MlflowClient(file_store)
-    run = client.get_run(only_run(file_store, "quickstart"))
-    assert run.info.status == "FINISHED" and run.info.run_name == outcome.run_dir.name
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("quickstart")
+    assert experiment is not None
+    runs = {r.data.tags["fedtune.resumed"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == ({"false", "true"} if resumed else {"false"})
+    if resumed:
+        assert runs["false"].info.status == "FAILED"  # the killed server's
+    run = runs[str(resumed).lower()]
+    assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
     assert run.data.params["federation.num_clients"] == "3" and run.data.params["data.image_size"] == "32"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "central/accuracy")] == [0, 1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "clients/ok")] == [0, 1, 2]
     artifacts = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id)}
-    assert artifacts[MODEL_FILE] == (outcome.run_dir / MODEL_FILE).stat().st_size
+    assert artifacts[MODEL_FILE] == (run_dir / MODEL_FILE).stat().st_size
     assert SUMMARY_JSON in artifacts
+
+
+def test_a_simulation_leaves_tensorboard_files_and_an_mlflow_run(tmp_path: Path, file_store: str) -> None:
+    outcome = simulate(quickstart(tmp_path, file_store))
+    assert outcome.rounds_completed == 2
+    check_both_tools(outcome.run_dir, file_store, resumed=False)
+
+
+@pytest.mark.slow
+def test_a_simulation_killed_and_resumed_leaves_each_round_once_in_both_tools(
+    tmp_path: Path, file_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after round 2 was recorded and monitored, before its checkpoint: started again, it plays round 2 again."""
+    cfg = quickstart(tmp_path, file_store)
+    save = Checkpoint.save
+
+    def killed_at_round_2(self: Checkpoint, folder: Path) -> Path:
+        if self.round == 2:
+            raise KeyboardInterrupt("the server is killed")
+        return save(self, folder)
+
+    monkeypatch.setattr(Checkpoint, "save", killed_at_round_2)
+    with pytest.raises((KeyboardInterrupt, RuntimeError)):  # in simulation the ServerApp runs in a thread
+        simulate(cfg)
+    monkeypatch.setattr(Checkpoint, "save", save)
+    outcome = simulate(cfg)
+    assert outcome.rounds_completed == 2
+    check_both_tools(outcome.run_dir, file_store, resumed=True)
