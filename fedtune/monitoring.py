@@ -31,9 +31,9 @@ log = logging.getLogger("fedtune.monitoring")
 
 TENSORBOARD_DIR = "tensorboard"  # under the run directory
 MLFLOW_INSTALL = "pip install 'fedtune[mlflow]'"
-# MLflow servers before 1.28 refused parameter values over 500 characters (newer ones take 6000);
-# a longer value (a long lr_multipliers table, a long path) is cut, and config.json, logged with
-# the run as an artifact, holds it whole.
+# Older MLflow servers refuse parameter values over 500 characters (this client's limit is 6000:
+# mlflow/utils/validation.py, MAX_PARAM_VAL_LENGTH); a longer value (a long lr_multipliers table,
+# a long path) is cut, saying so, and config.json, logged with the run as an artifact, holds it whole.
 MAX_PARAM_CHARS = 500
 # MLflow's log_batch limits (mlflow/utils/validation.py): 100 params, 1000 metrics per call.
 _PARAMS_PER_CALL = 100
@@ -82,7 +82,7 @@ def config_params(cfg: ExperimentConfig) -> dict[str, str]:
     """The resolved config as flat MLflow params ("train.lr": "0.01"), values cut to MAX_PARAM_CHARS."""
     params = {}
     for key, value in _flatten(cfg):
-        text = value if isinstance(value, str) else json.dumps(value)
+        text = value if isinstance(value, str) else json.dumps(value, default=_plain)
         if len(text) > MAX_PARAM_CHARS:
             note = f"... ({len(text)} characters; whole in {CONFIG_JSON})"
             text = text[:MAX_PARAM_CHARS - len(note)] + note
@@ -98,7 +98,7 @@ def _flatten(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, Any]]:
         if isinstance(value, BaseModel):
             yield from _flatten(value, f"{prefix}{name}.")
         else:
-            yield f"{prefix}{name}", json.loads(json.dumps(value, default=_plain))
+            yield f"{prefix}{name}", value
 
 
 def _plain(value: object) -> object:
@@ -286,8 +286,8 @@ def mlflow_problem(settings: MLflowConfig) -> str | None:
     allow_file_store = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)
     if scheme == "file" and allow_file_store is not None and not allow_file_store.get():
         return ("output.mlflow.tracking_uri: this MLflow refuses file: stores unless MLFLOW_ALLOW_FILE_STORE=true is "
-                "set; set it, or use sqlite:///abs/path/mlflow.db (needs SQLAlchemy and alembic: pip install mlflow)")
-    # Database stores are MLflow's SQLAlchemy store, which mlflow-skinny leaves to the full package.
+                "set; set it, or use sqlite:///abs/path/mlflow.db")
+    # Database stores are MLflow's SQLAlchemy store; mlflow-skinny leaves its packages to flwr or the full mlflow.
     missing = [name for name in ("sqlalchemy", "alembic") if importlib.util.find_spec(name) is None]
     if scheme in _DATABASE_SCHEMES and missing:
         return (f"output.mlflow.tracking_uri: a {scheme}: store needs {' and '.join(missing)}, not "
