@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from fedtune import strict_yaml
 
@@ -354,12 +355,58 @@ class EarlyStoppingConfig(_Section):
     min_delta: Annotated[float, Field(ge=0.0)] = 0.0
 
 
+# An MLflow tracking URI: a scheme (file, sqlite, http, https, databricks, ...), a colon, then no
+# whitespace or control character (the URI is written to logs and to the run's config files).
+_TRACKING_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s\x00-\x1f\x7f]+")
+# user:password@ in an http(s) URI: the config is saved with the run, in plain text, and logged to MLflow.
+_URI_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
+# The error type of a value that must not be quoted back in the message (it holds a secret).
+_SECRET_INPUT = "secret_input"
+# Control characters (newlines included) in an experiment name would forge log lines.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class MLflowConfig(_Section):
+    """Where `output.mlflow` logs each round's metrics, the resolved config and the final model."""
+
+    # e.g. sqlite:///abs/path/mlflow.db, file:///abs/path/mlruns, http://mlflow.example:5000.
+    # Credentials go in MLflow's own environment variables (MLFLOW_TRACKING_USERNAME, ...), not here.
+    tracking_uri: Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS)]
+    # A name in the tracking store, created if missing; never a path on this machine (on
+    # Databricks it is a workspace path, which the server checks).
+    experiment: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] = "fedtune"
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri_form(cls, value: str) -> str:
+        if not _TRACKING_URI.fullmatch(value):
+            raise ValueError("must be an MLflow tracking URI with a scheme and no spaces or control characters, e.g. "
+                             "sqlite:///abs/path/mlflow.db, file:///abs/path/mlruns or http://host:5000")
+        if _URI_CREDENTIALS.match(value):
+            # A type of its own, so the error message does not repeat the password.
+            raise PydanticCustomError(
+                _SECRET_INPUT, "must not hold credentials (user:password@): the config is saved with the run; set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+        return value
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_form(cls, value: str) -> str:
+        if _CONTROL_CHARACTERS.search(value) or not value.strip():
+            raise ValueError("must be a name without control characters (newlines, tabs), and not blank")
+        return value
+
+
 class OutputConfig(_Section):
     # Each run writes to <dir>/<name>-<timestamp>/ ; relative to the directory the command runs in.
     dir: str = "runs"
     # Started again after a crash with the same config, a run continues from its last checkpoint
     # (an unfinished run folder under `dir` with the same config); false starts afresh.
     resume: bool = True
+    # Each round's scalars as TensorBoard event files, in <run dir>/tensorboard/ (fedtune/monitoring.py).
+    tensorboard: bool = False
+    # The same per round, plus the config and the final model, to MLflow: needs pip install 'fedtune[mlflow]'.
+    mlflow: MLflowConfig | None = None
 
 
 class ExperimentConfig(_Section):
@@ -491,7 +538,7 @@ def _format_error(error: ValidationError) -> str:
             message = "unknown key"
         # The offending value helps when it is a scalar; a whole section would drown the message.
         scalar = not isinstance(item["input"], dict | list | tuple)
-        quoted = scalar and item["type"] not in ("extra_forbidden", "missing")
+        quoted = scalar and item["type"] not in ("extra_forbidden", "missing", _SECRET_INPUT)
         value = f" (got {shown(item['input'])})" if quoted else ""
         lines.append(f"{key}: {message}{value}" if key else f"{message}{value}")
     return "; ".join(dict.fromkeys(lines))

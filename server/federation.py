@@ -23,12 +23,13 @@ from fedtune.config import ClientSettings, ExperimentConfig
 from fedtune.console import RoundProgress
 from fedtune.data import load_split
 from fedtune.engine import resolve_device
+from fedtune.monitoring import RunMonitor
 from fedtune.params import first_trainable_index, load_tensors, state_hash, trainable_stages, trainable_state_dict
 from fedtune.results import CLASS_NAMES, RoundRecord, RunDirectory, encode_class_names, summarize_history
 from server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
 from server.delivery import ModelDelivery
 from server.evaluate import CentralEvaluator
-from server.preflight import check_model_fits
+from server.preflight import check_model_fits, check_monitoring
 from server.privacy_report import PrivacyReport
 from server.secure_aggregation import secure_train_round
 from server.transport import Transport
@@ -357,6 +358,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
         cfg.model.backbone, num_classes=num_classes, weights=cfg.model.weights, head_dropout=cfg.model.head_dropout
     )
     check_model_fits(cfg, model)  # fails early, naming the key, if trainable_blocks or lr_multipliers do not fit
+    check_monitoring(cfg)  # output.mlflow: MLflow installed, and able to open that kind of store
     initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     model_hash = state_hash(initial_state)
     resumable = find_resumable(cfg) if cfg.output.resume else None
@@ -409,14 +411,20 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
         stopper.update(baseline)
         federation.checkpoint(0, stopper, elapsed_seconds=0.0).save(run_dir.path)
 
-    def finish(completed: int, stop_reason: str) -> RunOutcome:
-        return _finish(run_dir, cfg, model, model_hash=model_hash, delivery=federation.delivery,
-                       privacy=federation.privacy, completed=completed, stop_reason=stop_reason, started=started,
-                       classes=test_set.classes)
+    # TensorBoard and MLflow, if asked for: the rounds recorded so far, then each round as it ends.
+    monitor = RunMonitor.open(cfg, run_dir.path, history=[r for r in run_dir.records if r.round < first_round],
+                              resumed=checkpoint is not None)
+
+    def finish(completed: int, stop_reason: str, *, failed: bool = False) -> RunOutcome:
+        outcome = _finish(run_dir, cfg, model, model_hash=model_hash, delivery=federation.delivery,
+                          privacy=federation.privacy, completed=completed, stop_reason=stop_reason, started=started,
+                          classes=test_set.classes)
+        monitor.close(run_dir.path, failed=failed)  # after _finish: MLflow gets the final model and summary
+        return outcome
 
     stop_reason = f"completed {cfg.federation.rounds} rounds"
     completed = first_round - 1
-    with RoundProgress(cfg.federation.rounds, title=f"{cfg.name}: federated fine-tuning") as progress:
+    with RoundProgress(cfg.federation.rounds, title=f"{cfg.name}: federated fine-tuning") as progress, monitor:
         for record in run_dir.records:
             progress.round_done(record, replayed=True)
         for server_round in range(first_round, cfg.federation.rounds + 1):
@@ -432,6 +440,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
             fit_sampling_to(federation.strategy, cfg, eligible)
             record, outcome = federation.play_round(server_round)
             run_dir.append_round(record)
+            monitor.write(record)  # before the checkpoint: a resumed run writes only the rounds after it
             progress.round_done(record)
             completed = server_round
             early_stop = stopper.update(record)
@@ -442,7 +451,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
                 # Every client failing the same way (bad data path, infeasible partitioning) would
                 # otherwise burn all remaining rounds on an unchanged model.
                 reasons = sorted(set(outcome.problems.values())) or ["no replies before the round timeout"]
-                finish(completed, "aborted: no usable update")
+                finish(completed, "aborted: no usable update", failed=True)
                 raise RuntimeError(
                     f"round {server_round}: no client returned a usable update, so the run stops "
                     f"(results so far: {run_dir.path}). Reasons: " + " | ".join(reasons)

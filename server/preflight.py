@@ -15,6 +15,7 @@ from pathlib import Path
 from fedtune.backbones import StagedModel, build_model
 from fedtune.config import ExperimentConfig, shown
 from fedtune.data import DOWNLOADING_SOURCES, ImageDataset, Split, load_split, partition
+from fedtune.monitoring import mlflow_problem
 from server.checkpoint import Checkpoint, CheckpointError, find_resumable
 
 
@@ -25,12 +26,13 @@ class PreflightError(ValueError):
 def preflight(cfg: ExperimentConfig, *, simulation: bool) -> None:
     """Raise PreflightError for anything that would stop the run once started and can be seen now.
 
-    The server's side always: output.dir, the test split (every image decoded), the model and
+    The server's side always: output.dir, output.mlflow, the test split (every image decoded), the model and
     its weights file, trainable_blocks and lr_multipliers against the backbone, and the checkpoint
     a run would resume from. With `simulation`, also the clients' side, which then reads the same
     data.root: the train split and its partitioning into federation.num_clients parts.
     """
     _check_output_dir(Path(cfg.output.dir))
+    check_monitoring(cfg)
     test_set = _load(cfg, "test", decode_now=True)  # the server decodes all of it in round 0 anyway
     if test_set is not None and len(test_set.classes) < 2:
         raise PreflightError(f"data: the test split of {cfg.data.source} has {len(test_set.classes)} class; "
@@ -57,6 +59,12 @@ def check_model_fits(cfg: ExperimentConfig, model: StagedModel) -> None:
     if unknown:
         raise PreflightError(f"train.lr_multipliers: {cfg.model.backbone} has no stage named "
                              f"{', '.join(shown(name) for name in unknown[:5])}; its stages: {', '.join(model.stages)}")
+
+
+def check_monitoring(cfg: ExperimentConfig) -> None:
+    """output.mlflow can log from here: MLflow is installed and takes the tracking URI's kind of store."""
+    if cfg.output.mlflow is not None and (problem := mlflow_problem(cfg.output.mlflow)):
+        raise PreflightError(problem)
 
 
 def _check_output_dir(root: Path) -> None:
