@@ -128,15 +128,21 @@ class Transport(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push `messages`, then pull until every one has its reply or `timeout` seconds have passed
-        (like Flower's: at least one pull, and `timeout=None` waits for all replies)."""
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while True:
-            arrived = list(self.pull_messages(pending))
-            replies.extend(arrived)
-            pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                return replies
-            time.sleep(self._interval)
+        return send_and_receive_promptly(self, messages, timeout=timeout, interval=self._interval)
+
+
+def send_and_receive_promptly(
+    grid: Grid, messages: Iterable[Message], *, timeout: float | None, interval: float = PULL_INTERVAL
+) -> list[Message]:
+    """Push `messages` through `grid`, then pull every `interval` s until each has its reply or `timeout`
+    seconds have passed (like Flower's: at least one pull, and `timeout=None` waits for all replies)."""
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while True:
+        arrived = list(grid.pull_messages(pending))
+        replies.extend(arrived)
+        pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            return replies
+        time.sleep(interval)

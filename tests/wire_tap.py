@@ -10,7 +10,6 @@ opens the next round. A reply goes with the round of the message it answers.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
 from flwr.supercore.run import Run
+
+from server.transport import send_and_receive_promptly
 
 
 def content_bytes(content: InflatableObject) -> int:
@@ -100,13 +101,4 @@ class WireTap(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while True:
-            arrived = list(self.pull_messages(pending))
-            replies.extend(arrived)
-            pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                return replies
-            time.sleep(0.1)
+        return send_and_receive_promptly(self, messages, timeout=timeout)
