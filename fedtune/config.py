@@ -397,6 +397,10 @@ class MLflowConfig(_Section):
         return value
 
 
+# The output settings that only say how a run is watched: a crashed run resumes whatever they are.
+MONITORING_KEYS = frozenset({"tensorboard", "mlflow"})
+
+
 class OutputConfig(_Section):
     # Each run writes to <dir>/<name>-<timestamp>/ ; relative to the directory the command runs in.
     dir: str = "runs"

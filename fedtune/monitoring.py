@@ -202,14 +202,16 @@ class RunMonitor:
         """The sinks `cfg.output` asks for, given the rounds recorded before this process plays any.
 
         A fresh run's history is round 0, which every sink gets. A resumed run's TensorBoard files
-        hold its history already; MLflow gets it again, in the new MLflow run.
+        hold its history already, unless TensorBoard was switched on only for the resume; MLflow
+        gets it again, in the new MLflow run.
         """
         monitor = cls([])
         next_round = max((r.round for r in history), default=-1) + 1
         if cfg.output.tensorboard:
+            written = resumed and (run_dir / TENSORBOARD_DIR).is_dir()
             sink = monitor._start("TensorBoard", lambda: TensorBoardSink(
-                run_dir / TENSORBOARD_DIR, purge_step=next_round if resumed else None))
-            if sink is not None and not resumed:
+                run_dir / TENSORBOARD_DIR, purge_step=next_round if written else None))
+            if sink is not None and not written:
                 monitor._add(sink, history)
         if cfg.output.mlflow is not None:
             mlflow = cfg.output.mlflow

@@ -28,7 +28,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fedtune.atomic import replace_atomically
-from fedtune.config import ExperimentConfig, shown
+from fedtune.config import MONITORING_KEYS, ExperimentConfig, parse_config, shown
 from fedtune.results import CONFIG_JSON, SUMMARY_JSON
 
 log = logging.getLogger("fedtune.server")
@@ -161,20 +161,23 @@ def find_resumable(cfg: ExperimentConfig) -> Path | None:
     """The checkpoint of the latest unfinished run of this very config under cfg.output.dir, if any.
 
     Unfinished: it has a checkpoint but no summary.json (written when a run ends, however it ends).
-    The same config: its config.json equals this one, so `--set` overrides count too.
+    The same config: its config.json equals this one, so `--set` overrides count too; settings added
+    since it was written count at their defaults, and how the run is watched (output.tensorboard,
+    output.mlflow) does not count: switching TensorBoard on for a crashed run resumes it.
     """
     root = Path(cfg.output.dir)
     if not root.is_dir():
         return None
-    wanted = json.loads(cfg.to_json())
+    wanted = _what_resuming_compares(json.loads(cfg.to_json()))
     candidates = []
     for checkpoint in root.glob(f"{cfg.name}-*/{CHECKPOINT_FILE}"):
         run_dir = checkpoint.parent
         if (run_dir / SUMMARY_JSON).exists():
             continue
         try:
-            same = json.loads((run_dir / CONFIG_JSON).read_text()) == wanted
-        except (OSError, ValueError):
+            recorded = parse_config(json.loads((run_dir / CONFIG_JSON).read_text()), source=str(run_dir))
+            same = _what_resuming_compares(json.loads(recorded.to_json())) == wanted
+        except (OSError, ValueError):  # ConfigError is a ValueError: a config this fedtune cannot read
             same = False
         if same:
             candidates.append(checkpoint)
@@ -203,3 +206,8 @@ def _as_lists(value: Any) -> Any:
     """Tuples to lists, recursively: JSON's shape of random.getstate()."""
     return [_as_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
 
+
+def _what_resuming_compares(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config without the settings that only say how a run is watched."""
+    output = {key: value for key, value in config.get("output", {}).items() if key not in MONITORING_KEYS}
+    return {**config, "output": output}

@@ -104,6 +104,24 @@ def _expect_refused(path: Path, match: str) -> None:
     assert path.read_bytes() == before  # never rewritten, never deleted
 
 
+def test_a_crashed_run_resumes_with_monitoring_switched_on_and_from_before_newer_settings(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    run_dir = RunDirectory.create(cfg.output.dir, cfg.name)
+    recorded = json.loads(cfg.to_json())
+    # Written by a fedtune without the monitoring settings: they count at their defaults.
+    del recorded["output"]["tensorboard"], recorded["output"]["mlflow"]
+    run_dir.write_config(json.dumps(recorded))
+    (run_dir.path / CHECKPOINT_FILE).write_bytes(b"checkpoint")
+
+    assert find_resumable(cfg) == run_dir.path / CHECKPOINT_FILE
+    # How the run is watched is not what it computes: switching TensorBoard on still resumes it.
+    assert find_resumable(_config(tmp_path, "output.tensorboard=true")) == run_dir.path / CHECKPOINT_FILE
+    assert find_resumable(_config(tmp_path, "train.lr=0.5")) is None
+    # A config.json this fedtune cannot read is not resumed, and not touched.
+    (run_dir.path / "config.json").write_text('{"model": {"backbone": "no-such-net"}}')
+    assert find_resumable(cfg) is None
+
+
 def test_an_exponent_bit_flipped_in_a_weight_is_caught_by_the_checksum(tmp_path: Path) -> None:
     path = _saved_checkpoint(tmp_path)
     assert torch.equal(Checkpoint.load(path).model["head.weight"], torch.full((4, 3), 0.5))

@@ -136,6 +136,18 @@ def test_a_resumed_run_shows_each_round_once_with_its_replayed_values(tmp_path: 
     assert [step for step, _ in steps(accumulator, "bytes/sent")] == [0, 1, 2, 3]
 
 
+def test_tensorboard_switched_on_for_a_resume_gets_the_rounds_before_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = monitored(tmp_path, tensorboard=True)  # the crashed run had it off: no tensorboard/ yet
+    resumed = RunMonitor.open(cfg, run_dir, history=[make_record(0), make_record(1)], resumed=True)
+    resumed.write(make_record(2))
+    resumed.close(run_dir)
+
+    accumulator = scalars(run_dir / TENSORBOARD_DIR)
+    assert [step for step, _ in steps(accumulator, "central/accuracy")] == [0, 1, 2]
+
+
 def test_tensorboard_that_cannot_write_is_dropped_with_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
