@@ -50,6 +50,7 @@ from typing import Any
 
 from fedtune.console import compare_table
 from fedtune.ports import wait_until_listening
+from fedtune.processes import signal_group
 from fedtune.results import RunDirectory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,20 +143,13 @@ class Processes:
     def __exit__(self, *_: object) -> None:
         # Whole sessions, each started process with what it started (a SuperNode's ClientApps, say).
         for _, process in reversed(self.started):
-            _signal_session(process, signal.SIGTERM)
+            signal_group(process, signal.SIGTERM)
         for _, process in self.started:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                _signal_session(process, signal.SIGKILL)
+                signal_group(process, signal.SIGKILL)
                 process.wait()
-
-
-def _signal_session(process: subprocess.Popen, signum: int) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except ProcessLookupError:  # nothing of it left
-        pass
 
 
 def _wait_for_port(port: int, processes: Processes, timeout: float = 60.0) -> None:

@@ -68,17 +68,18 @@ def stop_daemons(*processes: subprocess.Popen) -> None:
     left their groups: fedtune/lifeline.py)."""
     deadline = time.monotonic() + STOP_GRACE
     for process in processes:
-        _signal_group(process, signal.SIGTERM)
+        signal_group(process, signal.SIGTERM)
     for process in processes:
         try:
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-        _signal_group(process, signal.SIGKILL)  # the daemon if it is still there, and helpers that ignored SIGTERM
+        signal_group(process, signal.SIGKILL)  # the daemon if it is still there, and helpers that ignored SIGTERM
         process.wait()
 
 
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
+def signal_group(process: subprocess.Popen, signum: int) -> None:
+    """Send `signum` to the process group (or session) that `process` leads; nothing if it is gone."""
     try:
         os.killpg(process.pid, signum)
     except ProcessLookupError:  # nothing left of it

@@ -17,7 +17,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeGuard, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -164,7 +164,7 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -183,15 +183,14 @@ def parse_metric_values(
             raise UnusableReply(f"metric {name!r} is missing")
         value = values[name]
         if (
-            not isinstance(value, int | float)
-            or not _is_number(value)
+            not _is_number(value)
             or (spec.integer and not isinstance(value, int))
             or not spec.low <= value <= spec.high
         ):
             raise UnusableReply(f"metric {name!r} must be {spec.rule}, got {_shown(value)}")
         known[name] = value
     unknown = {name: value for name, value in values.items() if name not in specs}
-    numbers = {name: value for name, value in unknown.items() if isinstance(value, int | float) and _is_number(value)}
+    numbers = {name: value for name, value in unknown.items() if _is_number(value)}
     return known, numbers, sorted(set(unknown) - set(numbers))
 
 
