@@ -28,8 +28,8 @@ import torch
 from torch.utils.data import TensorDataset
 from transfer import run_variant
 
-from client.privacy import PrivacyLedger, train_private_round
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
+from fedtune.client.privacy import PrivacyLedger, train_private_round
 from fedtune.config import DPSGDConfig, TrainConfig
 from fedtune.console import compare_table
 from fedtune.data import load_split

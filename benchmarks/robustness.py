@@ -155,8 +155,8 @@ def aggregation_milliseconds(repeats: int = 5) -> dict[str, float]:
     from fedtune.backbones import build_model
     from fedtune.config import load_config
     from fedtune.params import trainable_stages, trainable_state_dict
-    from strategies import build_strategy
-    from strategies.bound import UpdateBound, bound_applies
+    from fedtune.strategies import build_strategy
+    from fedtune.strategies.bound import UpdateBound, bound_applies
 
     # What Flower's ServerApp runtime sets before a strategy runs (flwr/server/compat/app.py):
     # messages take their metadata from it.

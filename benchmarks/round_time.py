@@ -10,7 +10,7 @@ at once (its ClientApp imports torch, as fedtune's does). Setups, one after the 
 (a) stock Flower 1.41: `flower-supernode` with its default subprocess isolation (a new
     `flwr-clientapp` process per message), and the ServerApp's `grid.send_and_receive` as is;
 (b) fedtune: a SuperNode with `--isolation process` and fedtune's long-lived ClientApp worker, as
-    `fedtune client` runs them, and the ServerApp on fedtune's grid (server/transport.py), as `fedtune
+    `fedtune client` runs them, and the ServerApp on fedtune's grid (fedtune/server/transport.py), as `fedtune
     server` runs it. The worker runs only the app installed beside it, so here it is handed the
     no-op app and the identity of its bundle in place of fedtune's (`fedtune.worker.serve`);
 (c) a probe, not something fedtune ships: (b) with the SuperNode's hard-coded sleeps
@@ -158,7 +158,7 @@ def _wait_for_port(port: int, processes: Processes, timeout: float = 60.0) -> No
 
 
 def _environment() -> dict[str, str]:
-    # This checkout's fedtune (and server/transport.py, which the no-op ServerApp imports) for every process.
+    # This checkout's fedtune (and fedtune/server/transport.py, which the no-op ServerApp imports) for every process.
     return {**os.environ, "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 

@@ -10,7 +10,7 @@ that Flower's hosted platform has marked `valid_license` (flwr/supernode/start_c
 fedtune's worker (fedtune/worker.py) never runs code from a bundle: it runs the ClientApp installed
 on the node, and only for a bundle that is the same fedtune: the same publisher, name and version,
 the same `[tool.flwr.app.components]`, and byte-identical .py files in the packages that run
-(fedtune/, client/, server/, strategies/), none missing and none added. Files outside those
+(fedtune/ and the app's components in client/ and server/), none missing and none added. Files outside those
 packages (tests, benchmarks, configs, docs) do not matter. The bundle is read in memory, with
 bounds on its size, its number of members and each member read; nothing in it is written to disk,
 imported or executed.
@@ -32,7 +32,7 @@ from flwr.common.constant import FAB_MAX_SIZE
 from flwr.supercore.constant import MAX_FILE_BYTES, MAX_FILE_COUNT
 
 APP_ROOT = Path(__file__).resolve().parents[1]  # pyproject.toml beside the packages
-RUNTIME_PACKAGES = ("fedtune", "client", "server", "strategies")
+RUNTIME_PACKAGES = ("fedtune", "client", "server")
 PYPROJECT = "pyproject.toml"
 # Flower's own limits on what `flwr run` builds: 10 MB, 1,000 files of at most 1 MB
 # (flwr/common/constant.py, flwr/supercore/constant.py); the manifest and pyproject.toml come on top.
@@ -53,7 +53,7 @@ class AppIdentity:
     name: str
     version: str
     components: dict[str, str]
-    sources: dict[str, bytes]  # "client/app.py" -> its bytes
+    sources: dict[str, bytes]  # "fedtune/client/app.py" -> its bytes
 
     @property
     def label(self) -> str:

@@ -60,9 +60,9 @@ def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
 
 
 def _prepare(config: Path, overrides: list[str] | None, *, simulation: bool) -> ExperimentConfig:
-    """The validated experiment, after the checks that need its files, data and model (server/preflight.py)."""
+    """The validated experiment, after the checks that need its files, data and model (fedtune/server/preflight.py)."""
     cfg = _load(config, overrides)
-    from server.preflight import PreflightError, preflight
+    from fedtune.server.preflight import PreflightError, preflight
 
     try:
         preflight(cfg, simulation=simulation)

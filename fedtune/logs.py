@@ -65,7 +65,7 @@ class _ByOrigin(logging.Filter):
     """fedtune's records from its threshold, every other library's from its own (Flower's, Ray's, Opacus's).
 
     A client's own info lines count as routine too: in a simulation each of the virtual clients
-    prints one a round (client/app.py), which Ray then forwards to this terminal.
+    prints one a round (fedtune/client/app.py), which Ray then forwards to this terminal.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -17,7 +17,7 @@ from fedtune.logs import Verbosity, setup_logging, verbosity
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
-    from server.federation import RunOutcome
+    from fedtune.server.federation import RunOutcome
 
 log = logging.getLogger("fedtune.simulation")
 
@@ -32,8 +32,8 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
     this process drives the run and writes its results.
     """
     # Imported here: these pull in torch and the whole server, which `fedtune --help` need not.
-    from client.app import app as default_client_app
-    from server.federation import run_federation
+    from fedtune.client.app import app as default_client_app
+    from fedtune.server.federation import run_federation
 
     setup_logging()
     # Ray's processes (GCS, raylet, agents, workers) run in sessions of their own: without this,

@@ -13,9 +13,9 @@ Runtime API: it acquires a task (`AcquireTask`, as `flower-superexec` does), the
 `flwr-clientapp` does for it, using Flower's own functions (`pull_task_input`, `push_message`,
 `push_task_output`), and waits for the next task in the same process, torch already imported. It
 never unpacks, imports or runs anything from the bundle: it runs the ClientApp installed on this
-node (`client.app:app`), and only when the bundle is the same fedtune (fedtune/bundle.py). Any
-other bundle gets an error reply saying what differs, and a log line; the message, the node's
-settings and its data are not touched.
+node (`fedtune.client.app`, which the app's `client.app:app` names), and only when the bundle is
+the same fedtune (fedtune/bundle.py). Any other bundle gets an error reply saying what differs,
+and a log line; the message, the node's settings and its data are not touched.
 
 `fedtune client` starts it beside its SuperNode and restarts it if it exits; it is not meant to be
 started by hand:
@@ -26,13 +26,11 @@ started by hand:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import signal
 import sys
 import time
 from logging import ERROR
-from pathlib import Path
 from types import FrameType
 
 from flwr.app import Context, Error, Message
@@ -48,7 +46,7 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from fedtune.bundle import APP_ROOT, RUNTIME_PACKAGES, BundleChecker, local_identity
+from fedtune.bundle import BundleChecker, local_identity
 from fedtune.logs import setup_logging
 
 # How often an idle worker asks the SuperNode for a task. Flower's SuperExec asks every 1 s
@@ -64,16 +62,11 @@ class WorkerError(RuntimeError):
 def load_local_app() -> tuple[ClientApp, BundleChecker]:
     """This node's ClientApp, imported from the fedtune installation beside this module, and a
     checker of bundles against that same installation."""
-    for package in RUNTIME_PACKAGES:
-        spec = importlib.util.find_spec(package)
-        origin = spec.origin if spec is not None else None
-        if origin is None or Path(origin).resolve().parent != APP_ROOT / package:
-            # Say, a folder named client/ in the working directory, or another copy on PYTHONPATH.
-            raise WorkerError(f"the package {package!r} would be imported from {origin}, not from this node's "
-                              f"fedtune at {APP_ROOT}")
-    from client.app import app  # imports torch too: done once, before the first message
+    # Only fedtune's own modules are imported, so folders named client/ or server/ elsewhere on
+    # the path (the working directory, PYTHONPATH) cannot stand in for the node's code.
+    from fedtune.client.app import app  # imports torch too: done once, before the first message
 
-    setup_logging()  # after the import of Opacus (by client.app), whose root handler would repeat every line
+    setup_logging()  # after the import of Opacus (by fedtune.client.app), whose root handler would repeat every line
 
     try:
         return app, BundleChecker(local_identity())

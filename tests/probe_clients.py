@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from safetensors.torch import save_file
 
-import client.app as real
+import fedtune.client.app as real
 from fedtune import messages as keys
 
 PROBE_DIR_ENV = "FEDTUNE_TEST_PROBE_DIR"

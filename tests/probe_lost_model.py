@@ -11,9 +11,9 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-import client.app as real
-from client.task import NodeIdentity, in_simulation
+import fedtune.client.app as real
 from fedtune import messages as keys
+from fedtune.client.task import NodeIdentity, in_simulation
 
 PROBE_DIR_ENV = "FEDTUNE_TEST_PROBE_DIR"
 LOSES_MODEL = (1, 2)  # (partition, round): this node's cached model is deleted before it trains

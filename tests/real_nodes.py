@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from fedtune import ports
-from server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError
+from fedtune.server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 FEDTUNE = [sys.executable, "-m", "fedtune"]

@@ -9,7 +9,7 @@ from flwr.common.constant import ErrorCode
 
 from fedtune import messages as keys
 
-# The metrics client/app.py sends with a train reply, besides num-examples.
+# The metrics fedtune/client/app.py sends with a train reply, besides num-examples.
 TRAIN_METRICS = {"train_loss": 0.5, "train_accuracy": 0.75}
 
 

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import app
 from fedtune import messages as keys
 from fedtune.backbones import StagedModel, build_model
+from fedtune.client.app import app
 from fedtune.config import ClientSettings, load_config
 from fedtune.params import state_hash, trainable_stages, trainable_state_dict
 

@@ -37,7 +37,7 @@ def _copy(tmp_path: Path) -> Path:
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(REPO / "pyproject.toml", app)
-    for package in ("fedtune", "client", "server", "strategies", "configs"):
+    for package in ("fedtune", "client", "server", "configs"):
         shutil.copytree(REPO / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
     return app
 
@@ -73,25 +73,25 @@ def test_the_bundle_carries_the_apps_code_and_experiment_files_only(genuine: byt
     with zipfile.ZipFile(io.BytesIO(genuine)) as bundle:
         names = bundle.namelist()
     tops = {name.split("/")[0] for name in names}
-    assert tops == {".info", "pyproject.toml", "fedtune", "server", "client", "strategies", "configs"}
+    assert tops == {".info", "pyproject.toml", "fedtune", "server", "client", "configs"}
     assert "configs/quickstart.yaml" in names  # the ServerApp reads it (run config `config`)
     assert all(name.endswith(".py") for name in names if name.split("/")[0] in {"fedtune", "server", "client"})
 
 
 def test_one_changed_byte_in_a_runtime_file_is_named(tmp_path: Path, local) -> None:
     app = _copy(tmp_path)
-    source = (app / "client" / "app.py").read_bytes()
-    (app / "client" / "app.py").write_bytes(source.replace(b"ClientApp(", b"ClientApp (", 1))
-    assert _refusal(build_fab_from_disk(app), local) == "1 source file(s) differ: client/app.py"
+    source = (app / "fedtune" / "client" / "app.py").read_bytes()
+    (app / "fedtune" / "client" / "app.py").write_bytes(source.replace(b"ClientApp(", b"ClientApp (", 1))
+    assert _refusal(build_fab_from_disk(app), local) == "1 source file(s) differ: fedtune/client/app.py"
 
 
 def test_an_added_and_a_missing_runtime_file_are_named(tmp_path: Path, local) -> None:
     app = _copy(tmp_path)
     (app / "server" / "backdoor.py").write_text("import os\nos.system('id')\n")
-    (app / "strategies" / "central_dp.py").unlink()
+    (app / "fedtune" / "strategies" / "central_dp.py").unlink()
     reason = _refusal(build_fab_from_disk(app), local)
     assert "1 source file(s) are not part of this node's fedtune: server/backdoor.py" in reason
-    assert "1 source file(s) are missing from it: strategies/central_dp.py" in reason
+    assert "1 source file(s) are missing from it: fedtune/strategies/central_dp.py" in reason
 
 
 def test_another_app_is_refused_by_its_metadata_and_sources(local) -> None:

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
-from client.cache import CACHE_ENV, CacheFull, FeatureCache, ModelCache, ModelNotCached, default_cache_root
+from fedtune.client.cache import CACHE_ENV, CacheFull, FeatureCache, ModelCache, ModelNotCached, default_cache_root
 from fedtune.params import state_hash
 
 

@@ -14,8 +14,8 @@ from fedtune import messages as keys
 from fedtune.config import CentralDPConfig, ConfigError, load_config
 from fedtune.results import RunDirectory
 from fedtune.simulation import simulate
-from strategies import build_strategy
-from strategies.central_dp import user_level_epsilon
+from fedtune.strategies import build_strategy
+from fedtune.strategies.central_dp import user_level_epsilon
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 20_000  # coordinates: enough to measure the noise's standard deviation within a few percent

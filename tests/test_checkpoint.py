@@ -15,10 +15,10 @@ from safetensors.torch import save as save_tensors
 
 from fedtune.config import load_config
 from fedtune.results import RunDirectory
+from fedtune.server import checkpoint as checkpoint_module
+from fedtune.server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
 from fedtune.simulation import simulate
-from server import checkpoint as checkpoint_module
-from server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
-from strategies import build_strategy, restore_strategy_state, strategy_state
+from fedtune.strategies import build_strategy, restore_strategy_state, strategy_state
 
 REPO = Path(__file__).resolve().parents[1]
 

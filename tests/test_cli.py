@@ -20,7 +20,7 @@ from fedtune.backbones import BACKBONES, build_model
 from fedtune.cli import cli
 from fedtune.config import load_config
 from fedtune.results import CLASS_NAMES, RunDirectory, encode_class_names
-from server.checkpoint import CHECKPOINT_FILE, Checkpoint, RandomState
+from fedtune.server.checkpoint import CHECKPOINT_FILE, Checkpoint, RandomState
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()

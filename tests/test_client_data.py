@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from client.task import NodeIdentity, local_data
+from fedtune.client.task import NodeIdentity, local_data
 from fedtune.config import ClientSettings, load_config
 from fedtune.data import load_split
 

@@ -26,9 +26,9 @@ from server_messages import (
     settings,
 )
 
-from client.cache import CACHE_MAX_ENV
-from client.task import NodeIdentity, in_simulation
 from fedtune import messages as keys
+from fedtune.client.cache import CACHE_MAX_ENV
+from fedtune.client.task import NodeIdentity, in_simulation
 from fedtune.config import DataConfig
 from fedtune.params import trainable_state_dict
 from fedtune.protocol import MAX_REASON_CHARS, RefusedMessage
@@ -533,7 +533,7 @@ def _legacy_train(entries: dict[str, object]) -> Message:
 def test_malformed_secure_aggregation_entries_are_refused_before_training(
     node: Node, entry: str, value: object, problem: str
 ) -> None:
-    from client.secure_aggregation import _train_in_legacy_layout
+    from fedtune.client.secure_aggregation import _train_in_legacy_layout
 
     trained: list[Message] = []
     with pytest.raises(RefusedMessage, match=re.escape(f"{entry}: ") + ".*" + re.escape(problem)):

@@ -26,8 +26,8 @@ from fedtune.monitoring import (
     scalars_of,
 )
 from fedtune.results import MODEL_FILE, SUMMARY_JSON, RunDirectory
+from fedtune.server.checkpoint import Checkpoint
 from fedtune.simulation import simulate
-from server.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_TAGS = {

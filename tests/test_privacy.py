@@ -10,8 +10,8 @@ from dp_accounting import dp_event, rdp
 from dp_accounting.pld import pld_privacy_accountant
 from torch.utils.data import TensorDataset
 
-from client.privacy import LedgerStore, PrivacyBudgetExhausted, PrivacyLedger, train_private_round
 from fedtune.backbones import StagedModel, build_model
+from fedtune.client.privacy import LedgerStore, PrivacyBudgetExhausted, PrivacyLedger, train_private_round
 from fedtune.config import ConfigError, DPSGDConfig, TrainConfig, load_config
 from fedtune.params import first_trainable_index, trainable_stages
 

@@ -23,7 +23,7 @@ from fedtune.protocol import (
     parse_query_answer,
     says_model_missing,
 )
-from server.delivery import MAX_DELIVERIES, ModelDelivery
+from fedtune.server.delivery import MAX_DELIVERIES, ModelDelivery
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 

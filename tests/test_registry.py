@@ -7,7 +7,7 @@ import pytest
 from fedtune.backbones import BACKBONES
 from fedtune.data import SOURCES
 from fedtune.registry import Registry
-from strategies.registry import STRATEGIES
+from fedtune.strategies.registry import STRATEGIES
 
 
 def test_a_name_filed_twice_is_refused_naming_the_first_and_the_first_stays() -> None:

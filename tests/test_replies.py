@@ -13,8 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 from replies import TRAIN_METRICS, error_reply, evaluate_reply, flower_reason, instruction, train_reply
 
 from fedtune import messages as keys
-from fedtune.text import concise_reason
-from strategies.validation import (
+from fedtune.strategies.validation import (
     MAX_METRICS,
     UnusableReply,
     check_evaluate_replies,
@@ -24,6 +23,7 @@ from strategies.validation import (
     specs_of,
     train_metric_specs,
 )
+from fedtune.text import concise_reason
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 

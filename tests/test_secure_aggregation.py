@@ -37,12 +37,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.simulation import run_simulation
 
-from client.secure_aggregation import secure_aggregation_mod
 from fedtune import messages as keys
+from fedtune.client.secure_aggregation import secure_aggregation_mod
 
 if TYPE_CHECKING:
     from fedtune.config import SecureAggregationConfig
-    from server.secure_aggregation import SecureRoundReport
+    from fedtune.server.secure_aggregation import SecureRoundReport
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -126,7 +126,7 @@ class Scenario:
 
 def simulate(client_app: ClientApp, scenarios: dict[str, Scenario]) -> dict[str, Scenario]:
     """Play each scenario as one round of one simulated federation (Ray starts once)."""
-    from server.secure_aggregation import secure_train_round
+    from fedtune.server.secure_aggregation import secure_train_round
 
     server_app = ServerApp()
 
@@ -187,7 +187,7 @@ def expected_average(partitions: list[int]) -> dict[str, np.ndarray]:
 
 def assert_secure_average(result: tuple[ArrayRecord, MetricRecord | None, SecureRoundReport],
                           partitions: list[int], settings: SecureAggregationConfig) -> None:
-    from server.secure_aggregation import quantization_error_bound
+    from fedtune.server.secure_aggregation import quantization_error_bound
 
     aggregated, metrics, report = result
     sent = global_arrays()
@@ -239,7 +239,7 @@ def test_a_client_dropping_out_is_recovered_from_the_others(secure_rounds: dict[
 
 
 def test_too_few_clients_for_the_threshold_fails_loudly(secure_rounds: dict[str, Scenario]) -> None:
-    from server.secure_aggregation import SecureAggregationError
+    from fedtune.server.secure_aggregation import SecureAggregationError
 
     scenario = secure_rounds["threshold too high"]
     assert scenario.result is None
@@ -251,7 +251,7 @@ def test_too_few_clients_for_the_threshold_fails_loudly(secure_rounds: dict[str,
 
 
 def test_updates_that_would_be_clipped_are_refused(secure_rounds: dict[str, Scenario]) -> None:
-    from server.secure_aggregation import SecureAggregationError
+    from fedtune.server.secure_aggregation import SecureAggregationError
 
     scenario = secure_rounds["updates beyond clipping"]
     assert isinstance(scenario.error, SecureAggregationError)
@@ -261,7 +261,7 @@ def test_updates_that_would_be_clipped_are_refused(secure_rounds: dict[str, Scen
 
 
 def test_clients_without_the_mod_fail_loudly(ray_can_import_tests: None) -> None:
-    from server.secure_aggregation import SecureAggregationError
+    from fedtune.server.secure_aggregation import SecureAggregationError
 
     scenario = simulate(plain_app, {"no mod": Scenario()})["no mod"]
     assert scenario.result is None
@@ -278,7 +278,7 @@ def test_clients_without_the_mod_fail_loudly(ray_can_import_tests: None) -> None
 def test_settings_that_cannot_work_are_refused_before_any_message(
     nodes: list[int], changes: dict[str, float], problem: str
 ) -> None:
-    from server.secure_aggregation import secure_train_round
+    from fedtune.server.secure_aggregation import secure_train_round
 
     with pytest.raises(ValueError, match=problem):
         secure_train_round(None, server_round=1, node_ids=nodes, arrays=global_arrays(),  # type: ignore[arg-type]
@@ -311,8 +311,8 @@ def test_other_messages_pass_the_mod_untouched(message_type: str) -> None:
 def test_hostile_plain_text_metrics_never_end_the_round(caplog: pytest.LogCaptureFixture) -> None:
     # SecAgg+ masks the tensors only: num-examples and the metrics reach the server as the client
     # wrote them, past the ClientApp's own MetricRecord checks.
-    from server.secure_aggregation import parse_client_metrics
-    from strategies.validation import train_metric_specs
+    from fedtune.server.secure_aggregation import parse_client_metrics
+    from fedtune.strategies.validation import train_metric_specs
 
     def result(node: int, num_examples: int, **metrics: object) -> tuple[ClientProxy, FitRes]:
         proxy = GridClientProxy(str(node), None, 1)  # type: ignore[arg-type]

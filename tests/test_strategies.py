@@ -12,9 +12,9 @@ from replies import error_reply, train_reply
 
 from fedtune import messages as keys
 from fedtune.config import ConfigError, ExperimentConfig, parse_config
-from strategies import PartialFedAdam, PartialFedYogi, build_strategy, restore_strategy_state, strategy_state
-from strategies.registry import STRATEGIES, register
-from strategies.validation import check_train_replies, specs_of, train_metric_specs
+from fedtune.strategies import PartialFedAdam, PartialFedYogi, build_strategy, restore_strategy_state, strategy_state
+from fedtune.strategies.registry import STRATEGIES, register
+from fedtune.strategies.validation import check_train_replies, specs_of, train_metric_specs
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 

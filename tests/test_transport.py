@@ -23,7 +23,7 @@ from flwr.supercore.run import Run
 from wire_tap import WireTap, content_bytes
 
 from fedtune import messages as keys
-from server.transport import Transport
+from fedtune.server.transport import Transport
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -183,11 +183,11 @@ PURE_PROTOCOL = [f"{MessageType.TRAIN}:{stage}" for stage in ("setup", "share_ke
 def test_a_secure_aggregation_run_counts_the_bytes_of_its_protocol_rounds(tmp_path: Path) -> None:
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
+    from fedtune.client.app import app as client_app
     from fedtune.config import load_config
     from fedtune.params import stage_of
     from fedtune.results import RunDirectory, load_model_file
-    from server.federation import run_federation
+    from fedtune.server.federation import run_federation
 
     clients = 3
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [

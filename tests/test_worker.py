@@ -157,12 +157,17 @@ def test_an_app_that_is_not_the_nodes_fedtune_is_refused_and_never_run(tmp_path:
             process.wait(timeout=30)
 
 
-def test_a_package_that_would_shadow_the_nodes_fedtune_stops_the_worker(tmp_path: Path) -> None:
-    # A folder named server/ ahead of fedtune on the path: the worker would import the wrong code.
-    (tmp_path / "server").mkdir()
-    (tmp_path / "server" / "__init__.py").write_text("raise SystemExit('imported the impostor')\n")
-    worker = subprocess.run([sys.executable, "-m", "fedtune.worker", "--runtime-api-address", "127.0.0.1:9"],
-                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
-    assert worker.returncode == 2, worker.stderr[-2000:]
-    assert f"error: the package 'server' would be imported from {tmp_path / 'server' / '__init__.py'}" in worker.stderr
+def test_folders_named_like_the_apps_components_cannot_stand_in_for_the_nodes_code(tmp_path: Path) -> None:
+    # Folders named server/ and client/ ahead of fedtune on the path: the worker imports only
+    # fedtune's own modules, so neither is ever imported.
+    for name in ("server", "client"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise SystemExit('imported the impostor')\n")
+    probe = ("from fedtune.worker import load_local_app; import sys; from fedtune.client.app import app; "
+             "loaded, _ = load_local_app(); assert loaded is app; "
+             "assert 'server' not in sys.modules and 'client' not in sys.modules; print('own code')")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    worker = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    assert worker.stdout.strip() == "own code"

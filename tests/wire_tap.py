@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
 from flwr.supercore.run import Run
 
-from server.transport import send_and_receive_promptly
+from fedtune.server.transport import send_and_receive_promptly
 
 
 def content_bytes(content: InflatableObject) -> int:
@@ -74,7 +74,7 @@ class WireTap(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        # Measured before the push, as the server's transport does (server/transport.py says why).
+        # Measured before the push, as the server's transport does (fedtune/server/transport.py says why).
         sizes = [content_bytes(message.content) for message in messages]
         ids = list(self._grid.push_messages(messages))
         pushed = set(ids)

@@ -40,7 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
     rounds, nodes, results = int(cfg["rounds"]), int(cfg["nodes"]), Path(str(cfg["results"]))
     if cfg["grid"] == "prompt":
-        from server.transport import Transport  # fedtune's, from the environment the SuperLink runs in
+        from fedtune.server.transport import Transport  # fedtune's, from the environment the SuperLink runs in
 
         grid = Transport(grid)
     record: dict[str, object] = {"started": time.time(), "grid": cfg["grid"], "rounds": []}

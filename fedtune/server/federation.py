@@ -26,16 +26,16 @@ from fedtune.engine import resolve_device
 from fedtune.monitoring import RunMonitor
 from fedtune.params import first_trainable_index, load_tensors, state_hash, trainable_stages, trainable_state_dict
 from fedtune.results import CLASS_NAMES, RoundRecord, RunDirectory, encode_class_names, summarize_history
-from server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
-from server.delivery import ModelDelivery
-from server.evaluate import CentralEvaluator
-from server.preflight import check_model_fits, check_monitoring
-from server.privacy_report import PrivacyReport
-from server.secure_aggregation import secure_train_round
-from server.transport import Transport
-from strategies import build_strategy, fit_sampling_to, restore_strategy_state, strategy_state
-from strategies.bound import BoundEvent, UpdateBound, bound_applies
-from strategies.validation import (
+from fedtune.server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
+from fedtune.server.delivery import ModelDelivery
+from fedtune.server.evaluate import CentralEvaluator
+from fedtune.server.preflight import check_model_fits, check_monitoring
+from fedtune.server.privacy_report import PrivacyReport
+from fedtune.server.secure_aggregation import secure_train_round
+from fedtune.server.transport import Transport
+from fedtune.strategies import build_strategy, fit_sampling_to, restore_strategy_state, strategy_state
+from fedtune.strategies.bound import BoundEvent, UpdateBound, bound_applies
+from fedtune.strategies.validation import (
     MetricSpec,
     check_evaluate_replies,
     check_train_replies,
@@ -341,7 +341,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     """Run every round of `cfg` on the nodes behind `grid`; results go to a new run directory.
 
     `grid` is Flower's, as the ServerApp gets it: every message of the run goes through one
-    Transport around it (server/transport.py), which counts each round's bytes.
+    Transport around it (fedtune/server/transport.py), which counts each round's bytes.
     """
     # Flower samples clients with `random` and draws central-DP noise with numpy's global generator.
     torch.manual_seed(cfg.seed)

@@ -16,7 +16,7 @@ from fedtune.backbones import StagedModel, build_model
 from fedtune.config import ExperimentConfig, shown
 from fedtune.data import DOWNLOADING_SOURCES, ImageDataset, Split, load_split, partition
 from fedtune.monitoring import mlflow_problem
-from server.checkpoint import Checkpoint, CheckpointError, find_resumable
+from fedtune.server.checkpoint import Checkpoint, CheckpointError, find_resumable
 
 
 class PreflightError(ValueError):
@@ -93,7 +93,7 @@ def _load(cfg: ExperimentConfig, split: Split, *, decode_now: bool) -> ImageData
 
 
 def _check_partitioning(cfg: ExperimentConfig, train_set: ImageDataset) -> None:
-    # As every virtual client computes it (client/task.py); infeasible settings would fail them all.
+    # As every virtual client computes it (fedtune/client/task.py); infeasible settings would fail them all.
     scheme = cfg.data.partition
     try:
         partition(train_set.targets, scheme=scheme.scheme, num_partitions=cfg.federation.num_clients,

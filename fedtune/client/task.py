@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from client.cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, FeatureCache, ModelCache, default_cache_root
 from fedtune import messages as keys
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
+from fedtune.client.cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, FeatureCache, ModelCache, default_cache_root
 from fedtune.config import MAX_DP_SCALE, ClientSettings, DataConfig
 from fedtune.data import fingerprint, load_split, partition, split_validation
 from fedtune.engine import extract_features

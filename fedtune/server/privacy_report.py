@@ -10,7 +10,7 @@ from flwr.app import MetricRecord
 from fedtune import messages as keys
 from fedtune.config import ExperimentConfig
 from fedtune.results import RoundRecord
-from strategies.central_dp import effective_noise_multiplier, user_level_epsilon
+from fedtune.strategies.central_dp import effective_noise_multiplier, user_level_epsilon
 
 
 @dataclass
@@ -50,7 +50,7 @@ class PrivacyReport:
         figures: dict[str, float] = {}
         for node, metrics in client_metrics.items():
             if keys.EPSILON in metrics:
-                # Parsed at the edge (strategies/validation.py): these are numbers, never lists.
+                # Parsed at the edge (fedtune/strategies/validation.py): these are numbers, never lists.
                 figures[f"epsilon_client_{node}"] = float(cast(float, metrics[keys.EPSILON]))
                 self.dp_sgd_clients[node] = {
                     "noise_multiplier": float(cast(float, metrics.get(keys.NOISE_MULTIPLIER, 0.0))),

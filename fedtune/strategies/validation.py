@@ -34,7 +34,7 @@ _NPY_HEADER_BYTES = 4096  # room for a .npy header around a tensor's data (numpy
 _LARGEST_COUNT = 2**53  # num-examples above this is not even exact as the float Flower weights with
 _COUNT_RULE = "a positive integer up to 2**53"
 
-# The metrics client/app.py sends.
+# The metrics fedtune/client/app.py sends.
 TRAIN_LOSS = "train_loss"
 TRAIN_ACCURACY = "train_accuracy"
 EVALUATE_LOSS = "loss"

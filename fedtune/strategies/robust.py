@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from fedtune.config import ExperimentConfig
-from strategies.registry import register, sampling
+from fedtune.strategies.registry import register, sampling
 
 log = logging.getLogger("fedtune.server")
 

@@ -9,7 +9,7 @@ What travels is the update (trained tensor minus the tensor the server sent), no
 protocol clips every weighted value to [-clipping_range, clipping_range] and quantises it in steps
 of 2 clipping_range / quantization_range. Updates are small, so a small clipping_range (a fine
 step) fits them where whole weights would need a large one. The server adds the averaged update
-back to the tensors it sent (server/secure_aggregation.py).
+back to the tensors it sent (fedtune/server/secure_aggregation.py).
 
 fedtune's own entries of the legacy FitIns config (its train config, the tensors' order, the
 bounds) are written by the server and parsed here with fedtune/protocol.py, which both sides share.

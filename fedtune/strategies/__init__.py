@@ -15,9 +15,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedtune.config import ExperimentConfig
-from strategies import robust  # noqa: F401 - registers the Byzantine-robust strategies
-from strategies.central_dp import UniformFedAvg, with_central_dp
-from strategies.registry import STRATEGIES, build_strategy, fit_sampling_to, register, sampling
+from fedtune.strategies import robust  # noqa: F401 - registers the Byzantine-robust strategies
+from fedtune.strategies.central_dp import UniformFedAvg, with_central_dp
+from fedtune.strategies.registry import STRATEGIES, build_strategy, fit_sampling_to, register, sampling
 
 __all__ = ["STRATEGIES", "PartialFedAdam", "PartialFedYogi", "build_strategy", "fit_sampling_to",
            "restore_strategy_state", "strategy_state"]

@@ -2,7 +2,7 @@
 
 `run_federation` wraps Flower's grid in a `Transport` once, and hands the transport, never the bare
 grid, to everything that sends: the strategy's train and evaluate messages, the model query and
-delivery (server/delivery.py), and Flower's own SecAgg+ workflow (server/secure_aggregation.py),
+delivery (fedtune/server/delivery.py), and Flower's own SecAgg+ workflow (fedtune/server/secure_aggregation.py),
 which takes the grid it is given and calls its `send_and_receive` for each of its four stages. So
 the byte counts in a round's record include the protocol's key exchange, shares and masked vectors.
 Flower is not patched: a Grid subclass handed to Flower's code is its supported extension point.

@@ -3,13 +3,13 @@
 Flower 1.41 implements SecAgg+ for its legacy (FitIns/FitRes) workflow alone, so a round runs
 Flower's own `SecAggPlusWorkflow` on a `LegacyContext` made for that round, with a legacy FedAvg
 that targets exactly the nodes fedtune sampled. It replaces configure_train / send / aggregate_train
-of an ordinary round; the clients need `client.secure_aggregation.secure_aggregation_mod`.
+of an ordinary round; the clients need `fedtune.client.secure_aggregation.secure_aggregation_mod`.
 
-The clients send updates (trained minus sent tensors, see client/secure_aggregation.py); the
+The clients send updates (trained minus sent tensors, see fedtune/client/secure_aggregation.py); the
 protocol returns their average weighted by num-examples, and it is added to the tensors sent.
 
 The workflow sends every protocol message (keys, shares, masked vectors, unmasking) through the
-grid it is handed; fedtune hands it the run's transport (server/transport.py), so those messages
+grid it is handed; fedtune hands it the run's transport (fedtune/server/transport.py), so those messages
 are metered like every other.
 
 `SecAggPlusWorkflow` returns nothing, whether it completed or halted (it only logs "Secure
@@ -40,8 +40,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedtune import messages as keys
 from fedtune.protocol import encode_secure_fit_config
+from fedtune.strategies.validation import WEIGHT_ONLY, MetricSpec, UnusableReply, parse_metric_values
 from fedtune.text import concise_reason, printable
-from strategies.validation import WEIGHT_ONLY, MetricSpec, UnusableReply, parse_metric_values
 
 if TYPE_CHECKING:
     from fedtune.config import SecureAggregationConfig
@@ -262,7 +262,7 @@ class _ObservedSecAggPlus(SecAggPlusWorkflow):
             # A client that answered the protocol without its records: the mod is missing.
             raise SecureAggregationError(
                 f"secure aggregation failed at stage '{stage}': a client's reply lacks {err}; do all clients "
-                f"run client.secure_aggregation.secure_aggregation_mod?"
+                f"run fedtune.client.secure_aggregation.secure_aggregation_mod?"
             ) from err
         if stage == "setup":
             before = set(state.sampled_node_ids)

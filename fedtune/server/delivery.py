@@ -37,7 +37,7 @@ class ModelDelivery:
     is what Flower's mods (client-side clipping, SecAgg+) require. A node that answers a train or
     evaluate message with "model not cached" (deleted, or found damaged) is sent the model again
     and then its message again, within the same round, up to MAX_DELIVERIES times per run.
-    Every message goes through `grid`; the run's Transport (server/transport.py) counts its bytes.
+    Every message goes through `grid`; the run's Transport (fedtune/server/transport.py) counts its bytes.
     """
 
     model_hash: str

@@ -1,0 +1,220 @@
+"""The ClientApp: thin Flower handlers around plain-PyTorch local training and evaluation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from torch.utils.data import Dataset
+
+from fedtune import messages as keys
+from fedtune import protocol
+from fedtune.backbones import StagedModel
+from fedtune.client.cache import CacheFull, ModelNotCached
+from fedtune.client.privacy import LedgerStore, train_private_round, within_node_budget
+from fedtune.client.secure_aggregation import secure_aggregation_mod
+from fedtune.client.task import NodeIdentity, local_data, model_inputs, restore_model
+from fedtune.config import ClientSettings
+from fedtune.engine import evaluate, resolve_device, train_one_round
+from fedtune.logs import setup_logging
+from fedtune.params import trainable_state_dict
+from fedtune.protocol import RefusedMessage, RoundInstruction
+
+log = logging.getLogger("fedtune.client")
+
+
+def _client_side_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's fixedclipping_mod on the train messages of runs with central DP clipped on clients.
+
+    The mod fails on any message without a clipping norm, so it must not see the others; and it
+    applies the norm as it comes, so the norm is checked first.
+    """
+    config = msg.content.config_records.get(keys.CONFIG)
+    if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
+        try:
+            protocol.parse_clipping_norm(config[KEY_CLIPPING_NORM])
+        except RefusedMessage as error:
+            return _refuse(msg, error)
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _log_lines_once(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """This process's log lines printed once: a virtual client's Ray worker, or a node's ClientApp process,
+    imports Opacus, whose logging.basicConfig would repeat every line (fedtune/logs.py)."""
+    setup_logging()
+    return call_next(msg, context)
+
+
+# SecAgg+ outermost after the logging: it turns its legacy-layout train messages into fedtune's
+# before the rest see them.
+app = ClientApp(mods=[_log_lines_once, secure_aggregation_mod, _client_side_clipping])
+
+
+def _refuse(msg: Message, error: RefusedMessage) -> Message:
+    reply = protocol.refusal(msg, error)
+    log.warning("refused a %s message from the server: %s", msg.metadata.message_type,
+                (reply.error.reason or "").removeprefix(f"{keys.REFUSED}: "))  # as cut for the reply
+    return reply
+
+
+def _answer(msg: Message, handle: Callable[[], Message]) -> Message:
+    """The handler's reply, or an error reply the server recognises: a refusal (naming the field and
+    the problem), the model missing from the cache (the server sends it again), or a full cache."""
+    try:
+        return handle()
+    except RefusedMessage as error:
+        return _refuse(msg, error)
+    except ModelNotCached as error:
+        log.warning("the model of this round is not cached here: %s", error)
+        return protocol.error_reply(msg, f"{keys.MODEL_MISSING}: {error}")
+    except CacheFull as error:
+        log.warning("%s", error)
+        return protocol.error_reply(msg, str(error))
+
+
+@dataclass(frozen=True)
+class _LocalRound:
+    """Everything a handler needs: the rebuilt global model and what to feed its trainable part."""
+
+    settings: ClientSettings
+    node: NodeIdentity
+    stages: list[str]
+    model: StagedModel
+    inputs: Dataset
+    start: int  # index of the stage `inputs` feed (above a cached frozen prefix)
+    device: torch.device
+
+
+def _local_round(
+    instruction: RoundInstruction, context: Context, *, split: Literal["train", "validation"]
+) -> _LocalRound:
+    settings = instruction.settings
+    node = NodeIdentity.from_node_config(dict(context.node_config))
+    stages = list(instruction.stages)
+    try:
+        trainable = instruction.arrays.to_torch_state_dict()
+    except Exception as error:  # Flower's conversion of arrays it could not make tensors of
+        raise RefusedMessage(keys.ARRAYS, f"not tensors: {protocol.excerpt(str(error))}") from None
+    models = node.model_cache()
+    model = restore_model(settings, model_hash=instruction.model_hash, trainable=trainable, stages=stages,
+                          cache=models)
+    data = local_data(settings, node)
+    device = resolve_device(settings.train.device)
+    inputs, start = model_inputs(
+        model,
+        data.train if split == "train" else data.validation,
+        identity=data.train_identity if split == "train" else data.validation_identity,
+        stages=stages,
+        model_hash=instruction.model_hash,
+        augmented=settings.data.augment and split == "train",
+        cache=node.feature_cache(),
+        device=device,
+        in_use=[models.path(instruction.model_hash)],
+    )
+    return _LocalRound(settings, node, stages, model, inputs, start, device)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answers whether the model with this hash is cached here, storing it first if the message carries it."""
+    return _answer(msg, lambda: _query(msg, context))
+
+
+def _query(msg: Message, context: Context) -> Message:
+    question = protocol.parse_model_query(msg.content)
+    node = NodeIdentity.from_node_config(dict(context.node_config))
+    cache = node.model_cache()
+    if question.backbone is not None:
+        try:
+            tensors = question.backbone.to_torch_state_dict()
+        except Exception as error:  # Flower's conversion of arrays it could not make tensors of
+            raise RefusedMessage(keys.BACKBONE, f"not tensors: {protocol.excerpt(str(error))}") from None
+        try:
+            cache.store(question.model_hash, tensors)
+        except ValueError as error:  # not the model the hash announces
+            raise RefusedMessage(keys.BACKBONE, str(error)) from None
+    answer: dict[str, int | float | list[int] | list[float]] = {
+        keys.HAS_MODEL: int(cache.has(question.model_hash)), keys.PARTITION: node.partition_id}
+    return Message(RecordDict({keys.METRICS: MetricRecord(answer)}), reply_to=msg)
+
+
+def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
+    """Local training on this node's partition; returns the reply and the locally trained model.
+
+    Raises RefusedMessage for a message not of its exact form, ModelNotCached if the model is not here.
+    """
+    instruction = protocol.parse_round_instruction(msg.content)
+    local = _local_round(instruction, context, split="train")
+    settings, node = local.settings, local.node
+    torch.manual_seed(settings.seed + node.partition_id)
+    server_round = instruction.server_round
+    seed = settings.seed * 1000 + server_round * 100 + node.partition_id
+    extra: dict[str, float] = {}
+    dp = within_node_budget(settings.dp_sgd, max_epsilon=node.max_epsilon, max_delta=node.max_delta)
+    if dp.enabled and not settings.freeze_statistics:
+        # BatchNorm running statistics mix a batch's samples: sent back, they would bypass the noise.
+        raise RefusedMessage("freeze_statistics", "DP-SGD needs BatchNorm statistics kept frozen and at home; "
+                                                  "the server's settings would send them back")
+    if dp.enabled:
+        ledgers = LedgerStore(node.cache_root, settings.run_key)
+        ledger = ledgers.load()
+        result, epsilon = train_private_round(
+            local.model, local.inputs, stages=local.stages, cfg=settings.train, dp=dp,
+            ledger=ledger, planned_rounds=settings.rounds, start=local.start, seed=seed, device=local.device,
+        )
+        ledgers.save(ledger)
+        extra = {keys.EPSILON: epsilon, keys.NOISE_MULTIPLIER: float(ledger.noise_multiplier or 0.0),
+                 keys.SAMPLE_RATE: float(ledger.sample_rate or 0.0)}
+    else:
+        result = train_one_round(
+            local.model,
+            local.inputs,
+            stages=local.stages,
+            cfg=settings.train,
+            start=local.start,
+            proximal_mu=instruction.proximal_mu,
+            freeze_statistics=settings.freeze_statistics,
+            seed=seed,
+            device=local.device,
+        )
+    log.info("partition %d round %d: loss %.4f acc %.3f on %d examples",
+             node.partition_id, server_round, result.loss, result.accuracy, result.num_examples)
+    metrics = MetricRecord(
+        {keys.NUM_EXAMPLES: result.num_examples, "train_loss": result.loss, "train_accuracy": result.accuracy,
+         **extra}
+    )
+    arrays = ArrayRecord(
+        trainable_state_dict(local.model.cpu(), local.stages, statistics=not settings.freeze_statistics)
+    )
+    return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg), local.model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _answer(msg, lambda: run_training(msg, context)[0])
+
+
+@app.evaluate()
+def evaluate_locally(msg: Message, context: Context) -> Message:
+    """The global model on this node's local validation split."""
+    return _answer(msg, lambda: _evaluate(msg, context))
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    local = _local_round(protocol.parse_round_instruction(msg.content), context, split="validation")
+    result = evaluate(local.model, local.inputs, start=local.start, device=local.device)
+    if not result.num_examples:
+        raise ValueError("this node has no local validation examples (raise data.val_fraction)")
+    metrics = MetricRecord(
+        {keys.NUM_EXAMPLES: result.num_examples, "loss": result.loss, "accuracy": result.accuracy}
+    )
+    return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
