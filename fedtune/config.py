@@ -22,7 +22,7 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
-# Bounds of the settings that travel to clients (ClientSettings): far above any real experiment,
+# Bounds of the settings that travel to clients (fedtune.protocol.ClientSettings): far above any real experiment,
 # they keep what a server can make a node allocate, or spend time on, finite. Every float below
 # has an upper bound too, which also keeps out inf (JSON's Infinity, or 1e400).
 MAX_ROUNDS = 10_000  # federation.rounds
@@ -52,7 +52,7 @@ def shown(value: object) -> str:
     return cut(repr(value))
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     # Unknown keys are errors (typos must not be silently ignored); configs never change after load.
     # Strict: `true` is not the number 1, and 1e18 or 2.5 is not an integer (a whole float would
     # otherwise be truncated into one); integers are still accepted where a float is expected.
@@ -60,7 +60,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     backbone: Annotated[str, Field(max_length=MAX_NAME_CHARS)] = "efficientnet_lite0"
     # "imagenet": the backbone's published pretrained weights; "none": random init;
     # anything else: a path to a .safetensors file or a plain torch state dict.
@@ -76,7 +76,7 @@ class ModelConfig(_Section):
         return self
 
 
-class PartitionConfig(_Section):
+class PartitionConfig(Section):
     scheme: Literal["iid", "dirichlet", "shards"] = "iid"
     alpha: Annotated[float, Field(gt=0.0, le=1e6)] = 0.5
     shards_per_client: Annotated[int, Field(ge=1, le=10_000)] = 2
@@ -84,7 +84,7 @@ class PartitionConfig(_Section):
     min_examples: Annotated[int, Field(ge=1, le=1_000_000)] = 2
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     # digits | hymenoptera | imagefolder | torchvision:<DatasetClass> (e.g. torchvision:CIFAR10)
     source: Annotated[str, Field(max_length=MAX_NAME_CHARS)] = "digits"
     # Where the data lives (hymenoptera, imagefolder, torchvision); relative paths are resolved
@@ -114,7 +114,7 @@ class DataConfig(_Section):
 _RAY_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 
 
-class FederationConfig(_Section):
+class FederationConfig(Section):
     num_clients: Annotated[int, Field(ge=1, le=10_000)] = 10
     # Clients sampled for training each round; None means all of them.
     clients_per_round: Annotated[int | None, Field(ge=1)] = None
@@ -169,12 +169,12 @@ class FederationConfig(_Section):
         return self
 
 
-class UnfreezeStep(_Section):
+class UnfreezeStep(Section):
     from_round: Annotated[int, Field(ge=2, le=MAX_ROUNDS)]
     trainable_blocks: Annotated[int, Field(ge=0, le=MAX_BLOCKS)] | Literal["all"]
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     # How many of the backbone's last blocks train with the head: 0 is feature extraction,
     # "all" is full fine-tuning. An unfreeze schedule raises it at given rounds.
     trainable_blocks: Annotated[int, Field(ge=0, le=MAX_BLOCKS)] | Literal["all"] = 0
@@ -224,7 +224,7 @@ class TrainConfig(_Section):
         return blocks
 
 
-class UpdateBoundConfig(_Section):
+class UpdateBoundConfig(Section):
     """Bounds on every client's train update before aggregation (`strategy.bound`).
 
     An update is what a client sends minus the tensors the server sent it. Its norm is compared
@@ -251,7 +251,7 @@ class UpdateBoundConfig(_Section):
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 
-class StrategyConfig(_Section):
+class StrategyConfig(Section):
     name: Literal[
         "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"
     ] = "fedavg"
@@ -271,7 +271,7 @@ class StrategyConfig(_Section):
     bound: UpdateBoundConfig = UpdateBoundConfig()
 
 
-class DPSGDConfig(_Section):
+class DPSGDConfig(Section):
     """Sample-level differential privacy on each client (DP-SGD with Opacus)."""
 
     enabled: bool = False
@@ -291,7 +291,7 @@ class DPSGDConfig(_Section):
         return self
 
 
-class CentralDPConfig(_Section):
+class CentralDPConfig(Section):
     """User-level differential privacy added by the server (Flower's DP strategy wrappers).
 
     Each client's whole update is clipped to clipping_norm (by the server, or by the client with
@@ -312,7 +312,7 @@ class CentralDPConfig(_Section):
     clipped_count_stddev: Annotated[float | None, Field(gt=0.0)] = None
 
 
-class SecureAggregationConfig(_Section):
+class SecureAggregationConfig(Section):
     """SecAgg+ (Flower's legacy workflow): the server only ever sees the sum of the updates.
 
     num_shares (how many clients hold shares of each client's mask secrets) is a count of clients
@@ -331,7 +331,7 @@ class SecureAggregationConfig(_Section):
     max_weight: Annotated[float, Field(gt=0.0, le=MAX_SECAGG_SCALE)] = 1000.0
 
 
-class PrivacyConfig(_Section):
+class PrivacyConfig(Section):
     dp_sgd: DPSGDConfig = DPSGDConfig()
     central: CentralDPConfig = CentralDPConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
@@ -344,7 +344,7 @@ class PrivacyConfig(_Section):
         return self.dp_sgd.enabled or self.central.enabled
 
 
-class EarlyStoppingConfig(_Section):
+class EarlyStoppingConfig(Section):
     enabled: bool = False
     # Watched metric: the server's held-out set (central_*) or the clients' local
     # validation splits (federated_*).
@@ -366,7 +366,7 @@ _SECRET_INPUT = "secret_input"
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class MLflowConfig(_Section):
+class MLflowConfig(Section):
     """Where `output.mlflow` logs each round's metrics, the resolved config and the final model."""
 
     # e.g. sqlite:///abs/path/mlflow.db, file:///abs/path/mlruns, http://mlflow.example:5000.
@@ -401,7 +401,7 @@ class MLflowConfig(_Section):
 MONITORING_KEYS = frozenset({"tensorboard", "mlflow"})
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     # Each run writes to <dir>/<name>-<timestamp>/ ; relative to the directory the command runs in.
     dir: str = "runs"
     # Started again after a crash with the same config, a run continues from its last checkpoint
@@ -413,7 +413,7 @@ class OutputConfig(_Section):
     mlflow: MLflowConfig | None = None
 
 
-class ExperimentConfig(_Section):
+class ExperimentConfig(Section):
     # Part of the run key clients name files with (name-<12 hex>, at most 200 characters).
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)] = "experiment"
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
@@ -530,7 +530,7 @@ class ExperimentConfig(_Section):
         return self.model_dump_json(indent=2)
 
 
-def _format_error(error: ValidationError) -> str:
+def format_error(error: ValidationError) -> str:
     """One line per problem, each naming the dotted key and what is allowed."""
     lines = []
     for item in error.errors():
@@ -578,7 +578,7 @@ def parse_config(raw: Any, *, source: str = "config") -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"{source}: {_format_error(error)}") from None
+        raise ConfigError(f"{source}: {format_error(error)}") from None
 
 
 def read_config_text(path: Path) -> str:
@@ -619,50 +619,4 @@ def config_from_json(text: str) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate_json(text)
     except ValidationError as error:
-        raise ConfigError(f"saved config: {_format_error(error)}") from None
-
-
-class ClientSettings(_Section):
-    """What a client needs to train, sent in every message: clients never read the experiment file."""
-
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
-    num_clients: Annotated[int, Field(ge=1, le=MAX_CLIENTS)]
-    num_classes: Annotated[int, Field(ge=2, le=MAX_CLASSES)]
-    rounds: Annotated[int, Field(ge=1, le=MAX_ROUNDS)]  # planned rounds: DP-SGD calibrates its noise for all at once
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig
-    dp_sgd: DPSGDConfig = DPSGDConfig()
-    # BatchNorm running statistics stay at the initial model's values and do not travel.
-    freeze_statistics: bool = False
-    # Names the run on the clients' disks (the DP-SGD ledger) and stays the same when a killed
-    # server resumes the run; part of a file name (run-<key>.json), so no path separators, and short.
-    run_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=200)] = "run"
-
-    @classmethod
-    def of(cls, cfg: ExperimentConfig, *, num_classes: int, run_key: str = "run") -> ClientSettings:
-        return cls(
-            run_key=run_key,
-            seed=cfg.seed,
-            num_clients=cfg.federation.num_clients,
-            num_classes=num_classes,
-            rounds=cfg.federation.rounds,
-            model=cfg.model,
-            data=cfg.data,
-            train=cfg.train.model_copy(update={"unfreeze": ()}),  # the server applies the schedule
-            dp_sgd=cfg.privacy.dp_sgd,
-            freeze_statistics=cfg.privacy.freezes_statistics,
-        )
-
-    def to_message(self) -> str:
-        # Compact: this string rides along with every round's tensors.
-        return self.model_dump_json(exclude_defaults=True)
-
-    @classmethod
-    def from_message(cls, text: str) -> ClientSettings:
-        """The settings a server sent, checked exactly: strict types (no true for 1, no 2.0 for 2)
-        and every bound above. fedtune/protocol.py bounds the text's length before this."""
-        try:
-            return cls.model_validate_json(text, strict=True)
-        except ValidationError as error:
-            raise ConfigError(f"client settings from the server: {_format_error(error)}") from None
+        raise ConfigError(f"saved config: {format_error(error)}") from None

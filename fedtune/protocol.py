@@ -1,5 +1,7 @@
 """Parse-and-check of whatever a peer sends: each value becomes a typed, bounded one, or is refused with a reason.
 
+It also defines the record the server sends every client, ClientSettings (versioned, typed);
+the names of records and keys, and the reasons of error replies, are fedtune/messages.py.
 Clients parse the server's queries and round instructions here; the server parses the clients'
 answers to its queries here. Nothing deeper ever reads raw message content: a value that is not
 of its exact form raises RefusedMessage, whose text names the field and the problem (with at most
@@ -13,16 +15,35 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.common import Scalar
 from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from pydantic import Field, ValidationError
 from torch import Tensor
 
 from fedtune import messages as keys
-from fedtune.config import MAX_DP_SCALE, MAX_PROXIMAL_MU, MAX_ROUNDS, MAX_SECAGG_SCALE, ClientSettings, ConfigError
+from fedtune.config import (
+    MAX_CLASSES,
+    MAX_CLIENTS,
+    MAX_DP_SCALE,
+    MAX_PROXIMAL_MU,
+    MAX_ROUNDS,
+    MAX_SECAGG_SCALE,
+    MAX_SEED,
+    ConfigError,
+    DataConfig,
+    DPSGDConfig,
+    ExperimentConfig,
+    ModelConfig,
+    Section,
+    TrainConfig,
+    format_error,
+    shown,
+)
 
 # fedtune.params.state_hash: a sha256 hex digest, lowercase.
 MODEL_HASH_FORM = re.compile(r"[0-9a-f]{64}")
@@ -34,6 +55,8 @@ MAX_PARTITION_LABEL = 2**31 - 1
 MAX_REASON_CHARS = 1_000  # of an error reply's reason, and of what the server logs of one
 MAX_SECAGG_CONFIG_CHARS = 4 * MAX_SETTINGS_CHARS  # the train config, client settings inside, escaped once more
 _EXCERPT_CHARS = 40
+# The form of the client settings record; a node refuses any other (ClientSettings.version).
+SETTINGS_VERSION = 1
 
 # Keys a round's config may carry: fedtune's own and those Flower's strategies add.
 ROUND_CONFIG_KEYS = frozenset({
@@ -43,6 +66,64 @@ ROUND_CONFIG_KEYS = frozenset({
     KEY_CLIPPING_NORM,  # central DP clipped on clients (read by Flower's fixedclipping_mod)
 })
 QUERY_CONFIG_KEYS = frozenset({keys.MODEL_HASH})
+
+
+class ClientSettings(Section):
+    """What a client needs to train, sent in every message: clients never read the experiment file.
+
+    `version` names this record's form: a node refuses any other, with a reason that says the
+    server and the node run different fedtune releases, rather than misreading a field.
+    """
+
+    version: Annotated[int, Field(ge=SETTINGS_VERSION, le=SETTINGS_VERSION)]  # strict: true is not 1
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
+    num_clients: Annotated[int, Field(ge=1, le=MAX_CLIENTS)]
+    num_classes: Annotated[int, Field(ge=2, le=MAX_CLASSES)]
+    rounds: Annotated[int, Field(ge=1, le=MAX_ROUNDS)]  # planned rounds: DP-SGD calibrates its noise for all at once
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    dp_sgd: DPSGDConfig = DPSGDConfig()
+    # BatchNorm running statistics stay at the initial model's values and do not travel.
+    freeze_statistics: bool = False
+    # Names the run on the clients' disks (the DP-SGD ledger) and stays the same when a killed
+    # server resumes the run; part of a file name (run-<key>.json), so no path separators, and short.
+    run_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=200)] = "run"
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig, *, num_classes: int, run_key: str = "run") -> ClientSettings:
+        return cls(
+            version=SETTINGS_VERSION,
+            run_key=run_key,
+            seed=cfg.seed,
+            num_clients=cfg.federation.num_clients,
+            num_classes=num_classes,
+            rounds=cfg.federation.rounds,
+            model=cfg.model,
+            data=cfg.data,
+            train=cfg.train.model_copy(update={"unfreeze": ()}),  # the server applies the schedule
+            dp_sgd=cfg.privacy.dp_sgd,
+            freeze_statistics=cfg.privacy.freezes_statistics,
+        )
+
+    def to_message(self) -> str:
+        # Compact: this string rides along with every round's tensors.
+        return self.model_dump_json(exclude_defaults=True)
+
+    @classmethod
+    def from_message(cls, text: str) -> ClientSettings:
+        """The settings a server sent, checked exactly: strict types (no true for 1, no 2.0 for 2)
+        and every bound above. `parse_settings` bounds the text's length before this."""
+        try:
+            return cls.model_validate_json(text, strict=True)
+        except ValidationError as error:
+            version = next((e for e in error.errors() if e["loc"][:1] == ("version",)), None)
+            if version is not None:
+                found = "no version" if version["type"] == "missing" else f"version {shown(version['input'])}"
+                raise ConfigError(f"client settings from the server: {found}, but this node reads version "
+                                  f"{SETTINGS_VERSION} only: the server and this node run different fedtune releases"
+                                  ) from None
+            raise ConfigError(f"client settings from the server: {format_error(error)}") from None
 
 
 class RefusedMessage(ValueError):
@@ -122,7 +203,7 @@ def parse_clipping_norm(value: object) -> float:
 
 
 def parse_settings(value: object) -> ClientSettings:
-    """The client settings JSON: bounded in length, then checked field by field (fedtune.config.ClientSettings)."""
+    """The client settings JSON: bounded in length, then checked field by field (ClientSettings)."""
     if not isinstance(value, str):
         raise RefusedMessage(keys.CLIENT_CONFIG, f"must be a JSON string, got {_type_name(value)}")
     if len(value) > MAX_SETTINGS_CHARS:

@@ -18,8 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from fedtune import messages as keys
 from fedtune.backbones import StagedModel, build_model
 from fedtune.client.app import app
-from fedtune.config import ClientSettings, load_config
+from fedtune.config import load_config
 from fedtune.params import state_hash, trainable_stages, trainable_state_dict
+from fedtune.protocol import ClientSettings
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = "mobilenet_v3_small"  # the smallest registered backbone: 1.5 M parameters

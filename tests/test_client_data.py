@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from fedtune.client.task import NodeIdentity, local_data
-from fedtune.config import ClientSettings, load_config
+from fedtune.config import load_config
 from fedtune.data import load_split
+from fedtune.protocol import ClientSettings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.config import ClientSettings, ConfigError, load_config
+from fedtune.config import ConfigError, load_config
+from fedtune.protocol import ClientSettings
 
 REPO = Path(__file__).resolve().parents[1]
 

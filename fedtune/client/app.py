@@ -22,11 +22,10 @@ from fedtune.client.cache import CacheFull, ModelNotCached
 from fedtune.client.privacy import LedgerStore, train_private_round, within_node_budget
 from fedtune.client.secure_aggregation import secure_aggregation_mod
 from fedtune.client.task import NodeIdentity, local_data, model_inputs, restore_model
-from fedtune.config import ClientSettings
 from fedtune.engine import evaluate, resolve_device, train_one_round
 from fedtune.logs import setup_logging
 from fedtune.params import trainable_state_dict
-from fedtune.protocol import RefusedMessage, RoundInstruction
+from fedtune.protocol import ClientSettings, RefusedMessage, RoundInstruction
 
 log = logging.getLogger("fedtune.client")
 

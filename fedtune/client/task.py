@@ -17,11 +17,11 @@ from torch.utils.data import Dataset, Subset
 from fedtune import messages as keys
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
 from fedtune.client.cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, FeatureCache, ModelCache, default_cache_root
-from fedtune.config import MAX_DP_SCALE, ClientSettings, DataConfig
+from fedtune.config import MAX_DP_SCALE, DataConfig
 from fedtune.data import fingerprint, load_split, partition, split_validation
 from fedtune.engine import extract_features
 from fedtune.params import first_trainable_index, load_tensors, travelling_keys
-from fedtune.protocol import RefusedMessage, check_stages_of, check_trainable_tensors
+from fedtune.protocol import ClientSettings, RefusedMessage, check_stages_of, check_trainable_tensors
 
 log = logging.getLogger("fedtune.client")
 

@@ -19,12 +19,13 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtune import messages as keys
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
-from fedtune.config import ClientSettings, ExperimentConfig
+from fedtune.config import ExperimentConfig
 from fedtune.console import RoundProgress
 from fedtune.data import load_split
 from fedtune.engine import resolve_device
 from fedtune.monitoring import RunMonitor
 from fedtune.params import first_trainable_index, load_tensors, state_hash, trainable_stages, trainable_state_dict
+from fedtune.protocol import ClientSettings
 from fedtune.results import CLASS_NAMES, RoundRecord, RunDirectory, encode_class_names, summarize_history
 from fedtune.server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
 from fedtune.server.delivery import ModelDelivery
