@@ -132,7 +132,7 @@ def simulate(
     typer.echo(compare_table(rows, list(rows[0])))
     if len(rows) > 1:
         (outcome.run_dir / "comparison.json").write_text(json.dumps(rows, indent=2))
-    typer.echo(f"\nresults: {outcome.run_dir}")
+    # No closing "results:" line: the table's last column and the run's log line name each run's folder.
 
 
 @cli.command()

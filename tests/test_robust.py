@@ -168,6 +168,25 @@ def test_a_lying_num_examples_is_capped_to_the_ratio_of_the_median(caplog: pytes
     assert "round 2: capped the weight of the update of node 4 (partition 4)" in caplog.text
 
 
+def test_a_modest_cap_is_logged_once_per_client_and_counted_every_round(caplog: pytest.LogCaptureFixture) -> None:
+    # An honest client with twice the median's share, as a non-IID partition gives (quickstart: 204 vs 99),
+    # beside one claiming far more: the first is noted once, the second warned of every round.
+    bound = _bound()
+    counts = []
+    with caplog.at_level(logging.DEBUG, logger="fedtune.server"):
+        for server_round in (1, 2, 3):
+            replies = _parsed([_honest(n) for n in range(5)], weights=[99, 99, 99, 204, 10**6])
+            counts.append(bound.apply(replies, SENT, server_round=server_round, name_of=_node_name).count(
+                "weight_capped"))
+    assert counts == [2, 2, 2]
+    modest = [r for r in caplog.records if "update of node 3 " in r.getMessage()]
+    assert [(r.levelno, r.getMessage().split(":")[0]) for r in modest] == [(logging.INFO, "round 1")]
+    assert "num-examples 204 counts as 198" in modest[0].getMessage()
+    assert "logged once per client" in modest[0].getMessage()
+    large = [r for r in caplog.records if "update of node 4 " in r.getMessage()]
+    assert [r.levelno for r in large] == [logging.WARNING] * 3
+
+
 def test_the_absolute_cap_applies_when_it_is_lower() -> None:
     replies = _parsed([_honest(n) for n in range(3)], weights=[200, 400, 900])
     result = _bound(max_examples=300).apply(replies, SENT, server_round=1, name_of=str)
