@@ -67,24 +67,6 @@ class SecureRoundReport:
     client_metrics: dict[int, MetricRecord] = field(default_factory=dict)
 
 
-def quantization_error_bound(
-    settings: SecureAggregationConfig, num_examples: Sequence[int], max_abs_update: float
-) -> float:
-    """Largest possible |secure average - exact num-examples-weighted average| of the updates, per element.
-
-    Each client i scales its update d_i by w_i = round(n_i / max_weight * T) / T (T the
-    quantization_range), so |w_i - n_i / max_weight| <= 1 / (2T), and stochastically rounds
-    (w_i d_i + c) T / (2c) to an integer (c the clipping_range): an error below one step, 2c / T.
-    The server gets (sum w_i d_i + E) / W with W = sum w_i and |E| < N 2c / T; replacing the weights
-    w_i by n_i / max_weight moves the average by at most N max|d| / (T W). `max_abs_update` bounds
-    |d_i|; the result assumes nothing was clipped (the clients refuse updates that would be).
-    """
-    steps = settings.quantization_range
-    clients = len(num_examples)
-    least_weight = sum(n / settings.max_weight for n in num_examples) - clients / (2 * steps)
-    return clients * (2 * settings.clipping_range + max_abs_update) / (steps * least_weight)
-
-
 def secure_train_round(
     grid: Grid,
     *,
