@@ -6,8 +6,6 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedtune import lifeline
@@ -17,7 +15,7 @@ from fedtune.logs import Verbosity, setup_logging, verbosity
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
-    from fedtune.server.federation import RunOutcome
+    from fedtune.server.run import RunOutcome
 
 log = logging.getLogger("fedtune.simulation")
 
@@ -33,18 +31,13 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
     """
     # Imported here: these pull in torch and the whole server, which `fedtune --help` need not.
     from fedtune.client.app import app as default_client_app
-    from fedtune.server.federation import run_federation
+    from fedtune.server.app import simulation_server_app
 
     setup_logging()
     # Ray's processes (GCS, raylet, agents, workers) run in sessions of their own: without this,
     # some outlive a `kill -9` of this process.
     lifeline.hold()
-    outcome: list[RunOutcome] = []
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        outcome.append(run_federation(grid, cfg))
+    outcomes: list[RunOutcome] = []
 
     # Workers of a local Ray inherit the environment: say where virtual nodes keep their caches,
     # and keep each worker's torch to the cores Ray gave it. Workers of an existing cluster get
@@ -54,7 +47,7 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
     if address is not None:
         log.info("attaching to the Ray cluster at %s", address)
     run_simulation(
-        server_app=server_app,
+        server_app=simulation_server_app(cfg, outcomes),
         client_app=client_app or default_client_app,
         num_supernodes=cfg.federation.num_clients,
         backend_config={
@@ -68,6 +61,6 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
                           "logging_level": logging.INFO if verbosity() is Verbosity.VERBOSE else logging.WARNING},
         },
     )
-    if not outcome:
+    if not outcomes:
         raise RuntimeError("the simulation ended without finishing the run; see the log above")
-    return outcome[0]
+    return outcomes[0]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fedtune.config import load_config
 from fedtune.results import RoundRecord
-from fedtune.server.federation import EarlyStopping
+from fedtune.server.run import EarlyStopping
 
 REPO = Path(__file__).resolve().parents[1]
 

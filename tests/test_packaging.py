@@ -41,6 +41,6 @@ def test_the_wheel_holds_the_server_client_and_strategies_code(wheel: zipfile.Zi
     repo_sources = {path.relative_to(REPO).as_posix() for path in (REPO / "fedtune").rglob("*.py")
                     if "__pycache__" not in path.parts}
     assert repo_sources <= names  # every module, fedtune/server/, fedtune/client/, fedtune/strategies/ included
-    assert {"fedtune/server/federation.py", "fedtune/client/app.py", "fedtune/strategies/robust.py"} <= names
+    assert {"fedtune/server/round.py", "fedtune/client/app.py", "fedtune/strategies/robust.py"} <= names
     entry_points = wheel.read("fedtune-0.1.0.dist-info/entry_points.txt").decode()
     assert "fedtune = fedtune.cli:main" in entry_points

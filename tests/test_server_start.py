@@ -14,7 +14,7 @@ from image_files import write_image_folder, write_truncated_png
 from fedtune.config import load_config
 from fedtune.data import BadImageError
 from fedtune.server.app import check_simulated_node_count
-from fedtune.server.federation import run_federation
+from fedtune.server.run import run_federation
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -187,7 +187,7 @@ def test_a_secure_aggregation_run_counts_the_bytes_of_its_protocol_rounds(tmp_pa
     from fedtune.config import load_config
     from fedtune.params import stage_of
     from fedtune.results import RunDirectory, load_model_file
-    from fedtune.server.federation import run_federation
+    from fedtune.server.run import run_federation
 
     clients = 3
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [

@@ -1,8 +1,10 @@
-"""The ServerApp that `flwr run .` starts: reads the experiment file named in the run config.
+"""fedtune's ServerApps: the one `flwr run .` starts, and the one `fedtune simulate` hands to Flower's simulation.
 
-The Flower app's component (server/app.py beside pyproject.toml) builds it with `server_app`,
-naming the app's folder: `flwr run` ships configs/ inside the app bundle, so a relative experiment
-file is looked up there when it is not found in the working directory.
+`server_app` reads the experiment file named in the run config. The Flower app's component
+(server/app.py beside pyproject.toml) builds it naming the app's folder: `flwr run` ships configs/
+inside the app bundle, so a relative experiment file is looked up there when it is not found in the
+working directory. `simulation_server_app` is given the validated config object itself
+(fedtune/simulation.py). Both run the same `run_federation` (fedtune/server/run.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from flwr.superlink.grid import InMemoryGrid
 
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.logs import setup_logging
-from fedtune.server.federation import node_count_mismatch, run_federation
+from fedtune.server.run import RunOutcome, node_count_mismatch, run_federation
 
 log = logging.getLogger("fedtune.server")
 
@@ -70,5 +72,20 @@ def server_app(app_root: Path) -> ServerApp:
                         "(deploy/README.md)")
         check_simulated_node_count(grid, cfg)
         run_federation(grid, cfg)  # which sends everything through its transport (fedtune/server/transport.py)
+
+    return app
+
+
+def simulation_server_app(cfg: ExperimentConfig, outcomes: list[RunOutcome]) -> ServerApp:
+    """The ServerApp of `fedtune simulate`: runs `cfg` and appends the run's outcome to `outcomes`.
+
+    Flower's `run_simulation` calls the app and returns nothing of what it did, hence `outcomes`.
+    The simulation registers exactly cfg.federation.num_clients nodes, so there is no count to check.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        outcomes.append(run_federation(grid, cfg))
 
     return app
