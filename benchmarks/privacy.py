@@ -35,7 +35,7 @@ from fedtune.console import compare_table
 from fedtune.data import load_split
 from fedtune.engine import extract_features, train_one_round
 from fedtune.params import first_trainable_index, trainable_stages
-from fedtune.results import RunDirectory
+from fedtune.report import RunDirectory
 
 PRIVACY: dict[str, list[str]] = {
     "non-private": [],

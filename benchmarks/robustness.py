@@ -86,7 +86,7 @@ def _run(config: Path, overrides: list[str], attacks: str, out: Path) -> None:
     from probe_clients import ATTACKS_ENV, attack_app
 
     from fedtune.config import load_config
-    from fedtune.results import RunDirectory
+    from fedtune.report import RunDirectory
     from fedtune.simulation import simulate
 
     os.environ[ATTACKS_ENV] = attacks

@@ -51,7 +51,7 @@ from typing import Any
 from fedtune.console import compare_table
 from fedtune.ports import wait_until_listening
 from fedtune.processes import signal_group
-from fedtune.results import RunDirectory
+from fedtune.report import RunDirectory
 
 REPO = Path(__file__).resolve().parents[1]
 NOOP_APP = REPO / "benchmarks" / "noop_app"

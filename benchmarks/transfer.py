@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from fedtune.console import compare_table
-from fedtune.results import RunDirectory
+from fedtune.report import RunDirectory
 
 VARIANTS: dict[str, list[str]] = {
     "(a) pretrained, head only": ["model.weights=imagenet", "train.trainable_blocks=0"],

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
+from fedtune.atomic import write_text_atomically
 from fedtune.logs import Verbosity, setup_logging
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def check(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 def _comparison_row(label: str, outcome: object, history_file: Path) -> dict[str, object]:
-    from fedtune.results import RunDirectory
+    from fedtune.report import RunDirectory
 
     rounds = [r for r in RunDirectory.load_history(history_file) if r.round > 0]
     return {
@@ -131,7 +132,7 @@ def simulate(
     typer.echo("")
     typer.echo(compare_table(rows, list(rows[0])))
     if len(rows) > 1:
-        (outcome.run_dir / "comparison.json").write_text(json.dumps(rows, indent=2))
+        write_text_atomically(outcome.run_dir / "comparison.json", json.dumps(rows, indent=2))
     # No closing "results:" line: the table's last column and the run's log line name each run's folder.
 
 

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from fedtune.logs import Verbosity, verbosity
 
 if TYPE_CHECKING:
-    from fedtune.results import RoundRecord
+    from fedtune.records import RoundRecord
 
 
 class RoundProgress:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedtune.atomic import write_bytes_atomically
 from fedtune.processes import NodeError
 
 
@@ -42,12 +42,15 @@ def make_node_key(path: Path) -> Path:
         raise NodeError(f"not overwriting existing key files: {', '.join(existing)}")
     key = ec.generate_private_key(ec.SECP384R1())
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                     serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH) + b"\n")
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption())
+    try:
+        # exclusive: a key file that appeared since the check above is never replaced.
+        write_bytes_atomically(path, private_pem, mode=0o600, exclusive=True)
+    except FileExistsError:
+        raise NodeError(f"not overwriting existing key files: {path}") from None
+    write_bytes_atomically(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                 serialization.PublicFormat.OpenSSH) + b"\n")
     return public
 
 

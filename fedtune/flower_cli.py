@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedtune.atomic import write_text_atomically
 from fedtune.bundle import APP_ROOT
 from fedtune.ports import LOOPBACK, wait_until_listening
 from fedtune.processes import NodeError, executable
@@ -29,7 +30,8 @@ def wait_for_superlink(port: int, process: subprocess.Popen, timeout: float) -> 
 def write_connection(flwr_home: Path, port: int, ca: Path) -> None:
     """The `flwr` CLI's connection to the loopback SuperLink, the only one it has."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
+    write_text_atomically(
+        flwr_home / "config.toml",
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "{LOOPBACK}:{port}"\nroot-certificates = "{ca.resolve()}"\n'
     )
@@ -46,7 +48,7 @@ def register_nodes(public_keys: list[str], env: dict[str, str], state_dir: Path,
     deadline = time.monotonic() + timeout
     for index, public_key in enumerate(public_keys):
         key_file = key_dir / f"node-{index}.pub"  # `flwr supernode register` reads keys from files
-        key_file.write_text(public_key + "\n")
+        write_text_atomically(key_file, public_key + "\n")
         while True:
             answer = subprocess.run(
                 [executable("flwr"), "supernode", "register", str(key_file), CONNECTION, "--format", "json"],

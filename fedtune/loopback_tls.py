@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedtune.atomic import write_bytes_atomically
 from fedtune.ports import LOOPBACK
 
 _VALID_FOR = datetime.timedelta(days=30)  # a server run is far shorter; the files are remade at each start
@@ -32,14 +32,6 @@ class LoopbackTLS:
     ca: Path
     certificate: Path
     key: Path
-
-
-def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.unlink(missing_ok=True)  # a stale file of an earlier start could have looser permissions
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()))
 
 
 def make_loopback_tls(directory: Path) -> LoopbackTLS:
@@ -78,7 +70,10 @@ def make_loopback_tls(directory: Path) -> LoopbackTLS:
     )
     files = LoopbackTLS(directory / "ca.crt", directory / "server.crt", directory / "server.key")
     # The CA's key is not kept: nothing else is ever signed with it.
-    _write_private_key(files.key, server_key)
-    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.certificate.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    key_pem = server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+    # A new file each start, owner-only from its creation: never one of an earlier start with looser permissions.
+    write_bytes_atomically(files.key, key_pem, mode=0o600)
+    write_bytes_atomically(files.ca, ca.public_bytes(serialization.Encoding.PEM))
+    write_bytes_atomically(files.certificate, server.public_bytes(serialization.Encoding.PEM))
     return files

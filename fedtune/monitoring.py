@@ -1,6 +1,6 @@
 """Each round's results for TensorBoard (output.tensorboard) and MLflow (output.mlflow), as the run writes them.
 
-The run directory's own files (fedtune/results.py) stay the record of a run; these sinks are
+The run directory's own files (fedtune/report.py) stay the record of a run; these sinks are
 copies for the tools people watch runs with. A sink that fails (a full disk, a tracking server
 that went away) is dropped with one warning naming it and the problem: monitoring never ends a
 federation.
@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel
 
 from fedtune.config import ExperimentConfig, MLflowConfig
-from fedtune.results import CONFIG_JSON, MODEL_FILE, SUMMARY_JSON, RoundRecord
+from fedtune.model_file import MODEL_FILE
+from fedtune.records import RoundRecord
+from fedtune.report import CONFIG_JSON, SUMMARY_JSON
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

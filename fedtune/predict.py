@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
 from fedtune.config import ExperimentConfig, config_from_json, read_config_text
 from fedtune.data import BadImageError, BadImages, load_split, read_image
-from fedtune.results import class_names_of, load_model_file
+from fedtune.model_file import MODEL_FILE, class_names_of, load_model_file
 
 log = logging.getLogger("fedtune.predict")
 
@@ -31,7 +31,7 @@ class SavedRun:
 def load_saved(path: str | Path) -> SavedRun:
     """A run directory or a model.safetensors file -> the model, ready for inference."""
     path = Path(path)
-    model_file = path / "model.safetensors" if path.is_dir() else path
+    model_file = path / MODEL_FILE if path.is_dir() else path
     tensors, meta = load_model_file(model_file)
     if "backbone" not in meta:
         raise ValueError(f"{model_file}: metadata lacks 'backbone'; was it saved by fedtune?")

@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from fedtune.config import ExperimentConfig, load_config
-from fedtune.results import RoundRecord, RunDirectory, load_model_file
+from fedtune.model_file import load_model_file
+from fedtune.records import RoundRecord
+from fedtune.report import RunDirectory
 from fedtune.simulation import simulate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedtune import messages as keys
 from fedtune.config import CentralDPConfig, ConfigError, load_config
-from fedtune.results import RunDirectory
+from fedtune.report import RunDirectory
 from fedtune.simulation import simulate
 from fedtune.strategies import build_strategy
 from fedtune.strategies.central_dp import user_level_epsilon

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
 from fedtune.config import load_config
-from fedtune.results import RunDirectory
+from fedtune.report import RunDirectory
 from fedtune.server import checkpoint as checkpoint_module
 from fedtune.server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
 from fedtune.simulation import simulate

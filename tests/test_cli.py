@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from fedtune.backbones import BACKBONES, build_model
 from fedtune.cli import cli
 from fedtune.config import load_config
-from fedtune.results import CLASS_NAMES, RunDirectory, encode_class_names
+from fedtune.model_file import CLASS_NAMES, encode_class_names
+from fedtune.report import RunDirectory
 from fedtune.server.checkpoint import CHECKPOINT_FILE, Checkpoint, RandomState
 
 REPO = Path(__file__).resolve().parents[1]

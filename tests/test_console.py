@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from round_records import make_record
 from typer.testing import CliRunner
 
 from fedtune import logs
 from fedtune.cli import cli
-from fedtune.console import RoundProgress
+from fedtune.console import RoundProgress, compare_table, format_bytes
 from fedtune.logs import Verbosity
-from fedtune.results import RoundRecord
+from fedtune.records import RoundRecord
 
 REPO = Path(__file__).resolve().parents[1]
 # What logging.basicConfig's format in opacus/utils/module_utils.py prints: "11/30/2026 23:40:02:INFO:..."
@@ -217,3 +218,67 @@ def test_a_simulation_prints_each_line_once_and_no_debug_line(tmp_path: Path) ->
     repeated = {line: n for line, n in Counter(PREFIX.sub("", line) for line in lines).items() if n > 1}
     assert repeated == {}, done.stderr
     assert sum("run directory: " in line for line in lines) == 1
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 B"),
+        (999, "999 B"),
+        (1000, "1.0 KB"),
+        (21_900, "21.9 KB"),
+        (44_700_000, "44.7 MB"),
+        (999_960, "1.0 MB"),
+        (3_200_000_000, "3.2 GB"),
+    ],
+)
+def test_format_bytes(n: int, text: str) -> None:
+    assert format_bytes(n) == text
+
+
+def test_compare_table() -> None:
+    rows = [
+        {"weights": "imagenet", "central_accuracy": 0.91234, "rounds": 5, "bytes_sent": 21_900},
+        {"weights": "none", "central_accuracy": 0.5, "rounds": 5, "bytes_sent": 44_700_000},
+        {"weights": "a|b", "central_accuracy": None, "rounds": 3},
+    ]
+
+    table = compare_table(rows, ["weights", "central_accuracy", "bytes_sent"])
+
+    assert table.splitlines() == [
+        "| weights  | central_accuracy | bytes_sent |",
+        "| -------- | ---------------: | ---------: |",
+        "| imagenet |            0.912 |    21.9 KB |",
+        "| none     |            0.500 |    44.7 MB |",
+        "| a\\|b     |                  |            |",
+    ]
+
+
+def test_progress_prints_a_line_per_round_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    with RoundProgress(2, title="exp") as progress:
+        for r in range(3):
+            progress.round_done(make_record(r))
+        progress.message("early stopping: no gain in 3 rounds")
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "exp: 2 rounds"
+    assert lines[1].startswith("round 0/2  blocks=0  clients=0/0  central_acc=0.100  fed_acc=-")
+    assert lines[2] == (
+        "round 1/2  blocks=0  clients=4/5  central_acc=0.433  fed_acc=0.500  "
+        "sent=18.6 MB  received=11.0 KB  time=1.5s  1 rejected"
+    )
+    assert lines[3].startswith("round 2/2")
+    assert lines[4] == "early stopping: no gain in 3 rounds"
+    assert len(lines) == 5
+
+
+def test_progress_on_a_terminal_prints_table_rows() -> None:
+    output = io.StringIO()
+    console = Console(file=output, force_terminal=True, width=120)
+
+    with RoundProgress(2, title="exp", console=console) as progress:
+        progress.round_done(make_record(1))
+
+    text = output.getvalue()
+    assert "central acc" in text  # the header
+    assert "4/5" in text and "0.433" in text and "18.6 MB" in text

@@ -31,7 +31,7 @@ from flwr.supernode.fleet_http_client import FleetHttpClient
 from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 from real_nodes import REPO, LoopbackFederation, make_certs
 
-from fedtune.results import RunDirectory
+from fedtune.report import RunDirectory
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 QUICK = ["federation.rounds=2", "train.unfreeze=[]", "data.image_size=32"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedtune.config import load_config
-from fedtune.results import RoundRecord
+from fedtune.records import RoundRecord
 from fedtune.server.run import EarlyStopping
 
 REPO = Path(__file__).resolve().parents[1]

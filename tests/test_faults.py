@@ -13,7 +13,7 @@ import torch
 from real_nodes import REPO, LoopbackFederation, make_certs, wait_for_checkpoint
 from safetensors.torch import load_file
 
-from fedtune.results import RunDirectory
+from fedtune.report import RunDirectory
 
 # Two and three real federations of real processes: minutes each on 2 cores, so not in the default run.
 pytestmark = pytest.mark.slow

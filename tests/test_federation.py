@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from fedtune.config import ExperimentConfig, load_config
+from fedtune.model_file import load_model_file
 from fedtune.params import stage_of
-from fedtune.results import RunDirectory, load_model_file
+from fedtune.report import RunDirectory
 from fedtune.simulation import simulate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from real_nodes import REPO, LoopbackFederation, make_certs
 
-from fedtune.results import RunDirectory
+from fedtune.report import RunDirectory
 
 
 def _small_folder(source: Path, target: Path, per_class: int) -> Path:

@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from fedtune.config import load_config
-from fedtune.results import RunDirectory
+from fedtune.report import RunDirectory
 from fedtune.simulation import simulate
 
 REPO = Path(__file__).resolve().parents[1]

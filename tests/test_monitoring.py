@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from round_records import make_record
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_results import make_record
 from typer.testing import CliRunner
 
 from fedtune.cli import cli
 from fedtune.config import ConfigError, ExperimentConfig, MLflowConfig, load_config, parse_config
+from fedtune.model_file import MODEL_FILE
 from fedtune.monitoring import (
     MAX_PARAM_CHARS,
     TENSORBOARD_DIR,
@@ -25,7 +26,7 @@ from fedtune.monitoring import (
     mlflow_problem,
     scalars_of,
 )
-from fedtune.results import MODEL_FILE, SUMMARY_JSON, RunDirectory
+from fedtune.report import SUMMARY_JSON, RunDirectory
 from fedtune.server.checkpoint import Checkpoint
 from fedtune.simulation import simulate
 

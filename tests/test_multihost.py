@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.results import RunDirectory
+from fedtune.report import RunDirectory
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["federation.rounds=2", "train.unfreeze=[]", "data.image_size=32"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from real_nodes import FEDTUNE, REPO, LoopbackFederation, free_port, make_certs, sets, wait_until_listening
 
-from fedtune.results import RunDirectory
+from fedtune.report import RunDirectory
 
 QUICK = ["federation.rounds=2", "train.unfreeze=[]", "data.image_size=32"]
 

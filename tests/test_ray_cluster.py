@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.config import ConfigError, load_config
-from fedtune.results import RunDirectory
+from fedtune.report import RunDirectory
 from fedtune.simulation import simulate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ from replies import evaluate_reply, train_reply
 
 from fedtune import messages as keys
 from fedtune.config import UpdateBoundConfig, parse_config
-from fedtune.results import RoundRecord, RunDirectory
+from fedtune.records import RoundRecord
+from fedtune.report import RunDirectory
 from fedtune.strategies.bound import UpdateBound, bound_applies, lower_median
 from fedtune.strategies.validation import check_evaluate_replies, check_train_replies, specs_of, train_metric_specs
 

@@ -185,8 +185,9 @@ def test_a_secure_aggregation_run_counts_the_bytes_of_its_protocol_rounds(tmp_pa
 
     from fedtune.client.app import app as client_app
     from fedtune.config import load_config
+    from fedtune.model_file import load_model_file
     from fedtune.params import stage_of
-    from fedtune.results import RunDirectory, load_model_file
+    from fedtune.report import RunDirectory
     from fedtune.server.run import run_federation
 
     clients = 3

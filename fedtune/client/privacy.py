@@ -26,7 +26,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedtune.atomic import replace_atomically
+from fedtune.atomic import write_text_atomically
 from fedtune.backbones import StagedModel
 from fedtune.config import DPSGDConfig, TrainConfig
 from fedtune.engine import Metrics, make_optimizer, size_of
@@ -100,7 +100,7 @@ class LedgerStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"noise_multiplier": ledger.noise_multiplier, "sample_rate": ledger.sample_rate,
                            "history": ledger.history})
-        replace_atomically(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_text_atomically(self.path, text)
 
 
 class _ChannelAffine(nn.Module):

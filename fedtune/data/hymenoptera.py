@@ -11,6 +11,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from fedtune.atomic import replace_atomically
 from fedtune.data.images import FileImages, ImageDataset, Split
 from fedtune.data.sources import image_folder_split, register_source, takes_no_argument
 
@@ -80,17 +81,18 @@ def _download_hymenoptera(root: Path) -> Path:
         )
     root.mkdir(parents=True, exist_ok=True)
     archive = root / "hymenoptera_data.zip"
-    partial = root / "hymenoptera_data.zip.part"
-    try:
-        with urllib.request.urlopen(HYMENOPTERA_URL, timeout=60) as response, partial.open("wb") as out:
+
+    def fetch(tmp: Path) -> None:
+        with urllib.request.urlopen(HYMENOPTERA_URL, timeout=60) as response, tmp.open("wb") as out:
             shutil.copyfileobj(response, out)
+
+    try:
+        replace_atomically(archive, fetch)  # an interrupted download leaves no archive to mistake for a whole one
     except (urllib.error.URLError, OSError) as error:
-        partial.unlink(missing_ok=True)
         raise ConnectionError(
             f"could not download {HYMENOPTERA_URL}: {error}. Without network access, copy the "
             f"hymenoptera_data folder to this machine and set data.root to it"
         ) from error
-    partial.replace(archive)
     # unpack beside the destination and move into place only once verified, so an interrupted or
     # tampered download never leaves a folder that a later run would mistake for the data
     staging = Path(tempfile.mkdtemp(prefix=".hymenoptera-", dir=root))

@@ -27,9 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from fedtune.atomic import replace_atomically
+from fedtune.atomic import write_bytes_atomically
 from fedtune.config import MONITORING_KEYS, ExperimentConfig, parse_config, shown
-from fedtune.results import CONFIG_JSON, SUMMARY_JSON
+from fedtune.report import CONFIG_JSON, SUMMARY_JSON
 
 log = logging.getLogger("fedtune.server")
 
@@ -105,7 +105,7 @@ class Checkpoint:
         }
         state_text = json.dumps(state)
         data = save_tensors(tensors, metadata={_STATE: state_text, _CHECKSUM: _digest(tensors, state_text)})
-        return replace_atomically(run_dir / CHECKPOINT_FILE, lambda tmp: tmp.write_bytes(data))
+        return write_bytes_atomically(run_dir / CHECKPOINT_FILE, data)
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:

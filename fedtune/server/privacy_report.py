@@ -9,7 +9,7 @@ from flwr.app import MetricRecord
 
 from fedtune import messages as keys
 from fedtune.config import ExperimentConfig
-from fedtune.results import RoundRecord
+from fedtune.records import RoundRecord
 from fedtune.strategies.central_dp import effective_noise_multiplier, user_level_epsilon
 
 

@@ -21,7 +21,7 @@ from fedtune.backbones import StagedModel
 from fedtune.config import ExperimentConfig
 from fedtune.engine import Metrics
 from fedtune.params import first_trainable_index, load_tensors, trainable_stages, trainable_state_dict
-from fedtune.results import RoundRecord
+from fedtune.records import RoundRecord
 from fedtune.server.delivery import ModelDelivery
 from fedtune.server.evaluate import CentralEvaluator
 from fedtune.server.privacy_report import PrivacyReport

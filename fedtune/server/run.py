@@ -27,10 +27,12 @@ from fedtune.config import ExperimentConfig
 from fedtune.console import RoundProgress
 from fedtune.data import load_split
 from fedtune.engine import resolve_device
+from fedtune.model_file import CLASS_NAMES, encode_class_names
 from fedtune.monitoring import RunMonitor
 from fedtune.params import load_tensors, state_hash, trainable_stages
 from fedtune.protocol import ClientSettings
-from fedtune.results import CLASS_NAMES, RoundRecord, RunDirectory, encode_class_names, summarize_history
+from fedtune.records import RoundRecord, summarize_history
+from fedtune.report import RunDirectory
 from fedtune.server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, RandomState, find_resumable
 from fedtune.server.delivery import ModelDelivery
 from fedtune.server.evaluate import CentralEvaluator

@@ -1,59 +1,22 @@
-"""The run directory: history files, atomic writes, model files, plots, tables and progress lines."""
+"""The run directory: history files, atomic writes, model files and plots."""
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from rich.console import Console
+from round_records import make_record
 
-from fedtune import results
-from fedtune.console import RoundProgress, compare_table, format_bytes
-from fedtune.results import (
-    CLASS_NAMES,
-    RECORD_COLUMNS,
-    RoundRecord,
-    RunDirectory,
-    class_names_of,
-    encode_class_names,
-    load_model_file,
-)
+from fedtune import report
+from fedtune.model_file import CLASS_NAMES, class_names_of, encode_class_names, load_model_file
+from fedtune.records import RECORD_COLUMNS
+from fedtune.report import RunDirectory
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def make_record(round_: int, **changes: object) -> RoundRecord:
-    """Round 0 is the evaluation before training: no clients, no bytes, only central metrics."""
-    if round_ == 0:
-        record = RoundRecord(0, "0", 0, 0, 0, 0, 0, 0, 0, None, None, None, None, 2.30, 0.1, 0.5)
-    else:
-        record = RoundRecord(
-            round=round_,
-            trainable_blocks="0" if round_ < 3 else "all",
-            clients_sampled=5,
-            clients_ok=4,
-            clients_rejected=1,
-            clients_failed=0,
-            bytes_sent=18_600_000 + 21_900 if round_ == 1 else 21_900 * round_,
-            bytes_received=11_000 * round_,
-            bytes_sent_backbone=18_600_000 if round_ == 1 else 0,
-            train_loss=1.0 / round_,
-            train_accuracy=0.5 + 0.05 * round_,
-            federated_loss=1.1 / round_,
-            federated_accuracy=0.45 + 0.05 * round_,
-            central_loss=1.2 / round_,
-            central_accuracy=0.4 + 0.1 * round_ / 3,
-            seconds=1.5 * round_,
-            extra={"proximal_term": 0.01 * round_},
-        )
-    for name, value in changes.items():
-        setattr(record, name, value)
-    return record
 
 
 @pytest.fixture
@@ -172,7 +135,7 @@ def test_summary_written(run: RunDirectory) -> None:
 
 def test_run_directory_names_are_unique(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A fixed clock: three runs started within the same second.
-    monkeypatch.setattr(results, "_timestamp", lambda: "20250101-120000")
+    monkeypatch.setattr(report, "_timestamp", lambda: "20250101-120000")
 
     paths = [RunDirectory.create(tmp_path / "runs" / "nested", "exp").path for _ in range(3)]
 
@@ -273,67 +236,3 @@ def test_history_that_is_not_one(tmp_path: Path) -> None:
         RunDirectory.load_history(tmp_path / "history.json")
     with pytest.raises(FileNotFoundError):
         RunDirectory.load_history(tmp_path / "missing.json")
-
-
-@pytest.mark.parametrize(
-    ("n", "text"),
-    [
-        (0, "0 B"),
-        (999, "999 B"),
-        (1000, "1.0 KB"),
-        (21_900, "21.9 KB"),
-        (44_700_000, "44.7 MB"),
-        (999_960, "1.0 MB"),
-        (3_200_000_000, "3.2 GB"),
-    ],
-)
-def test_format_bytes(n: int, text: str) -> None:
-    assert format_bytes(n) == text
-
-
-def test_compare_table() -> None:
-    rows = [
-        {"weights": "imagenet", "central_accuracy": 0.91234, "rounds": 5, "bytes_sent": 21_900},
-        {"weights": "none", "central_accuracy": 0.5, "rounds": 5, "bytes_sent": 44_700_000},
-        {"weights": "a|b", "central_accuracy": None, "rounds": 3},
-    ]
-
-    table = compare_table(rows, ["weights", "central_accuracy", "bytes_sent"])
-
-    assert table.splitlines() == [
-        "| weights  | central_accuracy | bytes_sent |",
-        "| -------- | ---------------: | ---------: |",
-        "| imagenet |            0.912 |    21.9 KB |",
-        "| none     |            0.500 |    44.7 MB |",
-        "| a\\|b     |                  |            |",
-    ]
-
-
-def test_progress_prints_a_line_per_round_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
-    with RoundProgress(2, title="exp") as progress:
-        for r in range(3):
-            progress.round_done(make_record(r))
-        progress.message("early stopping: no gain in 3 rounds")
-
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "exp: 2 rounds"
-    assert lines[1].startswith("round 0/2  blocks=0  clients=0/0  central_acc=0.100  fed_acc=-")
-    assert lines[2] == (
-        "round 1/2  blocks=0  clients=4/5  central_acc=0.433  fed_acc=0.500  "
-        "sent=18.6 MB  received=11.0 KB  time=1.5s  1 rejected"
-    )
-    assert lines[3].startswith("round 2/2")
-    assert lines[4] == "early stopping: no gain in 3 rounds"
-    assert len(lines) == 5
-
-
-def test_progress_on_a_terminal_prints_table_rows() -> None:
-    output = io.StringIO()
-    console = Console(file=output, force_terminal=True, width=120)
-
-    with RoundProgress(2, title="exp", console=console) as progress:
-        progress.round_done(make_record(1))
-
-    text = output.getvalue()
-    assert "central acc" in text  # the header
-    assert "4/5" in text and "0.433" in text and "18.6 MB" in text
