@@ -11,11 +11,11 @@ from dp_accounting import dp_event, rdp
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedtune import messages as keys
+from fedtune.accounting import user_level_epsilon
 from fedtune.config import CentralDPConfig, ConfigError, load_config
 from fedtune.report import RunDirectory
 from fedtune.simulation import simulate
 from fedtune.strategies import build_strategy
-from fedtune.strategies.central_dp import user_level_epsilon
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 20_000  # coordinates: enough to measure the noise's standard deviation within a few percent
@@ -85,7 +85,7 @@ def test_user_level_epsilon_matches_dp_accounting() -> None:
         independent = rdp.RdpAccountant()
         independent.compose(dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(1.1)), rounds)
         expected = independent.get_epsilon(1e-5)
-        epsilon = user_level_epsilon(central, sampling_rate=rate, noise_multipliers=[1.1] * rounds)
+        epsilon = user_level_epsilon([1.1] * rounds, sampling_rate=rate, delta=central.target_delta)
         assert epsilon == pytest.approx(expected, rel=0.01)
 
 
@@ -113,7 +113,7 @@ def test_a_central_dp_federation_reports_the_user_level_epsilon(tmp_path: Path, 
     epsilons = [r.extra["epsilon_user"] for r in history[1:]]
     assert epsilons == sorted(epsilons) and epsilons[0] > 0
     central = cfg.privacy.central
-    assert epsilons[-1] == pytest.approx(user_level_epsilon(central, sampling_rate=2 / 3, noise_multipliers=[0.5] * 3))
+    assert epsilons[-1] == pytest.approx(user_level_epsilon([0.5] * 3, sampling_rate=2 / 3, delta=central.target_delta))
     norms = [r.extra["clipping_norm"] for r in history[1:]]
     assert (len(set(norms)) > 1) if clipping == "adaptive" else norms == [5.0] * 3
     report = json.loads((outcome.run_dir / "privacy.json").read_text())["user_level"]

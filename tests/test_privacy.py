@@ -129,3 +129,33 @@ def test_dp_sgd_settings_that_cannot_work_are_config_errors(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="set target_epsilon"):
         load_config(REPO / "configs/quickstart.yaml", ["privacy.dp_sgd.enabled=true",
                                                        "privacy.dp_sgd.target_epsilon=null"])
+
+
+def test_a_ledger_saved_before_reads_and_saves_back_the_same(tmp_path: Path) -> None:
+    # A node's ledger as fedtune has always written it: the format on disk must not change.
+    saved = '{"noise_multiplier": 3.232421875, "sample_rate": 0.25, "history": [[3.232421875, 0.25, 16]]}'
+    store = LedgerStore(tmp_path, run_key="digits-20261124-1")
+    store.path.parent.mkdir(parents=True)
+    store.path.write_text(saved, encoding="utf-8")
+    ledger = store.load()
+    assert ledger == PrivacyLedger(noise_multiplier=3.232421875, sample_rate=0.25, history=[(3.232421875, 0.25, 16)])
+    store.save(ledger)
+    assert store.path.read_text(encoding="utf-8") == saved
+
+
+@pytest.mark.parametrize(("history", "problem"), [
+    ("[[-1.0, 0.25, 16]]", r"history\[0\] noise multiplier: -1.0"),
+    ("[[1.0, 0.25, 16], [NaN, 0.25, 16]]", r"history\[1\] noise multiplier: nan"),
+    ("[[1.0, 4.0, 16]]", r"history\[0\] sample rate: 4.0"),
+    ("[[1.0, 0.25, 0]]", r"history\[0\] steps: 0"),
+])
+def test_a_ledger_with_impossible_entries_is_refused_as_damaged_and_kept(
+    tmp_path: Path, history: str, problem: str
+) -> None:
+    store = LedgerStore(tmp_path, run_key="digits-20261124-1")
+    store.path.parent.mkdir(parents=True)
+    damaged = f'{{"noise_multiplier": 1.0, "sample_rate": 0.25, "history": {history}}}'
+    store.path.write_text(damaged, encoding="utf-8")
+    with pytest.raises(ValueError, match=f"privacy ledger .* is damaged .*{problem}"):
+        store.load()
+    assert store.path.read_text(encoding="utf-8") == damaged  # the budget already spent is not forgotten

@@ -12,20 +12,15 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis.rdp import compute_rdp
-from opacus.accountants.analysis.rdp import get_privacy_spent as rdp_privacy_spent
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from fedtune.accounting import calibrate_noise_multiplier, check_history, sample_level_epsilon
 from fedtune.atomic import write_text_atomically
 from fedtune.backbones import StagedModel
 from fedtune.config import DPSGDConfig, TrainConfig
@@ -53,21 +48,7 @@ class PrivacyLedger:
         if extra_steps:
             assert self.noise_multiplier is not None and self.sample_rate is not None
             history.append((self.noise_multiplier, self.sample_rate, extra_steps))
-        if not history:
-            return 0.0
-        if accountant == "rdp":
-            # What Opacus's RDP accountant computes, with the per-step RDP of each (noise, rate)
-            # computed once: it is most of the cost of a head-only DP round otherwise.
-            rdp = sum(steps * _rdp_per_step(noise, rate) for noise, rate, steps in history)
-            return float(rdp_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)[0])
-        counter = create_accountant(accountant)
-        counter.history = history
-        return float(counter.get_epsilon(delta=delta))
-
-
-@lru_cache(maxsize=64)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    return compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+        return sample_level_epsilon(history, delta=delta, accountant=accountant)
 
 
 class LedgerStore:
@@ -88,7 +69,7 @@ class LedgerStore:
             ledger = PrivacyLedger(
                 noise_multiplier=None if data["noise_multiplier"] is None else float(data["noise_multiplier"]),
                 sample_rate=None if data["sample_rate"] is None else float(data["sample_rate"]),
-                history=[(float(n), float(q), int(s)) for n, q, s in data["history"]],
+                history=check_history([(float(n), float(q), int(s)) for n, q, s in data["history"]]),
             )
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"the privacy ledger {self.path} is damaged ({type(error).__name__}: {error}); this "
@@ -261,13 +242,17 @@ def train_private_round(
     steps = cfg.local_epochs * len(loader)
     if ledger.noise_multiplier is None:
         ledger.sample_rate = 1 / len(loader)  # Opacus's Poisson sampling rate for this loader
-        ledger.noise_multiplier = dp.noise_multiplier or get_noise_multiplier(
-            target_epsilon=dp.target_epsilon,
-            target_delta=dp.target_delta,
-            sample_rate=ledger.sample_rate,
-            steps=planned_rounds * steps,
-            accountant=dp.accountant,
-        )
+        if dp.noise_multiplier is not None:
+            ledger.noise_multiplier = dp.noise_multiplier
+        else:
+            assert dp.target_epsilon is not None  # DPSGDConfig holds one of the two
+            ledger.noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=dp.target_epsilon,
+                delta=dp.target_delta,
+                sample_rate=ledger.sample_rate,
+                steps=planned_rounds * steps,
+                accountant=dp.accountant,
+            )
     if dp.target_epsilon is not None:
         after = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant, extra_steps=steps)
         if after > dp.target_epsilon:

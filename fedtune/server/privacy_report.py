@@ -1,4 +1,8 @@
-"""What a run promised and spent in privacy: the per-round figures and the run's privacy.json."""
+"""What a run promised and spent in privacy: the per-round figures and the run's privacy.json.
+
+The figures are the clients' own DP-SGD epsilons, as they report them, and the user-level epsilon of
+central DP, which fedtune/accounting.py computes.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ from typing import Any, cast
 from flwr.app import MetricRecord
 
 from fedtune import messages as keys
+from fedtune.accounting import effective_noise_multiplier, user_level_epsilon
 from fedtune.config import ExperimentConfig
 from fedtune.records import RoundRecord
-from fedtune.strategies.central_dp import effective_noise_multiplier, user_level_epsilon
 
 
 @dataclass
@@ -36,7 +40,7 @@ class PrivacyReport:
 
     def user_level_epsilon(self) -> float:
         return user_level_epsilon(
-            self.cfg.privacy.central, sampling_rate=self.sampling_rate, noise_multipliers=self.released_noise
+            self.released_noise, sampling_rate=self.sampling_rate, delta=self.cfg.privacy.central.target_delta
         )
 
     def round_figures(
@@ -62,7 +66,8 @@ class PrivacyReport:
         if central.enabled:
             if released:
                 self.released_noise.append(effective_noise_multiplier(
-                    central, averaged=len(client_metrics), sampled=self.cfg.federation.sampled_per_round
+                    central.noise_multiplier, averaged=len(client_metrics),
+                    sampled=self.cfg.federation.sampled_per_round,
                 ))
             figures["epsilon_user"] = self.user_level_epsilon()
             if clipping_norm is not None:

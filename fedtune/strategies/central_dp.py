@@ -1,14 +1,14 @@
-"""Central (user-level) differential privacy: Flower's DP wrappers, uniform weights, and the epsilon.
+"""Central (user-level) differential privacy: Flower's DP wrappers around a strategy, with uniform weights.
 
 Flower's wrappers clip each client's update and add Gaussian noise of noise_multiplier x
-clipping_norm / clients to the average, but leave two things to the user, done here:
+clipping_norm / clients to the average, but leave two things to the user:
 
 - The noise is calibrated to the sensitivity of a *uniform* average of clipped updates (one
   client can move it by at most clipping_norm / clients). FedAvg weights clients by their
   number of examples, which lets a large client move it further; `UniformFedAvg` averages
-  uniformly.
-- Flower 1.41 accounts only without amplification by sampling. `user_level_epsilon` composes
-  the subsampled Gaussian mechanism over rounds with the client sampling rate (RDP).
+  uniformly (here).
+- Flower 1.41 accounts only without amplification by sampling. The user-level epsilon, with the
+  client sampling rate, is fedtune/accounting.py's `user_level_epsilon`.
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from fedtune.config import CentralDPConfig, ExperimentConfig
+from fedtune.config import ExperimentConfig
 
 UNIFORM_WEIGHT = "fedtune.uniform-weight"
-# RDP orders Opacus uses by default; epsilon is the minimum over them.
-_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
 
 class UniformFedAvg(FedAvg):
@@ -75,30 +72,3 @@ def with_central_dp(strategy: Strategy, cfg: ExperimentConfig) -> Strategy:
         clip_norm_lr=central.clip_norm_lr,
         clipped_count_stddev=central.clipped_count_stddev,
     )
-
-
-def effective_noise_multiplier(central: CentralDPConfig, *, averaged: int, sampled: int) -> float:
-    """The noise multiplier a round really had.
-
-    Flower's noise is calibrated to an average over all `sampled` clients (sensitivity
-    clipping_norm / sampled); when only `averaged` replies are usable, one client moves the
-    average by clipping_norm / averaged, so the same noise protects less.
-    """
-    return central.noise_multiplier * min(1.0, averaged / sampled)
-
-
-def user_level_epsilon(central: CentralDPConfig, *, sampling_rate: float, noise_multipliers: list[float]) -> float:
-    """Epsilon (at central.target_delta) of one subsampled Gaussian release per round.
-
-    `noise_multipliers` holds each released round's (effective) noise multiplier. Each round
-    samples clients_per_round of num_clients; Flower samples a fixed number without replacement,
-    treated here as Poisson sampling at the same rate, the usual approximation (exact when every
-    client takes part, sampling_rate 1). With adaptive clipping, the noise_multiplier is the
-    overall one: Flower splits it between the update and the clipped count so that the two
-    together compose to it (Andrew et al., 2021).
-    """
-    if not noise_multipliers:
-        return 0.0
-    rdp = sum(compute_rdp(q=sampling_rate, noise_multiplier=z, steps=1, orders=_ORDERS) for z in noise_multipliers)
-    epsilon, _ = get_privacy_spent(orders=_ORDERS, rdp=rdp, delta=central.target_delta)
-    return float(epsilon)
