@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 # they keep what a server can make a node allocate, or spend time on, finite. Every float below
 # has an upper bound too, which also keeps out inf (JSON's Infinity, or 1e400).
 MAX_ROUNDS = 10_000  # federation.rounds
-MAX_CLIENTS = 10_000  # federation.num_clients
+MAX_CLIENTS = 1_000_000  # federation.num_clients
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; the head of a 2048-feature backbone is then 820 MB
 MAX_LOCAL_EPOCHS = 1_000
 MAX_BATCH_SIZE = 65_536
@@ -115,7 +115,7 @@ _RAY_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]
 
 
 class FederationConfig(Section):
-    num_clients: Annotated[int, Field(ge=1, le=10_000)] = 10
+    num_clients: Annotated[int, Field(ge=1, le=MAX_CLIENTS)] = 10
     # Clients sampled for training each round; None means all of them.
     clients_per_round: Annotated[int | None, Field(ge=1)] = None
     # Fewest clients able to train for a round to go ahead: clients at their privacy budget are

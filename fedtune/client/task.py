@@ -6,10 +6,11 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
@@ -18,7 +19,7 @@ from fedtune import messages as keys
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
 from fedtune.client.cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, FeatureCache, ModelCache, default_cache_root
 from fedtune.config import MAX_DP_SCALE, DataConfig
-from fedtune.data import fingerprint, load_split, partition, split_validation
+from fedtune.data import ResidentSplit, fingerprint, resident_partitioning, resident_split, split_validation
 from fedtune.engine import extract_features
 from fedtune.params import first_trainable_index, load_tensors, travelling_keys
 from fedtune.protocol import ClientSettings, RefusedMessage, check_stages_of, check_trainable_tensors
@@ -215,14 +216,17 @@ def local_data(settings: ClientSettings, node: NodeIdentity) -> LocalData:
     """This node's training data (its partition, or its own dataset whole), with a local validation part held out."""
     data = settings.data
     root, download = node.data_location(data)
-    full = load_split(data.source, "train", root=root, download=download, seed=settings.seed,
-                      bad_images=data.bad_images)
+    # Read and partitioned once per run in this process, not per message: a simulation's actor
+    # serves many virtual clients, and a node's worker every round.
+    loaded = resident_split(data.source, "train", root=root, download=download, seed=settings.seed,
+                            bad_images=data.bad_images, scope=settings.run_key)
+    full = loaded.dataset
     if node.own_data:
-        mine = list(range(len(full.targets)))
+        mine: Sequence[int] | np.ndarray = range(len(full))
     else:
-        mine = _partition_of(settings, node, full.targets)
+        mine = _partition_of(settings, node, loaded)
     train_idx, val_idx = split_validation(
-        mine, full.targets, fraction=data.val_fraction, seed=settings.seed + node.partition_id
+        mine, loaded.labels, fraction=data.val_fraction, seed=settings.seed + node.partition_id
     )
     pre = preprocessing_for(settings.model.backbone).at_size(data.image_size)
     augmented = full.with_transform(pre.transform(augment=data.augment))
@@ -235,7 +239,7 @@ def local_data(settings: ClientSettings, node: NodeIdentity) -> LocalData:
     )
 
 
-def _partition_of(settings: ClientSettings, node: NodeIdentity, targets: list[int]) -> list[int]:
+def _partition_of(settings: ClientSettings, node: NodeIdentity, loaded: ResidentSplit) -> np.ndarray:
     data = settings.data
     if node.num_partitions and node.num_partitions != settings.num_clients:
         raise ValueError(
@@ -244,8 +248,8 @@ def _partition_of(settings: ClientSettings, node: NodeIdentity, targets: list[in
         )
     if not 0 <= node.partition_id < settings.num_clients:
         raise ValueError(f"partition-id {node.partition_id} is outside 0..{settings.num_clients - 1}")
-    parts = partition(
-        targets,
+    parts = resident_partitioning(
+        loaded,
         scheme=data.partition.scheme,
         num_partitions=settings.num_clients,
         seed=settings.seed,
@@ -253,7 +257,7 @@ def _partition_of(settings: ClientSettings, node: NodeIdentity, targets: list[in
         shards_per_partition=data.partition.shards_per_client,
         min_examples=data.partition.min_examples,
     )
-    return parts[node.partition_id]
+    return parts.indices(node.partition_id)
 
 
 def model_inputs(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedtune.backbones import StagedModel, build_model
 from fedtune.config import ExperimentConfig, shown
-from fedtune.data import DOWNLOADING_SOURCES, ImageDataset, Split, load_split, partition
+from fedtune.data import DOWNLOADING_SOURCES, ImageDataset, Split, load_split, partitioning
 from fedtune.monitoring import mlflow_problem
 from fedtune.server.checkpoint import Checkpoint, CheckpointError, find_resumable
 
@@ -94,11 +94,17 @@ def _load(cfg: ExperimentConfig, split: Split, *, decode_now: bool) -> ImageData
 
 def _check_partitioning(cfg: ExperimentConfig, train_set: ImageDataset) -> None:
     # As every virtual client computes it (fedtune/client/task.py); infeasible settings would fail them all.
-    scheme = cfg.data.partition
+    scheme, clients, examples = cfg.data.partition, cfg.federation.num_clients, len(train_set)
+    # The common impossible request, said in the experiment's own keys before anything is drawn
+    # (a federation larger than the data is named by partitioning itself).
+    if clients <= examples < clients * scheme.min_examples:
+        raise PreflightError(f"data.partition.min_examples={scheme.min_examples} x federation.num_clients={clients} "
+                             f"needs {clients * scheme.min_examples} examples; {cfg.data.source} has {examples} "
+                             "for training")
     try:
-        partition(train_set.targets, scheme=scheme.scheme, num_partitions=cfg.federation.num_clients,
-                  seed=cfg.seed, alpha=scheme.alpha, shards_per_partition=scheme.shards_per_client,
-                  min_examples=scheme.min_examples)
+        partitioning(train_set.targets, scheme=scheme.scheme, num_partitions=clients, seed=cfg.seed,
+                     alpha=scheme.alpha, shards_per_partition=scheme.shards_per_client,
+                     min_examples=scheme.min_examples)
     except ValueError as error:
         raise PreflightError(f"data.partition: {error}") from None
 
