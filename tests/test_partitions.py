@@ -15,6 +15,7 @@ from fedtune.config import MAX_CLIENTS, ConfigError, load_config, parse_config
 from fedtune.data import Partitioning, load_split, partition, partitioning, partitions, resident
 from fedtune.protocol import ClientSettings
 from fedtune.server.preflight import PreflightError, preflight
+from fedtune.strategies import sampling
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = np.asarray(load_split("digits", "train", root=None, download=False, seed=0).targets)
@@ -76,8 +77,9 @@ def test_dirichlet_tops_up_only_above_its_threshold(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ValueError, match=r"in 2000 draws with alpha=0\.5, no split of 40 examples gave all 20 "
                                          r"partitions at least min_examples=2; raise alpha"):
         partitioning(DIGITS[:40], scheme="dirichlet", num_partitions=20, seed=0, min_examples=2)
-    topped_up = partitioning(DIGITS[:42], scheme="dirichlet", num_partitions=21, seed=0, min_examples=2)
-    assert topped_up.sizes().tolist() == [2] * 21
+    for seed in range(20):  # whichever partitions a draw leaves short, the first or the last
+        topped_up = partitioning(DIGITS[:42], scheme="dirichlet", num_partitions=21, seed=seed, min_examples=2)
+        assert topped_up.sizes().tolist() == [2] * 21
 
 
 # Digests of the partitions the implementation before issue 11 gave (the lists of partition()):
@@ -193,3 +195,13 @@ def test_a_failed_load_or_partitioning_is_not_kept(tmp_path: Path, empty_memos: 
         resident.resident_partitioning(loaded, scheme="iid", num_partitions=1437, seed=0, alpha=0.5,
                                        shards_per_partition=2, min_examples=2)
     assert (len(resident.SPLITS), len(resident.PARTITIONINGS)) == (1, 0)
+
+
+def test_sampling_a_million_clients_asks_flower_for_exactly_clients_per_round() -> None:
+    # Flower samples max(int(connected x fraction_train), min_train_nodes) nodes
+    # (flwr/serverapp/strategy/fedavg.py, line 170; evaluation alike): a fraction of a million
+    # must not round the sample down, nor up.
+    for clients, per_round in [(MAX_CLIENTS, 10), (MAX_CLIENTS, 1000), (999_983, 7), (100_000, 3)]:
+        wanted = sampling(parse_config({"federation": {"num_clients": clients, "clients_per_round": per_round}}))
+        assert max(int(clients * wanted["fraction_train"]), wanted["min_train_nodes"]) == per_round
+        assert max(int(clients * wanted["fraction_evaluate"]), wanted["min_evaluate_nodes"]) == per_round

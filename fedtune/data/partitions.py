@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,7 +27,7 @@ SCHEMES: tuple[Scheme, ...] = ("iid", "dirichlet", "shards")
 # always gave), and says so when no draw fits. Above that, redrawing stops paying: a draw fits only
 # if not one of N partitions falls short, a chance that shrinks exponentially with N (at 10,000
 # clients of 2 examples each, 2,000 redraws failed). So a large federation redraws only while the
-# draws stay within DIRICHLET_REDRAW_BUDGET proportions (tens of milliseconds), then keeps its last
+# draws stay within DIRICHLET_REDRAW_BUDGET proportions (about 0.1 s), then keeps its last
 # draw and tops up the partitions that fall short (`_top_up`).
 DIRICHLET_ATTEMPTS = 2_000
 DIRICHLET_TOP_UP_ABOVE = 1_000
@@ -163,24 +163,42 @@ def _dirichlet(
         attempts = DIRICHLET_ATTEMPTS
     else:
         attempts = max(1, min(DIRICHLET_ATTEMPTS, DIRICHLET_REDRAW_BUDGET // (num_classes * num_partitions)))
-    for _ in range(attempts):
-        before_draw = rng.bit_generator.state  # lets _top_up see the last draw's proportions again
-        slots, totals = _draw_counts(class_sizes, num_partitions, rng, alpha=alpha)
+
+    def proportions(generator: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
+        return _proportions(num_classes, num_partitions, generator, alpha=alpha)
+
+    for attempt in range(attempts):
+        before_draw = rng.bit_generator.state  # to see this draw again, to deal it out or top it up
+        last = attempt == attempts - 1
+        totals, slots = _draw(class_sizes, proportions(rng), num_partitions, keep_slots=last)
         if totals.min() >= min_examples:
-            return Partitioning.of(_deal(members, rng), slots, num_partitions)
-    if num_partitions <= DIRICHLET_TOP_UP_ABOVE:
-        raise ValueError(
-            f"dirichlet partitioning is infeasible: in {DIRICHLET_ATTEMPTS} draws with alpha={alpha}, no split of "
-            f"{len(y)} examples gave all {num_partitions} partitions at least min_examples={min_examples}; "
-            f"raise alpha, or lower num_partitions or min_examples"
-        )
+            break
+    else:
+        if num_partitions <= DIRICHLET_TOP_UP_ABOVE:
+            raise ValueError(
+                f"dirichlet partitioning is infeasible: in {DIRICHLET_ATTEMPTS} draws with alpha={alpha}, no split "
+                f"of {len(y)} examples gave all {num_partitions} partitions at least min_examples={min_examples}; "
+                f"raise alpha, or lower min_examples or num_partitions (above {DIRICHLET_TOP_UP_ABOVE:,} "
+                f"partitions, the ones short of min_examples are topped up instead)"
+            )
+    if slots is None:  # a draw before the last fitted: draw it again, keeping the slots this time
+        _, slots = _draw(class_sizes, proportions(_generator_at(rng, before_draw)), num_partitions, keep_slots=True)
+    assert slots is not None
+    examples = _deal(members, rng)
+    if totals.min() >= min_examples:
+        return Partitioning.of(examples, slots, num_partitions)
     owner = np.empty(len(y), dtype=np.int64)
-    owner[_deal(members, rng)] = slots
+    owner[examples] = slots
+    owner = _top_up(owner, classes, proportions(_generator_at(rng, before_draw)), num_partitions=num_partitions,
+                    min_examples=min_examples, rng=rng)
+    return Partitioning.of(np.arange(len(y)), owner, num_partitions)
+
+
+def _generator_at(rng: np.random.Generator, state: Mapping[str, Any]) -> np.random.Generator:
+    """A new generator of rng's kind, in `state` (a bit_generator.state that rng had)."""
     replay = np.random.Generator(type(rng.bit_generator)())
-    replay.bit_generator.state = before_draw
-    proportions = _proportions(len(class_sizes), num_partitions, replay, alpha=alpha)
-    return Partitioning.of(np.arange(len(y)), _top_up(owner, classes, proportions, min_examples=min_examples,
-                                                      rng=rng), num_partitions)
+    replay.bit_generator.state = state
+    return replay
 
 
 def _proportions(
@@ -196,21 +214,22 @@ def _proportions(
         yield first, rng.dirichlet(concentration, size=min(rows, num_classes - first))
 
 
-def _draw_counts(
-    class_sizes: np.ndarray, num_partitions: int, rng: np.random.Generator, *, alpha: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """One draw: (slots, totals). slots lists, class by class, the partition each of that class's
-    examples goes to, in dealing order; totals counts each partition's examples."""
+def _draw(
+    class_sizes: np.ndarray, proportions: Iterator[tuple[int, np.ndarray]], num_partitions: int, *, keep_slots: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(totals, slots) of one draw: totals counts each partition's examples; slots (if kept) lists,
+    class by class, the partition each of that class's examples goes to, in dealing order."""
     totals = np.zeros(num_partitions, dtype=np.int64)
     runs = []
-    for first, proportions in _proportions(len(class_sizes), num_partitions, rng, alpha=alpha):
-        sizes = class_sizes[first:first + len(proportions)]
-        bounds = (np.cumsum(proportions, axis=1) * sizes[:, None]).astype(np.int64)
+    for first, rows in proportions:
+        sizes = class_sizes[first:first + len(rows)]
+        bounds = (np.cumsum(rows, axis=1) * sizes[:, None]).astype(np.int64)
         bounds[:, -1] = sizes  # float rounding must not drop the last examples of a class
         counts = np.diff(bounds, axis=1, prepend=0)
         totals += counts.sum(axis=0)
-        runs.append(np.repeat(np.tile(np.arange(num_partitions), len(sizes)), counts.ravel()))
-    return np.concatenate(runs), totals
+        if keep_slots:
+            runs.append(np.repeat(np.tile(np.arange(num_partitions), len(sizes)), counts.ravel()))
+    return totals, np.concatenate(runs) if keep_slots else None
 
 
 def _deal(members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -223,6 +242,7 @@ def _top_up(
     classes: np.ndarray,
     proportions: Iterable[tuple[int, np.ndarray]],
     *,
+    num_partitions: int,
     min_examples: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
@@ -236,7 +256,7 @@ def _top_up(
     partitions examples.
     """
     num_classes = int(classes.max()) + 1
-    sizes = np.bincount(owner)
+    sizes = np.bincount(owner, minlength=num_partitions)
     short = np.maximum(min_examples - sizes, 0)
     # each partition's examples in a random order: all but its first min_examples are spare
     shuffled = rng.permutation(len(owner))
