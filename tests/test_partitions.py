@@ -53,6 +53,14 @@ def test_100k_clients_each_example_once_every_client_min_examples_and_seeded(sch
         parts.order[0] = 1  # shared by every client a process serves: read-only
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("alpha", [5e-324, 1e-6, 1e6])  # what a server may send: any alpha in (0, 1e6]
+def test_dirichlet_at_the_extremes_of_alpha_still_gives_every_client_min_examples(alpha: float) -> None:
+    parts = partitioning(LARGE, scheme="dirichlet", num_partitions=CLIENTS, seed=0, alpha=alpha, min_examples=2)
+
+    assert parts.sizes().min() >= 2 and np.array_equal(np.sort(parts.order), np.arange(len(LARGE)))
+
+
 def test_dirichlet_keeps_its_label_skew_at_100k_clients() -> None:
     iid = partitioning(LARGE, scheme="iid", num_partitions=CLIENTS, seed=0, min_examples=2)
     skewed = partitioning(LARGE, scheme="dirichlet", num_partitions=CLIENTS, seed=0, alpha=0.1, min_examples=2)

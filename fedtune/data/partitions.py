@@ -288,7 +288,7 @@ def _draw_classes(
     """
     fastest = np.full(len(partitions), np.inf)
     drawn = np.zeros(len(partitions), dtype=np.int64)
-    with np.errstate(divide="ignore"):  # a proportion of 0 never wins
+    with np.errstate(divide="ignore", over="ignore"):  # a proportion of 0 (or nearly) never wins: inf
         for first, rows in proportions:
             for offset, row in enumerate(rows):
                 time = rng.standard_exponential(len(partitions)) / row[partitions]
