@@ -232,6 +232,17 @@ def test_a_file_is_hashed_once_per_process_until_it_changes(tmp_path: Path) -> N
     assert (first.reads, second.reads) == (2, 1)
 
 
+def test_processes_sharing_a_cache_do_not_take_each_others_uses_for_changes(tmp_path: Path) -> None:
+    model = global_model()
+    cache = _cached(model, tmp_path)
+    os.utime(cache.path(model.model_hash), ns=(1, 1))  # last used long ago: the next use records itself
+    workers = [ResidentModels(), ResidentModels()]  # two Ray workers of a simulation, on one node's cache
+    for _ in range(3):
+        for worker in workers:
+            _lease(worker, cache, model)
+    assert cache.reads == 2  # once per worker: a use marks the file at most once a minute (USE_RESOLUTION_S)
+
+
 def test_a_process_keeps_at_most_its_bound_of_models(tmp_path: Path) -> None:
     resident = ResidentModels(capacity=2)
     models = [global_model(seed) for seed in range(3)]

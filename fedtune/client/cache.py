@@ -2,9 +2,9 @@
 
 Both kinds of entry count against one cap (`cache-max-gb` in the node config, else the
 FEDTUNE_CACHE_MAX_GB environment variable, else DEFAULT_CACHE_MAX_GB). Writing an entry first
-evicts the least recently used ones (loading an entry marks it used), never the entry being
-written nor the model the round is using; an entry that cannot fit even then is refused
-(CacheFull). Every entry is checked when it is read: a model must hash to its name, features to
+evicts the least recently used ones (loading an entry marks it used, to within a minute), never
+the entry being written nor the model the round is using; an entry that cannot fit even then is
+refused (CacheFull). Every entry is checked when it is read: a model must hash to its name, features to
 the checksum stored beside them. A damaged entry is logged naming its file, removed, and never used.
 A process that keeps a verified model in memory (fedtune/client/resident.py) reads its file again
 only when the file's signature (`FileSignature`) has changed since the read it verified.
@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ log = logging.getLogger("fedtune.client")
 CACHE_ENV = "FEDTUNE_CACHE_DIR"
 CACHE_MAX_ENV = "FEDTUNE_CACHE_MAX_GB"
 DEFAULT_CACHE_MAX_GB = 10.0  # about 30 ViT-B/16 or 200 ResNet-18 backbones
+# How precisely an entry's last use is kept (its modification time), in seconds: eviction goes by it.
+USE_RESOLUTION_S = 60.0
 _GB = 1024**3
 _ENTRY_SUFFIX = ".safetensors"
 _FEATURES_FORMAT = "fedtune.features.v1"
@@ -130,8 +133,11 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 def _mark_used(path: Path, *, missing_ok: bool = True) -> None:
     # The modification time is the entry's last use: access times are often not kept (noatime).
+    # Set at most once a USE_RESOLUTION_S: every use would change the file's signature, and the
+    # other processes sharing this cache (a simulation's workers) would verify the file again.
     try:
-        os.utime(path)
+        if time.time() - path.stat().st_mtime >= USE_RESOLUTION_S:
+            os.utime(path)
     except FileNotFoundError:
         if not missing_ok:
             raise
