@@ -21,6 +21,7 @@ import torch
 from flwr.app import Message, MessageType
 from server_messages import NUM_CLASSES, GlobalModel, Node, global_model, instruction, query, round_config, settings
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import fedtune.client.app as client_app
 from fedtune import messages as keys
@@ -29,6 +30,8 @@ from fedtune.backbones import StagedModel
 from fedtune.client.cache import FileSignature, ModelCache, ModelNotCached
 from fedtune.client.resident import RESIDENT, Architecture, ResidentModels
 from fedtune.client.task import NodeIdentity, restored_model
+from fedtune.config import TrainConfig
+from fedtune.engine import train_one_round
 from fedtune.params import trainable_stages, trainable_state_dict
 from fedtune.protocol import RefusedMessage
 
@@ -305,13 +308,12 @@ def test_the_model_stays_on_the_gpu_between_messages(tmp_path: Path) -> None:
     cuda = torch.device("cuda")
     resident, model = ResidentModels(), global_model()
     cache = _cached(model, tmp_path)
-    with resident.lease(cache, model.model_hash, ARCHITECTURE, stages=model.stages, device=cuda) as first:
+    stages = trainable_stages(model.model, 1)
+    data = TensorDataset(torch.randn(32, 3, 32, 32), torch.randint(0, NUM_CLASSES, (32,)))
+    with resident.lease(cache, model.model_hash, ARCHITECTURE, stages=stages, device=cuda) as first:
         assert next(first.parameters()).device.type == "cuda"
-        with torch.no_grad():
-            first.stages["head"][-1].weight.add_(1.0)
-            for buffer in first.buffers():
-                buffer.add_(1)
+        train_one_round(first, data, stages=stages, cfg=TrainConfig(lr=0.1), device=cuda)  # as a train message does
     with resident.lease(cache, model.model_hash, ARCHITECTURE, stages=model.stages, device=cuda) as second:
-        assert second is first and next(second.parameters()).device.type == "cuda"
+        assert second is first and next(second.parameters()).device.type == "cuda"  # kept, and on the device
         assert all(torch.equal(second.state_dict()[k].cpu(), v) for k, v in model.state.items())
     assert cache.reads == 1
