@@ -11,10 +11,11 @@ on every node.
 This worker takes the place of the SuperExec and of `flwr-clientapp` at once, through the same
 Runtime API: it acquires a task (`AcquireTask`, as `flower-superexec` does), then does what
 `flwr-clientapp` does for it, using Flower's own functions (`pull_task_input`, `push_message`,
-`push_task_output`), and waits for the next task in the same process, torch already imported. It
-never unpacks, imports or runs anything from the bundle: it runs the ClientApp installed on this
-node (`fedtune.client.app`, which the app's `client.app:app` names), and only when the bundle is
-the same fedtune (fedtune/bundle.py). Any other bundle gets an error reply saying what differs,
+`push_task_output`), and waits for the next task in the same process, torch already imported and
+the model kept resident (fedtune/client/resident.py: its cached file is hashed once, not per
+message). It never unpacks, imports or runs anything from the bundle: it runs the ClientApp
+installed on this node (`fedtune.client.app`, which the app's `client.app:app` names), and only
+when the bundle is the same fedtune (fedtune/bundle.py). Any other bundle gets an error reply saying what differs,
 and a log line; the message, the node's settings and its data are not touched.
 
 `fedtune client` starts it beside its SuperNode and restarts it if it exits; it is not meant to be

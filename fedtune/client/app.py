@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +22,7 @@ from fedtune.backbones import StagedModel
 from fedtune.client.cache import CacheFull, ModelNotCached
 from fedtune.client.privacy import LedgerStore, train_private_round, within_node_budget
 from fedtune.client.secure_aggregation import secure_aggregation_mod
-from fedtune.client.task import NodeIdentity, local_data, model_inputs, restore_model
+from fedtune.client.task import NodeIdentity, local_data, model_inputs, restored_model
 from fedtune.engine import evaluate, resolve_device, train_one_round
 from fedtune.logs import setup_logging
 from fedtune.params import trainable_state_dict
@@ -82,7 +83,7 @@ def _answer(msg: Message, handle: Callable[[], Message]) -> Message:
 
 @dataclass(frozen=True)
 class _LocalRound:
-    """Everything a handler needs: the rebuilt global model and what to feed its trainable part."""
+    """Everything a handler needs: the round's global model and what to feed its trainable part."""
 
     settings: ClientSettings
     node: NodeIdentity
@@ -93,9 +94,11 @@ class _LocalRound:
     device: torch.device
 
 
+@contextmanager
 def _local_round(
     instruction: RoundInstruction, context: Context, *, split: Literal["train", "validation"]
-) -> _LocalRound:
+) -> Iterator[_LocalRound]:
+    """The round, for the block: its model is this process's resident one (fedtune/client/task.py)."""
     settings = instruction.settings
     node = NodeIdentity.from_node_config(dict(context.node_config))
     stages = list(instruction.stages)
@@ -104,22 +107,22 @@ def _local_round(
     except Exception as error:  # Flower's conversion of arrays it could not make tensors of
         raise RefusedMessage(keys.ARRAYS, f"not tensors: {protocol.excerpt(str(error))}") from None
     models = node.model_cache()
-    model = restore_model(settings, model_hash=instruction.model_hash, trainable=trainable, stages=stages,
-                          cache=models)
-    data = local_data(settings, node)
     device = resolve_device(settings.train.device)
-    inputs, start = model_inputs(
-        model,
-        data.train if split == "train" else data.validation,
-        identity=data.train_identity if split == "train" else data.validation_identity,
-        stages=stages,
-        model_hash=instruction.model_hash,
-        augmented=settings.data.augment and split == "train",
-        cache=node.feature_cache(),
-        device=device,
-        in_use=[models.path(instruction.model_hash)],
-    )
-    return _LocalRound(settings, node, stages, model, inputs, start, device)
+    with restored_model(settings, model_hash=instruction.model_hash, trainable=trainable, stages=stages,
+                        cache=models, device=device) as model:
+        data = local_data(settings, node)
+        inputs, start = model_inputs(
+            model,
+            data.train if split == "train" else data.validation,
+            identity=data.train_identity if split == "train" else data.validation_identity,
+            stages=stages,
+            model_hash=instruction.model_hash,
+            augmented=settings.data.augment and split == "train",
+            cache=node.feature_cache(),
+            device=device,
+            in_use=[models.path(instruction.model_hash)],
+        )
+        yield _LocalRound(settings, node, stages, model, inputs, start, device)
 
 
 @app.query()
@@ -149,10 +152,17 @@ def _query(msg: Message, context: Context) -> Message:
 def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
     """Local training on this node's partition; returns the reply and the locally trained model.
 
+    The model is this process's resident one (fedtune/client/resident.py): the next message this
+    process handles puts it back to the cached model, so read it before then.
     Raises RefusedMessage for a message not of its exact form, ModelNotCached if the model is not here.
     """
     instruction = protocol.parse_round_instruction(msg.content)
-    local = _local_round(instruction, context, split="train")
+    with _local_round(instruction, context, split="train") as local:
+        reply = _train(msg, instruction, local)
+    return reply, local.model
+
+
+def _train(msg: Message, instruction: RoundInstruction, local: _LocalRound) -> Message:
     settings, node = local.settings, local.node
     torch.manual_seed(settings.seed + node.partition_id)
     server_round = instruction.server_round
@@ -191,10 +201,9 @@ def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
         {keys.NUM_EXAMPLES: result.num_examples, "train_loss": result.loss, "train_accuracy": result.accuracy,
          **extra}
     )
-    arrays = ArrayRecord(
-        trainable_state_dict(local.model.cpu(), local.stages, statistics=not settings.freeze_statistics)
-    )
-    return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg), local.model
+    # trainable_state_dict copies to the CPU: the model itself stays on its device for the next message.
+    arrays = ArrayRecord(trainable_state_dict(local.model, local.stages, statistics=not settings.freeze_statistics))
+    return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg)
 
 
 @app.train()
@@ -209,8 +218,8 @@ def evaluate_locally(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    local = _local_round(protocol.parse_round_instruction(msg.content), context, split="validation")
-    result = evaluate(local.model, local.inputs, start=local.start, device=local.device)
+    with _local_round(protocol.parse_round_instruction(msg.content), context, split="validation") as local:
+        result = evaluate(local.model, local.inputs, start=local.start, device=local.device)
     if not result.num_examples:
         raise ValueError("this node has no local validation examples (raise data.val_fraction)")
     metrics = MetricRecord(

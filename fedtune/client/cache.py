@@ -2,10 +2,12 @@
 
 Both kinds of entry count against one cap (`cache-max-gb` in the node config, else the
 FEDTUNE_CACHE_MAX_GB environment variable, else DEFAULT_CACHE_MAX_GB). Writing an entry first
-evicts the least recently used ones (loading an entry marks it used), never the entry being
-written nor the model the round is using; an entry that cannot fit even then is refused
-(CacheFull). Every entry is checked when it is read: a model must hash to its name, features to
+evicts the least recently used ones (loading an entry marks it used, to within a minute), never
+the entry being written nor the model the round is using; an entry that cannot fit even then is
+refused (CacheFull). Every entry is checked when it is read: a model must hash to its name, features to
 the checksum stored beside them. A damaged entry is logged naming its file, removed, and never used.
+A process that keeps a verified model in memory (fedtune/client/resident.py) reads its file again
+only when the file's signature (`FileSignature`) has changed since the read it verified.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +35,8 @@ log = logging.getLogger("fedtune.client")
 CACHE_ENV = "FEDTUNE_CACHE_DIR"
 CACHE_MAX_ENV = "FEDTUNE_CACHE_MAX_GB"
 DEFAULT_CACHE_MAX_GB = 10.0  # about 30 ViT-B/16 or 200 ResNet-18 backbones
+# How precisely an entry's last use is kept (its modification time), in seconds: eviction goes by it.
+USE_RESOLUTION_S = 60.0
 _GB = 1024**3
 _ENTRY_SUFFIX = ".safetensors"
 _FEATURES_FORMAT = "fedtune.features.v1"
@@ -38,6 +44,27 @@ _FEATURES_FORMAT = "fedtune.features.v1"
 
 def default_cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fedtune")
+
+
+@dataclass(frozen=True)
+class FileSignature:
+    """What any write to a file, or its replacement, changes: its identity, size and timestamps.
+
+    A change within one tick of the file system's clock, of the same size, leaves it as it was
+    (kernels stamp files with a coarse clock, a few milliseconds): whoever relies on it keeps the
+    content it verified and never reads the file without verifying it again.
+    """
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileSignature:
+        stat = path.stat()
+        return cls(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 class CacheFull(OSError):
@@ -104,12 +131,16 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return load(data), metadata  # safetensors checks the header against the data
 
 
-def _mark_used(path: Path) -> None:
+def _mark_used(path: Path, *, missing_ok: bool = True) -> None:
     # The modification time is the entry's last use: access times are often not kept (noatime).
+    # Set at most once a USE_RESOLUTION_S: every use would change the file's signature, and the
+    # other processes sharing this cache (a simulation's workers) would verify the file again.
     try:
-        os.utime(path)
+        if time.time() - path.stat().st_mtime >= USE_RESOLUTION_S:
+            os.utime(path)
     except FileNotFoundError:
-        pass
+        if not missing_ok:
+            raise
 
 
 class ModelCache:
@@ -134,9 +165,22 @@ class ModelCache:
     def load(self, model_hash: str) -> dict[str, Tensor]:
         """The model's tensors; ModelNotCached if absent or damaged (a damaged entry is removed, so the
         node says it lacks the model and the server sends it again)."""
+        return self.load_signed(model_hash)[0]
+
+    def load_signed(self, model_hash: str) -> tuple[dict[str, Tensor], FileSignature]:
+        """`load`, and the signature of the file the tensors were verified from.
+
+        The entry is marked used first and its signature taken before the read: a write to the file
+        after the read started changes the signature.
+        """
         path = self.path(model_hash)
-        if not path.is_file():
-            raise ModelNotCached(f"{model_hash[:12]} is not in this node's cache ({self.root})")
+        try:
+            if not path.is_file():
+                raise FileNotFoundError(path)
+            _mark_used(path, missing_ok=False)
+            signature = FileSignature.of(path)
+        except FileNotFoundError:
+            raise ModelNotCached(f"{model_hash[:12]} is not in this node's cache ({self.root})") from None
         try:
             tensors, _ = _read(path)
             problem = None if state_hash(tensors) == model_hash else "its content does not hash to its name"
@@ -146,8 +190,19 @@ class ModelCache:
             log.warning("cached model %s is damaged (%s); it is removed and will be sent again", path, problem)
             path.unlink(missing_ok=True)
             raise ModelNotCached(f"{model_hash[:12]} was damaged in this node's cache ({problem}) and was removed")
-        _mark_used(path)
-        return tensors
+        return tensors, signature
+
+    def reuse(self, model_hash: str, signature: FileSignature) -> FileSignature | None:
+        """Whether the entry's file is still the one `signature` describes: if so it is marked used,
+        and its new signature returned; None if it changed or is gone (then read it with `load_signed`)."""
+        path = self.path(model_hash)
+        try:
+            if FileSignature.of(path) != signature:
+                return None
+            _mark_used(path, missing_ok=False)
+            return FileSignature.of(path)
+        except FileNotFoundError:
+            return None
 
     def store(self, model_hash: str, tensors: dict[str, Tensor]) -> None:
         """Keep the model the server sent, if it is what its hash announces (ValueError otherwise)."""

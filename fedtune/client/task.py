@@ -1,4 +1,4 @@
-"""A client's side of a round: rebuild the global model, load local data, reuse cached features."""
+"""A client's side of a round: restore the global model, load local data, reuse cached features."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from fedtune import messages as keys
-from fedtune.backbones import StagedModel, build_model, preprocessing_for
+from fedtune.backbones import StagedModel, preprocessing_for
 from fedtune.client.cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, FeatureCache, ModelCache, default_cache_root
+from fedtune.client.resident import RESIDENT, Architecture, NotThisArchitecture, ResidentModels
 from fedtune.config import MAX_DP_SCALE, DataConfig
 from fedtune.data import ResidentSplit, fingerprint, resident_partitioning, resident_split, split_validation
 from fedtune.engine import extract_features
@@ -165,43 +167,42 @@ class NodeIdentity:
         return (str(self.data_root) if self.data_root is not None else None), self.download
 
 
-def restore_model(
+@contextmanager
+def restored_model(
     settings: ClientSettings,
     *,
     model_hash: str,
     trainable: dict[str, Tensor],
     stages: Iterable[str],
     cache: ModelCache,
-) -> StagedModel:
-    """The global model of this round: the cached full model with this round's trainable tensors.
+    device: torch.device,
+    resident: ResidentModels = RESIDENT,
+) -> Iterator[StagedModel]:
+    """The global model of this round, on `device`, for the block: the cached full model with this
+    round's trainable tensors.
 
-    ModelNotCached if the cache lacks the model; RefusedMessage if the server's stages or tensors
-    do not fit the model its settings describe.
+    The model is this process's resident instance (fedtune/client/resident.py): it stays in
+    memory for the next message, which gets it back as the cached model again, whatever this one
+    did. ModelNotCached if the cache lacks the model; RefusedMessage if the server's stages or
+    tensors do not fit the model its settings describe.
     """
-    cached = cache.load(model_hash)
-    # The architecture is built locally without weights: they come from the cache, not a hub.
-    model = build_model(
-        settings.model.backbone,
-        num_classes=settings.num_classes,
-        weights="none",
-        head_dropout=settings.model.head_dropout,
-    )
     stages = list(stages)
-    check_stages_of(stages, model.stages, backbone=settings.model.backbone)
-    check_stages_of(settings.train.lr_multipliers, model.stages, backbone=settings.model.backbone,
-                    field=f"{keys.CLIENT_CONFIG}: train.lr_multipliers")
+    architecture = Architecture(settings.model.backbone, settings.num_classes, settings.model.head_dropout)
     try:
-        model.load_state_dict(cached)
-    except RuntimeError:  # torch lists every mismatched key: too long for a reason
+        with resident.lease(cache, model_hash, architecture, stages=stages, device=device) as model:
+            check_stages_of(stages, model.stages, backbone=settings.model.backbone)
+            check_stages_of(settings.train.lr_multipliers, model.stages, backbone=settings.model.backbone,
+                            field=f"{keys.CLIENT_CONFIG}: train.lr_multipliers")
+            expected = travelling_keys(model, stages, statistics=not settings.freeze_statistics)
+            check_trainable_tensors(trainable, model.state_dict(keep_vars=True))  # reads dtypes only
+            try:
+                load_tensors(model, trainable, expected_keys=expected)
+            except ValueError as error:
+                raise RefusedMessage(keys.ARRAYS, str(error)) from None
+            yield model
+    except NotThisArchitecture:  # raised before the block runs; which tensors differ is too long for a reason
         raise RefusedMessage(keys.MODEL_HASH, f"names a cached model that is not a {settings.model.backbone} with "
                                               f"{settings.num_classes} classes") from None
-    expected = travelling_keys(model, stages, statistics=not settings.freeze_statistics)
-    check_trainable_tensors(trainable, model.state_dict())
-    try:
-        load_tensors(model, trainable, expected_keys=expected)
-    except ValueError as error:
-        raise RefusedMessage(keys.ARRAYS, str(error)) from None
-    return model
 
 
 @dataclass(frozen=True)
