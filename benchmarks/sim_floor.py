@@ -1,0 +1,244 @@
+"""The round floor in simulation: a near-zero-work fedtune round against stock Flower's no-op round, same nodes.
+
+    python benchmarks/sim_floor.py                      # 10 nodes, 8 rounds, 3 runs of each setup
+    python benchmarks/sim_floor.py --nodes 10 --rounds 8 --repeats 5 --out benchmarks/results/sim-floor
+
+Every setup is Flower 1.41's simulation engine on a local Ray, `--nodes` virtual nodes, one CPU per
+virtual client (as `fedtune simulate` runs them), every node sampled every round:
+
+(a) stock Flower: the no-op ClientApp of benchmarks/noop_app (it imports torch, as fedtune's does,
+    and replies at once) and a ServerApp that sends each node one train message per round through
+    Flower's own grid (`noopapp.play_rounds`);
+(b) the same no-op app with fedtune's grid (fedtune/server/transport.py): what the transport adds;
+(c) fedtune with federated evaluation off (`federation.evaluate.enabled=false`): the quickstart
+    config at 32 px, head only (features cached after round 1), one local epoch, `--rounds` rounds;
+    the real ServerApp and ClientApp, central evaluation and the checkpoint after every round;
+(d) (c) with fedtune's default, federated evaluation every round: a second exchange per round;
+(e) a probe, not something fedtune ships: (c) with the ClientApp's model built once per worker process
+    and kept, only the travelling tensors loaded into it for each message (fedtune/client/task.py's
+    `restore_model` rebuilds the architecture and reloads and hashes the cached backbone for every
+    message): what the floor is without that cost.
+
+A round's time is the period between the ends of two consecutive rounds as the ServerApp sees them
+(for fedtune: its history records being appended, so the checkpoint and the run's other per-round
+work count; for the no-op app: the exchange, which is all it does). Round 1 (model delivery, the
+workers' first imports, the frozen features) is left out; each run's median is over the later
+rounds, each setup's figure is the median over its runs, and the setups run interleaved
+(a, b, c, d, a, b, ...) so that a change in the machine's load falls on all of them alike. Each run
+is a process of its own (a fresh Ray, fresh caches), so no run inherits another's warm state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+
+    from fedtune.backbones import StagedModel
+    from fedtune.client.cache import ModelCache
+    from fedtune.protocol import ClientSettings
+
+REPO = Path(__file__).resolve().parents[1]
+NOOP_APP = REPO / "benchmarks" / "noop_app"
+
+
+@dataclass(frozen=True)
+class Setup:
+    key: str
+    label: str
+    run: Callable[[argparse.Namespace, Path], list[float]]  # (arguments, scratch folder) -> ends of rounds 0..R
+
+
+def _noop(args: argparse.Namespace, scratch: Path, *, grid_kind: str) -> list[float]:
+    """The no-op app in Flower's simulation engine; time.monotonic() at the start and after each round."""
+    import logging
+
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    sys.path.insert(0, str(NOOP_APP))
+    from noopapp import client, play_rounds, wait_for_nodes
+
+    ends: list[float] = []
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if grid_kind == "fedtune":
+            from fedtune.server.transport import Transport
+
+            grid = Transport(grid)
+        node_ids = wait_for_nodes(grid, args.nodes)
+        ends.append(time.monotonic())
+        play_rounds(grid, node_ids, args.rounds, after_round=lambda played: ends.append(time.monotonic()))
+
+    run_simulation(server_app=app, client_app=client, num_supernodes=args.nodes,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},  # fedtune's defaults
+                                   "init_args": {"include_dashboard": False, "address": "local",
+                                                 "logging_level": logging.WARNING}})
+    return ends
+
+
+def _kept_model_client() -> ClientApp:
+    """(e)'s probe: fedtune's ClientApp, with restore_model building a model once per process and keeping it."""
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+    kept: dict[tuple[str, str, int], StagedModel] = {}
+
+    def handle(msg: Message, context: Context) -> Message:
+        import fedtune.client.app as client_module
+        from fedtune.params import load_tensors, travelling_keys
+
+        if client_module.restore_model.__name__ != "kept":
+            build = client_module.restore_model
+
+            def kept_restore(settings: ClientSettings, *, model_hash: str, trainable: dict[str, torch.Tensor],
+                             stages: Iterable[str], cache: ModelCache) -> StagedModel:
+                key = (model_hash, settings.model.backbone, settings.num_classes)
+                if key not in kept:
+                    kept[key] = build(settings, model_hash=model_hash, trainable=trainable, stages=stages, cache=cache)
+                model = kept[key]
+                expected = travelling_keys(model, list(stages), statistics=not settings.freeze_statistics)
+                load_tensors(model, trainable, expected_keys=expected)
+                return model
+
+            kept_restore.__name__ = "kept"
+            client_module.restore_model = kept_restore  # in this worker process only: a probe
+        return client_module.app(msg, context)
+
+    for register in (app.train(), app.evaluate(), app.query()):
+        register(handle)
+    return app
+
+
+def _fedtune(args: argparse.Namespace, scratch: Path, *, evaluate: bool, kept_model: bool = False) -> list[float]:
+    """`fedtune simulate` of the near-zero-work config; time.monotonic() as each round's record is appended."""
+    from fedtune.config import load_config
+    from fedtune.report import RunDirectory
+    from fedtune.simulation import simulate
+
+    os.environ["FEDTUNE_CACHE_DIR"] = str(scratch / "cache")  # the virtual nodes' caches, fresh for this run
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [
+        f"federation.num_clients={args.nodes}", f"federation.rounds={args.rounds}", "data.image_size=32",
+        "train.unfreeze=[]", "train.local_epochs=1", f"federation.evaluation.enabled={str(evaluate).lower()}",
+        f"output.dir={scratch / 'runs'}",
+    ])
+    ends: list[float] = []
+    append_round = RunDirectory.append_round
+
+    def timed(self: RunDirectory, record: object) -> None:
+        append_round(self, record)  # type: ignore[arg-type]
+        ends.append(time.monotonic())
+
+    RunDirectory.append_round = timed  # type: ignore[method-assign]  # this process's run only: a measurement
+    simulate(cfg, client_app=_kept_model_client() if kept_model else None)
+    return ends
+
+
+SETUPS = [
+    Setup("stock", "(a) no-op app, stock Flower (Flower's grid)", lambda a, s: _noop(a, s, grid_kind="flower")),
+    Setup("transport", "(b) no-op app, fedtune's grid", lambda a, s: _noop(a, s, grid_kind="fedtune")),
+    Setup("fedtune-off", "(c) fedtune, near-zero work, federated evaluation off",
+          lambda a, s: _fedtune(a, s, evaluate=False)),
+    Setup("fedtune-every", "(d) fedtune, near-zero work, federated evaluation every round (default)",
+          lambda a, s: _fedtune(a, s, evaluate=True)),
+    Setup("probe-kept-model", "(e) probe: (c) with the model kept in the worker (not shipped)",
+          lambda a, s: _fedtune(a, s, evaluate=False, kept_model=True)),
+]
+
+
+def _one_run(args: argparse.Namespace) -> None:
+    """Child process: one run of one setup; the ends of its rounds as JSON on the last line of stdout."""
+    setup = next(s for s in SETUPS if s.key == args.child)
+    with tempfile.TemporaryDirectory(prefix="sim-floor-") as scratch:
+        ends = setup.run(args, Path(scratch))
+    print(json.dumps(ends))
+
+
+def _run_in_child(setup: Setup, args: argparse.Namespace, log: Path) -> list[float]:
+    command = [sys.executable, __file__, "--child", setup.key, "--nodes", str(args.nodes),
+               "--rounds", str(args.rounds)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600 + 60 * args.rounds)
+    log.write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"{setup.key} exited with code {done.returncode}: see {log}")
+    ends = json.loads(done.stdout.strip().splitlines()[-1])
+    if len(ends) != args.rounds + 1:
+        raise RuntimeError(f"{setup.key}: {len(ends) - 1} of {args.rounds} rounds timed: see {log}")
+    return ends
+
+
+def warm_rounds(ends: list[float]) -> list[float]:
+    """Seconds of rounds 2..R, from the times at which rounds 0..R ended."""
+    return [later - earlier for earlier, later in zip(ends[1:], ends[2:], strict=False)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=8, help="Rounds per run (round 1 is left out).")
+    parser.add_argument("--repeats", type=int, default=3, help="Runs of each setup, interleaved.")
+    parser.add_argument("--setups", nargs="+", choices=[s.key for s in SETUPS], default=[s.key for s in SETUPS])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sim-floor")
+    parser.add_argument("--child", choices=[s.key for s in SETUPS], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _one_run(args)
+        return
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3: round 1 is left out and a median needs rounds")
+    if "stock" not in args.setups:
+        parser.error("the ratios are to stock Flower: keep 'stock' in --setups")
+    from fedtune.console import compare_table
+
+    args.out = args.out.resolve()
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
+    chosen = [s for s in SETUPS if s.key in args.setups]
+    medians: dict[str, list[float]] = {s.key: [] for s in chosen}
+    for repeat in range(1, args.repeats + 1):
+        for setup in chosen:
+            print(f"run {repeat}/{args.repeats}: {setup.label} ...", flush=True)
+            rounds = warm_rounds(_run_in_child(setup, args, args.out / "logs" / f"{setup.key}-{repeat}.log"))
+            medians[setup.key].append(statistics.median(rounds))
+            print(f"  warm rounds {' '.join(f'{s:.3f}' for s in rounds)} s", flush=True)
+    stock = statistics.median(medians["stock"])
+    rows = []
+    for setup in chosen:
+        runs = medians[setup.key]
+        per_run_ratios = [run / base for run, base in zip(runs, medians["stock"], strict=True)]
+        rows.append({
+            "setup": setup.label,
+            "warm round, median (s)": round(statistics.median(runs), 3),
+            "runs' medians (s)": " ".join(f"{m:.3f}" for m in runs),
+            "x stock Flower": round(statistics.median(runs) / stock, 2),
+            "x stock, run by run": " ".join(f"{r:.2f}" for r in per_run_ratios),
+        })
+    note = (f"{args.nodes} virtual nodes, every one sampled every round, 1 CPU each; {args.rounds} rounds per run "
+            f"(round 1 left out), {args.repeats} runs per setup, interleaved; {os.cpu_count()} CPU cores shared with "
+            f"other work (1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after).")
+    table = compare_table(rows, list(rows[0]))
+    command = "python benchmarks/sim_floor.py " + " ".join(sys.argv[1:])
+    (args.out / "table.md").write_text(f"{table}\n\n{note}\n\nCommand: `{command}`\n")
+    (args.out / "table.json").write_text(json.dumps({"rows": rows, "note": note, "command": command}, indent=2))
+    print(f"\n{table}\n\n{note}")
+
+
+if __name__ == "__main__":
+    main()
