@@ -19,6 +19,7 @@ from fedtune.model_file import load_model_file
 from fedtune.params import stage_of
 from fedtune.records import RoundRecord
 from fedtune.report import RunDirectory
+from fedtune.server.checkpoint import CHECKPOINT_FILE, Checkpoint
 from fedtune.server.run import RunOutcome
 from fedtune.simulation import simulate
 
@@ -256,6 +257,10 @@ def test_federated_evaluation_every_2_rounds_sends_evaluate_messages_only_then_a
     outcomes, first_life = _simulate_tapped(cfg)
     monkeypatch.setattr(RunDirectory, "append_round", append_round)
     assert not outcomes  # killed after round 2's exchanges, before its record and checkpoint
+    (run_dir,) = Path(cfg.output.dir).iterdir()
+    checkpoint = Checkpoint.load(run_dir / CHECKPOINT_FILE)
+    # Of the model, the checkpoint holds what trained (the head); the rest is the initial model.
+    assert checkpoint.round == 1 and {stage_of(key) for key in checkpoint.model} == {"head"}
     # Round 1: the model query and delivery, then training; no evaluate exchange.
     assert first_life.rounds[0].messages == Counter({MessageType.QUERY: 2 * clients, MessageType.TRAIN: clients})
     assert first_life.rounds[1].messages == Counter({MessageType.TRAIN: clients, MessageType.EVALUATE: clients})
@@ -263,7 +268,8 @@ def test_federated_evaluation_every_2_rounds_sends_evaluate_messages_only_then_a
     (outcome,), second_life = _simulate_tapped(cfg)  # resumes from round 1's checkpoint
 
     history = RunDirectory.load_history(outcome.run_dir / "history.json")
-    assert [r.round for r in history] == [0, 1, 2, 3] and outcome.rounds_completed == 3
+    assert outcome.run_dir == run_dir and outcome.rounds_completed == 3
+    assert [r.round for r in history] == [0, 1, 2, 3]
     assert [r.evaluations_sampled for r in history] == [0, 0, clients, clients]
     assert [r.federated_accuracy is not None for r in history] == [False, False, True, True]
     assert all(r.central_accuracy is not None for r in history)

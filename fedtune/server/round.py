@@ -87,7 +87,7 @@ class EvaluateOutcome:
 
 
 def play_round(server: Server, server_round: int) -> tuple[RoundRecord, TrainOutcome]:
-    """Train and aggregate, evaluate on the clients and centrally, account for privacy; the round's record."""
+    """Train and aggregate, evaluate (on the clients, when due, and centrally), account for privacy; the record."""
     started = time.monotonic()
     # Which stages train this round (gradual unfreezing): only their tensors travel.
     blocks = server.cfg.train.trainable_blocks_at(server_round)
