@@ -21,11 +21,14 @@ virtual client (as `fedtune simulate` runs them), every node sampled every round
 
 A round's time is the period between the ends of two consecutive rounds as the ServerApp sees them
 (for fedtune: its history records being appended, so the checkpoint and the run's other per-round
-work count; for the no-op app: the exchange, which is all it does). Round 1 (model delivery, the
-workers' first imports, the frozen features) is left out; each run's median is over the later
-rounds, each setup's figure is the median over its runs, and the setups run interleaved
-(a, b, c, d, a, b, ...) so that a change in the machine's load falls on all of them alike. Each run
-is a process of its own (a fresh Ray, fresh caches), so no run inherits another's warm state.
+work count; for the no-op app: the exchange, which is all it does). Its CPU time is what the whole
+process tree (the driver, Ray's daemons, the workers) spent in that period, read from /proc: on a
+shared machine the wall time follows the load of others, the CPU time much less. Round 1 (model
+delivery, the workers' first imports, the frozen features) is left out; each run's median is over
+the later rounds, each setup's figure is the median over its runs, and the setups run interleaved
+(a, b, c, d, e, a, b, ...) so that a change in the machine's load falls on all of them alike. Each
+run is a process of its own (a fresh Ray, fresh caches), so no run inherits another's warm state.
+Linux only (/proc).
 """
 
 from __future__ import annotations
@@ -56,15 +59,47 @@ REPO = Path(__file__).resolve().parents[1]
 NOOP_APP = REPO / "benchmarks" / "noop_app"
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of process `root` and every live descendant (/proc/<pid>/stat)."""
+    parents: dict[int, int] = {}
+    spent: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # the command name (field 2) may hold spaces: the fields after it start behind its ')'
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])  # field 4, ppid
+        spent[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15, utime and stime
+    tree, frontier = {root}, [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(frontier)
+    return sum(spent.get(pid, 0.0) for pid in tree)
+
+
+Ends = list[tuple[float, float]]  # at the start and at the end of each round: (time.monotonic(), tree CPU s)
+
+
+def _mark(ends: Ends) -> None:
+    ends.append((time.monotonic(), tree_cpu_seconds(os.getpid())))
+
+
 @dataclass(frozen=True)
 class Setup:
     key: str
     label: str
-    run: Callable[[argparse.Namespace, Path], list[float]]  # (arguments, scratch folder) -> ends of rounds 0..R
+    run: Callable[[argparse.Namespace, Path], Ends]  # (arguments, scratch folder) -> ends of rounds 0..R
 
 
-def _noop(args: argparse.Namespace, scratch: Path, *, grid_kind: str) -> list[float]:
-    """The no-op app in Flower's simulation engine; time.monotonic() at the start and after each round."""
+def _noop(args: argparse.Namespace, scratch: Path, *, grid_kind: str) -> Ends:
+    """The no-op app in Flower's simulation engine, marked at the start and after each round."""
     import logging
 
     from flwr.serverapp import Grid, ServerApp
@@ -73,7 +108,7 @@ def _noop(args: argparse.Namespace, scratch: Path, *, grid_kind: str) -> list[fl
     sys.path.insert(0, str(NOOP_APP))
     from noopapp import client, play_rounds, wait_for_nodes
 
-    ends: list[float] = []
+    ends: Ends = []
     app = ServerApp()
 
     @app.main()
@@ -83,8 +118,8 @@ def _noop(args: argparse.Namespace, scratch: Path, *, grid_kind: str) -> list[fl
 
             grid = Transport(grid)
         node_ids = wait_for_nodes(grid, args.nodes)
-        ends.append(time.monotonic())
-        play_rounds(grid, node_ids, args.rounds, after_round=lambda played: ends.append(time.monotonic()))
+        _mark(ends)
+        play_rounds(grid, node_ids, args.rounds, after_round=lambda played: _mark(ends))
 
     run_simulation(server_app=app, client_app=client, num_supernodes=args.nodes,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},  # fedtune's defaults
@@ -126,8 +161,8 @@ def _kept_model_client() -> ClientApp:
     return app
 
 
-def _fedtune(args: argparse.Namespace, scratch: Path, *, evaluate: bool, kept_model: bool = False) -> list[float]:
-    """`fedtune simulate` of the near-zero-work config; time.monotonic() as each round's record is appended."""
+def _fedtune(args: argparse.Namespace, scratch: Path, *, evaluate: bool, kept_model: bool = False) -> Ends:
+    """`fedtune simulate` of the near-zero-work config, marked as each round's record is appended."""
     from fedtune.config import load_config
     from fedtune.report import RunDirectory
     from fedtune.simulation import simulate
@@ -138,12 +173,12 @@ def _fedtune(args: argparse.Namespace, scratch: Path, *, evaluate: bool, kept_mo
         "train.unfreeze=[]", "train.local_epochs=1", f"federation.evaluation.enabled={str(evaluate).lower()}",
         f"output.dir={scratch / 'runs'}",
     ])
-    ends: list[float] = []
+    ends: Ends = []
     append_round = RunDirectory.append_round
 
     def timed(self: RunDirectory, record: object) -> None:
         append_round(self, record)  # type: ignore[arg-type]
-        ends.append(time.monotonic())
+        _mark(ends)
 
     RunDirectory.append_round = timed  # type: ignore[method-assign]  # this process's run only: a measurement
     simulate(cfg, client_app=_kept_model_client() if kept_model else None)
@@ -170,7 +205,7 @@ def _one_run(args: argparse.Namespace) -> None:
     print(json.dumps(ends))
 
 
-def _run_in_child(setup: Setup, args: argparse.Namespace, log: Path) -> list[float]:
+def _run_in_child(setup: Setup, args: argparse.Namespace, log: Path) -> Ends:
     command = [sys.executable, __file__, "--child", setup.key, "--nodes", str(args.nodes),
                "--rounds", str(args.rounds)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -178,15 +213,16 @@ def _run_in_child(setup: Setup, args: argparse.Namespace, log: Path) -> list[flo
     log.write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"{setup.key} exited with code {done.returncode}: see {log}")
-    ends = json.loads(done.stdout.strip().splitlines()[-1])
+    ends = [tuple(mark) for mark in json.loads(done.stdout.strip().splitlines()[-1])]
     if len(ends) != args.rounds + 1:
         raise RuntimeError(f"{setup.key}: {len(ends) - 1} of {args.rounds} rounds timed: see {log}")
     return ends
 
 
-def warm_rounds(ends: list[float]) -> list[float]:
-    """Seconds of rounds 2..R, from the times at which rounds 0..R ended."""
-    return [later - earlier for earlier, later in zip(ends[1:], ends[2:], strict=False)]
+def warm_rounds(ends: Ends) -> tuple[list[float], list[float]]:
+    """Wall seconds and CPU seconds of rounds 2..R, from the marks at which rounds 0..R ended."""
+    pairs = list(zip(ends[1:], ends[2:], strict=False))
+    return [b[0] - a[0] for a, b in pairs], [b[1] - a[1] for a, b in pairs]
 
 
 def main() -> None:
@@ -211,24 +247,29 @@ def main() -> None:
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     chosen = [s for s in SETUPS if s.key in args.setups]
-    medians: dict[str, list[float]] = {s.key: [] for s in chosen}
+    wall: dict[str, list[float]] = {s.key: [] for s in chosen}  # each run's median warm round
+    cpu: dict[str, list[float]] = {s.key: [] for s in chosen}
     for repeat in range(1, args.repeats + 1):
         for setup in chosen:
             print(f"run {repeat}/{args.repeats}: {setup.label} ...", flush=True)
-            rounds = warm_rounds(_run_in_child(setup, args, args.out / "logs" / f"{setup.key}-{repeat}.log"))
-            medians[setup.key].append(statistics.median(rounds))
-            print(f"  warm rounds {' '.join(f'{s:.3f}' for s in rounds)} s", flush=True)
-    stock = statistics.median(medians["stock"])
+            log = args.out / "logs" / f"{setup.key}-{repeat}.log"
+            seconds, cpu_seconds = warm_rounds(_run_in_child(setup, args, log))
+            wall[setup.key].append(statistics.median(seconds))
+            cpu[setup.key].append(statistics.median(cpu_seconds))
+            print(f"  warm rounds {' '.join(f'{s:.3f}' for s in seconds)} s; CPU "
+                  f"{' '.join(f'{s:.3f}' for s in cpu_seconds)} s", flush=True)
+    stock_wall, stock_cpu = statistics.median(wall["stock"]), statistics.median(cpu["stock"])
     rows = []
     for setup in chosen:
-        runs = medians[setup.key]
-        per_run_ratios = [run / base for run, base in zip(runs, medians["stock"], strict=True)]
+        runs = wall[setup.key]
         rows.append({
             "setup": setup.label,
             "warm round, median (s)": round(statistics.median(runs), 3),
+            "x stock Flower": f"{statistics.median(runs) / stock_wall:.2f}",
+            "x stock, run by run": " ".join(f"{run / base:.2f}" for run, base in zip(runs, wall["stock"], strict=True)),
+            "CPU s per round (process tree)": round(statistics.median(cpu[setup.key]), 3),
+            "CPU x stock": f"{statistics.median(cpu[setup.key]) / stock_cpu:.2f}",
             "runs' medians (s)": " ".join(f"{m:.3f}" for m in runs),
-            "x stock Flower": round(statistics.median(runs) / stock, 2),
-            "x stock, run by run": " ".join(f"{r:.2f}" for r in per_run_ratios),
         })
     note = (f"{args.nodes} virtual nodes, every one sampled every round, 1 CPU each; {args.rounds} rounds per run "
             f"(round 1 left out), {args.repeats} runs per setup, interleaved; {os.cpu_count()} CPU cores shared with "
