@@ -199,24 +199,36 @@ SETUPS = [
 
 def _one_run(args: argparse.Namespace) -> None:
     """Child process: one run of one setup; the ends of its rounds as JSON on the last line of stdout."""
+    from fedtune import lifeline
+
+    lifeline.hold()  # Ray's processes end with this one, even when a timeout kills it
     setup = next(s for s in SETUPS if s.key == args.child)
     with tempfile.TemporaryDirectory(prefix="sim-floor-") as scratch:
         ends = setup.run(args, Path(scratch))
     print(json.dumps(ends))
 
 
-def _run_in_child(setup: Setup, args: argparse.Namespace, log: Path) -> Ends:
+def _run_in_child(setup: Setup, args: argparse.Namespace, log: Path, *, tries: int = 2) -> Ends:
+    """One run in a process of its own, tried again once if it fails: on a loaded machine Ray's start
+    sometimes fails (its raylet timed out waiting for its metrics agent here) and the simulation then hangs."""
     command = [sys.executable, __file__, "--child", setup.key, "--nodes", str(args.nodes),
                "--rounds", str(args.rounds)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600 + 60 * args.rounds)
-    log.write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"{setup.key} exited with code {done.returncode}: see {log}")
-    ends = [tuple(mark) for mark in json.loads(done.stdout.strip().splitlines()[-1])]
-    if len(ends) != args.rounds + 1:
-        raise RuntimeError(f"{setup.key}: {len(ends) - 1} of {args.rounds} rounds timed: see {log}")
-    return ends
+    for attempt in range(1, tries + 1):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300 + 30 * args.rounds)
+        except subprocess.TimeoutExpired as timeout:  # its output is bytes, whatever text=True says
+            log.write_bytes((timeout.stdout or b"") + (timeout.stderr or b""))
+            problem = f"{setup.key} did not finish in {timeout.timeout:.0f} s: see {log}"
+        else:
+            log.write_text(done.stdout + done.stderr)
+            if done.returncode == 0:
+                ends = [(float(at), float(cpu)) for at, cpu in json.loads(done.stdout.strip().splitlines()[-1])]
+                if len(ends) == args.rounds + 1:
+                    return ends
+            problem = f"{setup.key} exited with code {done.returncode}, {args.rounds} rounds not timed: see {log}"
+        print(f"  try {attempt} of {tries} failed: {problem}", flush=True)
+    raise RuntimeError(problem)
 
 
 def warm_rounds(ends: Ends) -> tuple[list[float], list[float]]:
