@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -114,6 +115,30 @@ class DataConfig(Section):
 _RAY_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 
 
+class EvaluationConfig(Section):
+    """Federated evaluation: each round's new model on sampled clients' local validation splits.
+
+    Each evaluation is a second exchange in its round (a message to every sampled client, carrying
+    the trainable tensors, and its reply); a round without one sends nothing more after training,
+    and its history row has federated_loss/accuracy null and evaluations_sampled 0.
+    """
+
+    enabled: bool = True
+    # Evaluate in rounds every, 2 x every, ... and always in the last round (federation.rounds).
+    every: Annotated[int, Field(ge=1, le=MAX_ROUNDS)] = 1
+    # Clients sampled per evaluation, as a count (clients_per_round) or a fraction of num_clients
+    # (fraction, at least one client); neither: as many as train each round.
+    clients_per_round: Annotated[int | None, Field(ge=1, le=MAX_CLIENTS)] = None
+    fraction: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+
+    @model_validator(mode="after")
+    def _one_way_to_size(self) -> EvaluationConfig:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("set clients_per_round or fraction, not both: they are two ways to say how many "
+                             "clients evaluate")
+        return self
+
+
 class FederationConfig(Section):
     num_clients: Annotated[int, Field(ge=1, le=MAX_CLIENTS)] = 10
     # Clients sampled for training each round; None means all of them.
@@ -134,10 +159,27 @@ class FederationConfig(Section):
     # `ray start --head --port PORT`; "auto" lets Ray find one (RAY_ADDRESS, else the cluster
     # `ray start` last started on this machine). deploy/README.md has the recipe.
     ray_address: str | None = None
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @property
     def sampled_per_round(self) -> int:
         return self.clients_per_round or self.num_clients
+
+    @property
+    def evaluated_per_round(self) -> int:
+        """Clients sampled for each federated evaluation (evaluation.clients_per_round or .fraction)."""
+        evaluation = self.evaluation
+        if evaluation.clients_per_round is not None:
+            return evaluation.clients_per_round
+        if evaluation.fraction is not None:
+            # The nearest count below, without float noise (0.29 x 100 is 28.999999999999996).
+            return max(1, math.floor(evaluation.fraction * self.num_clients + 1e-9))
+        return self.sampled_per_round
+
+    def evaluates_in(self, server_round: int) -> bool:
+        """Whether federated evaluation follows training in this round (every k rounds, and the last)."""
+        evaluation = self.evaluation
+        return evaluation.enabled and (server_round % evaluation.every == 0 or server_round == self.rounds)
 
     @field_validator("ray_address")
     @classmethod
@@ -166,6 +208,13 @@ class FederationConfig(Section):
         if self.min_clients > self.sampled_per_round:
             raise ValueError(f"min_clients ({self.min_clients}) exceeds the clients sampled per round "
                              f"({self.sampled_per_round})")
+        return self
+
+    @model_validator(mode="after")
+    def _evaluation_fits(self) -> FederationConfig:
+        wanted = self.evaluation.clients_per_round
+        if wanted is not None and wanted > self.num_clients:
+            raise ValueError(f"evaluation.clients_per_round ({wanted}) exceeds num_clients ({self.num_clients})")
         return self
 
 
@@ -509,6 +558,15 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _early_stopping_metric_measured(self) -> ExperimentConfig:
+        stopping = self.early_stopping
+        if stopping.enabled and stopping.metric.startswith("federated_") and not self.federated_evaluation:
+            why = "data.val_fraction is 0" if self.federation.evaluation.enabled else "federation.evaluation is off"
+            raise ValueError(f"early_stopping.metric: {stopping.metric} is never measured ({why}, so no client "
+                             "evaluates); watch a central_* metric, or turn federated evaluation on")
+        return self
+
+    @model_validator(mode="after")
     def _weights_file_exists(self) -> ExperimentConfig:
         # Checked here, not in ModelConfig: clients receive the model section but never the file.
         weights = self.model.weights
@@ -525,6 +583,11 @@ class ExperimentConfig(Section):
                     f"(federation.rounds = {self.federation.rounds})"
                 )
         return self
+
+    @property
+    def federated_evaluation(self) -> bool:
+        """Whether any round evaluates on the clients: it is on, and clients keep a validation split."""
+        return self.federation.evaluation.enabled and self.data.val_fraction > 0
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

@@ -65,6 +65,7 @@ _FIELDS = {
     "bound/updates_rejected_norm": "updates_rejected_norm",
     "bound/updates_clipped": "updates_clipped",
     "bound/weights_capped": "weights_capped",
+    "evaluations/sampled": "evaluations_sampled",  # 0: no federated evaluation that round
     "evaluations/rejected": "evaluations_rejected",
     "evaluations/failed": "evaluations_failed",
     "time/seconds": "seconds",

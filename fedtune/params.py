@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import torch
@@ -40,32 +40,47 @@ def stage_of(key: str) -> str:
     return parts[1]
 
 
+def stage_state(model: StagedModel, stages: Iterable[str]) -> dict[str, Tensor]:
+    """The state-dict entries of the given stages, in model order, keyed as in the whole model's.
+
+    Only those stages are walked: the whole model's state dict of a large backbone has hundreds of
+    entries, built again for every message and round.
+    """
+    wanted = set(stages)
+    state: dict[str, Tensor] = {}
+    for name, stage in model.stages.items():
+        if name in wanted:
+            state.update(stage.state_dict(prefix=f"stages.{name}."))
+    return state
+
+
 def travelling_keys(model: StagedModel, stages: list[str], *, statistics: bool = True) -> list[str]:
     """State-dict keys of the given stages, in model order: parameters, and BatchNorm statistics
     unless `statistics` is False (under differential privacy they stay frozen and never travel)."""
-    wanted = set(stages)
-    buffers = {name for name, _ in model.named_buffers()}
+    buffers = {f"stages.{name}.{buffer}" for name in set(stages) if name in model.stages
+               for buffer, _ in model.stages[name].named_buffers()}
     return [
         key
-        for key in model.state_dict()
-        if stage_of(key) in wanted
-        and not key.endswith(_NOT_TRAVELLING_SUFFIX)
-        and (statistics or key not in buffers)
+        for key in stage_state(model, stages)
+        if not key.endswith(_NOT_TRAVELLING_SUFFIX) and (statistics or key not in buffers)
     ]
 
 
 def trainable_state_dict(model: StagedModel, stages: list[str], *, statistics: bool = True) -> dict[str, Tensor]:
-    state = model.state_dict()
+    state = stage_state(model, stages)
     return {key: state[key].detach().cpu() for key in travelling_keys(model, stages, statistics=statistics)}
 
 
-def load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], *, expected_keys: list[str]) -> None:
+def load_tensors(model: StagedModel, tensors: Mapping[str, Tensor], *, expected_keys: list[str]) -> None:
     """Copy named tensors into the model; the key set must match exactly, shapes must agree."""
     missing = sorted(set(expected_keys) - set(tensors))
     extra = sorted(set(tensors) - set(expected_keys))
     if missing or extra:
         raise ValueError(f"tensor keys do not match the trainable set: missing {missing[:3]}, unexpected {extra[:3]}")
-    state = model.state_dict()
+    state = stage_state(model, {stage_of(key) for key in tensors})
+    unknown = sorted(set(tensors) - set(state))
+    if unknown:
+        raise ValueError(f"tensor keys the model lacks: {unknown[:3]}")
     for key, value in tensors.items():
         if state[key].shape != value.shape:
             raise ValueError(f"{key}: shape {tuple(value.shape)} does not match the model's {tuple(state[key].shape)}")

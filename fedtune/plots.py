@@ -63,9 +63,11 @@ def _mark_unfreezing(ax: Axes, records: list[RoundRecord]) -> None:
 def draw_accuracy(ax: Axes, records: list[RoundRecord], run_name: str) -> bool:
     # The best value is labelled above the central line and below the federated one, so the two
     # labels do not collide when both peak in the same round.
+    # Federated evaluation may skip rounds (federation.evaluation.every): its line joins the rounds that had one.
+    sampled = " in the rounds that had one" if any(r.evaluations_sampled == 0 for r in records if r.round > 0) else ""
     series = (
         ("central (server's held-out set)", "central_accuracy", "tab:blue", "o", 8),
-        ("federated (clients' validation splits)", "federated_accuracy", "tab:orange", "s", -14),
+        (f"federated (clients' validation splits{sampled})", "federated_accuracy", "tab:orange", "s", -14),
     )
     drawn = False
     for label, attribute, color, marker, label_offset in series:

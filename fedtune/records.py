@@ -36,6 +36,9 @@ class RoundRecord:
     updates_rejected_norm: int = 0  # left out: norm over the bound
     updates_clipped: int = 0  # scaled down to the norm bound
     weights_capped: int = 0  # num-examples capped
+    # clients sent an evaluate message: 0 when the round had no federated evaluation (federation.evaluation);
+    # None in rows written before fedtune recorded it
+    evaluations_sampled: int | None = None
     evaluations_rejected: int = 0  # malformed evaluate replies left out
     evaluations_failed: int = 0  # evaluate replies carrying an error, or missing
     extra: dict[str, float] = field(default_factory=dict)  # anything else, e.g. per-strategy metrics

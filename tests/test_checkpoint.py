@@ -222,3 +222,37 @@ def test_a_crashed_run_resumes_and_ends_with_the_uninterrupted_model(
     reference = RunDirectory.load_history(uninterrupted.run_dir / "history.json")[-1]
     epsilon_reference = max(v for k, v in reference.extra.items() if k.startswith("epsilon_client_"))
     assert epsilon_resumed > epsilon_reference
+
+
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [
+        ({"stages.head.9.weight": torch.zeros(2)}, "tensor keys the model lacks: \\['stages.head.9.weight'\\]"),
+        ({"stages.head.1.weight": torch.zeros(3, 3)}, "stages.head.1.weight: shape \\(3, 3\\) does not match"),
+        ({"evil": torch.zeros(1)}, "'evil' is not a key of a staged model"),
+    ],
+)
+def test_a_checkpoint_whose_model_tensors_do_not_fit_is_refused_naming_them(
+    tmp_path: Path, model: dict[str, torch.Tensor], problem: str
+) -> None:
+    """A checkpoint holds the tensors training changed (the head here); they go over a model built afresh."""
+    from fedtune.backbones import build_model
+    from fedtune.params import state_hash
+    from fedtune.server.run import run_federation
+
+    cfg = _config(tmp_path)
+    torch.manual_seed(cfg.seed)  # as run_federation builds it: the new head's initial weights are drawn
+    initial = build_model(cfg.model.backbone, num_classes=10, weights=cfg.model.weights,
+                          head_dropout=cfg.model.head_dropout)
+    run_dir = RunDirectory.create(cfg.output.dir, cfg.name)
+    run_dir.write_config(cfg.to_json())
+    Checkpoint(
+        round=1, run_key="exp-0123456789ab", model_hash=state_hash(initial.state_dict()), elapsed_seconds=1.0,
+        model=model, strategy_tensors={}, strategy_scalars={}, random_state=RandomState.capture(),
+        early_stopping={"best": None, "best_round": 0, "stale": 0}, at_budget=[], privacy={}, deliveries={},
+    ).save(run_dir.path)
+    before = (run_dir.path / CHECKPOINT_FILE).read_bytes()
+
+    with pytest.raises(CheckpointError, match=f"the checkpoint's model tensors do not fit this model \\({problem}"):
+        run_federation(object(), cfg)  # type: ignore[arg-type]  # refused before any node is asked anything
+    assert (run_dir.path / CHECKPOINT_FILE).read_bytes() == before

@@ -228,3 +228,64 @@ def test_yaml_errors_are_one_line_with_their_position(tmp_path: Path) -> None:
         load_error(tmp_path, "train: [unclosed\n"))
     assert "--set train.lr: not valid YAML: line 1, column" in load_error(tmp_path, "{}", ["train.lr=[unclosed"])
     assert "special characters are not allowed" in load_error(tmp_path, "name: a\x00b\n")
+
+
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "hint"),
+    [
+        (["federation.evaluation.every=0"], "federation.evaluation.every", "greater than or equal to 1"),
+        (["federation.evaluation.every=2.0"], "federation.evaluation.every", "valid integer"),
+        (["federation.evaluation.enabled=1"], "federation.evaluation.enabled", "valid boolean"),
+        (["federation.evaluation.fraction=0"], "federation.evaluation.fraction", "greater than 0"),
+        (["federation.evaluation.fraction=1.5"], "federation.evaluation.fraction", "less than or equal to 1"),
+        (["federation.evaluation.fraction=.nan"], "federation.evaluation.fraction", "finite number"),
+        (["federation.evaluation.clients_per_round=0"], "federation.evaluation.clients_per_round",
+         "greater than or equal to 1"),
+        (["federation.evaluation.clients_per_round=11"], "federation",
+         "evaluation.clients_per_round (11) exceeds num_clients (10)"),
+        (["federation.evaluation.clients_per_round=3", "federation.evaluation.fraction=0.5"],
+         "federation.evaluation", "set clients_per_round or fraction, not both"),
+        (["federation.evaluation.evry=2"], "federation.evaluation.evry", "unknown key"),
+        (["federation.evaluation=every 2"], "federation.evaluation", "valid dictionary"),
+        # Early stopping on a metric no round measures would never stop the run.
+        (["early_stopping.enabled=true", "federation.evaluation.enabled=false"], "early_stopping.metric",
+         "federated_accuracy is never measured (federation.evaluation is off"),
+        (["early_stopping.enabled=true", "data.val_fraction=0"], "early_stopping.metric",
+         "federated_accuracy is never measured (data.val_fraction is 0"),
+    ],
+)
+def test_invalid_evaluation_settings_name_the_key(overrides: list[str], key: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(QUICKSTART, overrides)
+    message = str(error.value)
+    assert f"{key}:" in message and hint in message, message
+
+
+def test_federated_evaluation_schedule_and_sample_size_default_to_every_round_and_the_trained_clients() -> None:
+    from fedtune.strategies import sampling
+
+    cfg = load_config(QUICKSTART)  # every round, as many clients as train: as before the setting existed
+    assert cfg.federated_evaluation and all(cfg.federation.evaluates_in(r) for r in range(1, 9))
+    assert sampling(cfg)["fraction_evaluate"] == 1.0 and sampling(cfg)["min_evaluate_nodes"] == 10
+    assert load_config(QUICKSTART, ["federation.clients_per_round=4"]).federation.evaluated_per_round == 4
+
+    every = load_config(QUICKSTART, ["federation.rounds=7", "federation.evaluation.every=3"])
+    assert [r for r in range(1, 8) if every.federation.evaluates_in(r)] == [3, 6, 7]  # and always the last
+    only_last = load_config(QUICKSTART, ["federation.rounds=3", "train.unfreeze=[]", "federation.evaluation.every=100"])
+    assert [r for r in range(1, 4) if only_last.federation.evaluates_in(r)] == [3]
+
+    counted = load_config(QUICKSTART, ["federation.clients_per_round=2", "federation.evaluation.clients_per_round=7"])
+    assert sampling(counted)["fraction_evaluate"] == 0.7 and sampling(counted)["min_evaluate_nodes"] == 7
+    # A fraction of num_clients, rounded down without float noise (0.29 x 100 = 28.999999999999996), at least one.
+    hundred = ["federation.num_clients=100", "federation.evaluation.fraction=0.29"]
+    assert load_config(QUICKSTART, hundred).federation.evaluated_per_round == 29
+    assert load_config(QUICKSTART, ["federation.evaluation.fraction=0.01"]).federation.evaluated_per_round == 1
+
+    off = load_config(QUICKSTART, ["federation.evaluation.enabled=false"])
+    assert not off.federated_evaluation and not any(off.federation.evaluates_in(r) for r in range(1, 9))
+    assert sampling(off)["fraction_evaluate"] == 0.0 and sampling(off)["min_evaluate_nodes"] == 0
+    no_split = load_config(QUICKSTART, ["data.val_fraction=0"])
+    assert not no_split.federated_evaluation and sampling(no_split)["fraction_evaluate"] == 0.0

@@ -282,3 +282,18 @@ def test_progress_on_a_terminal_prints_table_rows() -> None:
     text = output.getvalue()
     assert "central acc" in text  # the header
     assert "4/5" in text and "0.433" in text and "18.6 MB" in text
+
+
+def test_a_round_without_federated_evaluation_shows_no_federated_accuracy(capsys: pytest.CaptureFixture[str]) -> None:
+    skipped = _record(1)
+    skipped.federated_accuracy = skipped.federated_loss = None
+    skipped.evaluations_sampled = 0
+    output = io.StringIO()
+    with RoundProgress(2, title="exp", console=Console(file=output, force_terminal=True, width=200)) as progress:
+        progress.round_done(skipped)
+    with RoundProgress(2, title="exp") as progress:
+        progress.round_done(skipped)
+
+    assert "  fed_acc=-  " in capsys.readouterr().out.splitlines()[1]
+    # The table row: round, blocks, clients, central acc, fed acc, ...
+    assert re.search(r"\s1\s+0\s+5/5\s+0\.250\s+-\s+2\.0 MB", output.getvalue())

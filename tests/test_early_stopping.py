@@ -49,3 +49,21 @@ def test_disabled_never_stops() -> None:
     cfg = load_config(REPO / "configs/quickstart.yaml", ["early_stopping.enabled=false"])
     stopper = EarlyStopping(cfg)
     assert not any(stopper.update(record(r, central_accuracy=0.5)) for r in range(10))
+
+
+def test_with_federated_evaluation_every_k_rounds_the_patience_counts_evaluations() -> None:
+    cfg = load_config(REPO / "configs/quickstart.yaml", [
+        "early_stopping.enabled=true", "early_stopping.metric=federated_loss", "early_stopping.patience=2",
+        "federation.evaluation.every=3",
+    ])
+    stopper = EarlyStopping(cfg)
+    losses = {3: 1.0, 6: 1.1, 8: 1.2}  # rounds 3 and 6, and 8, the last: the rounds that evaluate on clients
+    decisions = [stopper.update(record(r, federated_loss=losses.get(r))) for r in range(9)]
+    # A round without federated evaluation neither improves nor spends patience: rounds 6 and 8 stop the run.
+    assert decisions == [False] * 8 + [True]
+    assert stopper.reason() == ("early stopping: federated_loss did not improve for 2 evaluations (one every 3 "
+                                "rounds) (best 1.0000 in round 3)")
+    central = EarlyStopping(load_config(REPO / "configs/quickstart.yaml", [
+        "early_stopping.metric=central_accuracy", "federation.evaluation.every=3"]))
+    central.update(record(0, central_accuracy=0.5))
+    assert "did not improve for 3 rounds (best" in central.reason()  # measured every round, evaluation or not

@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import MessageType
 from safetensors.torch import load_file
+from wire_tap import WireTap
 
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.model_file import load_model_file
 from fedtune.params import stage_of
+from fedtune.records import RoundRecord
 from fedtune.report import RunDirectory
+from fedtune.server.checkpoint import CHECKPOINT_FILE, Checkpoint
+from fedtune.server.run import RunOutcome
 from fedtune.simulation import simulate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,3 +212,71 @@ def test_secure_aggregation_through_the_real_handlers_with_dp_sgd(tmp_path: Path
     privacy = json.loads((outcome.run_dir / "privacy.json").read_text())
     assert set(privacy) == {"sample_level", "secure_aggregation"}
     assert history[-1].central_accuracy > history[0].central_accuracy
+
+
+def _simulate_tapped(cfg: ExperimentConfig) -> tuple[list[RunOutcome], WireTap]:
+    """`cfg` in Flower's simulation with a wire tap below the server's transport; the outcome unless the run failed."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedtune.client.app import app as client_app
+    from fedtune.server.run import run_federation
+
+    taps: list[WireTap] = []
+    outcomes: list[RunOutcome] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        taps.append(WireTap(grid))  # it sees every message that crosses, whichever path sent it
+        outcomes.append(run_federation(taps[0], cfg))
+
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
+                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"include_dashboard": False}})
+    return outcomes, taps[0]
+
+
+# The kill below is an exception in the ServerApp's thread, as intended.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_federated_evaluation_every_2_rounds_sends_evaluate_messages_only_then_and_a_resume_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every 2 rounds of 3: rounds 2 and 3 (the last) evaluate on the clients, round 1 sends no evaluate
+    message at all; a server killed in round 2 resumes on the same schedule."""
+    cfg = small_config(tmp_path, "federation.rounds=3", "train.unfreeze=[]", "federation.evaluation.every=2")
+    clients = cfg.federation.num_clients
+    append_round = RunDirectory.append_round
+
+    def crash_in_round_2(self: RunDirectory, record: RoundRecord) -> None:
+        if record.round == 2:
+            raise KeyboardInterrupt("the server is killed")
+        append_round(self, record)
+
+    monkeypatch.setattr(RunDirectory, "append_round", crash_in_round_2)
+    outcomes, first_life = _simulate_tapped(cfg)
+    monkeypatch.setattr(RunDirectory, "append_round", append_round)
+    assert not outcomes  # killed after round 2's exchanges, before its record and checkpoint
+    (run_dir,) = Path(cfg.output.dir).iterdir()
+    checkpoint = Checkpoint.load(run_dir / CHECKPOINT_FILE)
+    # Of the model, the checkpoint holds what trained (the head); the rest is the initial model.
+    assert checkpoint.round == 1 and {stage_of(key) for key in checkpoint.model} == {"head"}
+    # Round 1: the model query and delivery, then training; no evaluate exchange.
+    assert first_life.rounds[0].messages == Counter({MessageType.QUERY: 2 * clients, MessageType.TRAIN: clients})
+    assert first_life.rounds[1].messages == Counter({MessageType.TRAIN: clients, MessageType.EVALUATE: clients})
+
+    (outcome,), second_life = _simulate_tapped(cfg)  # resumes from round 1's checkpoint
+
+    history = RunDirectory.load_history(outcome.run_dir / "history.json")
+    assert outcome.run_dir == run_dir and outcome.rounds_completed == 3
+    assert [r.round for r in history] == [0, 1, 2, 3]
+    assert [r.evaluations_sampled for r in history] == [0, 0, clients, clients]
+    assert [r.federated_accuracy is not None for r in history] == [False, False, True, True]
+    assert all(r.central_accuracy is not None for r in history)
+    # The resumed server played rounds 2 and 3, each with its evaluation (after re-asking the nodes
+    # of this new simulation whether they hold the model).
+    assert [wire.messages[MessageType.EVALUATE] for wire in second_life.rounds] == [clients, clients]
+    assert [wire.messages[MessageType.TRAIN] for wire in second_life.rounds] == [clients, clients]
+    # Round 1 sent the trainable tensors once per client, for training only.
+    head_only_twice = history[2].bytes_sent - history[2].bytes_sent_backbone
+    assert history[1].bytes_sent - history[1].bytes_sent_backbone < 0.6 * head_only_twice

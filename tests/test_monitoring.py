@@ -88,6 +88,14 @@ def test_a_round_becomes_tagged_scalars_and_none_is_left_out() -> None:
     assert baseline["central/accuracy"] == 0.1
 
 
+def test_a_round_without_federated_evaluation_has_no_federated_scalars_and_says_none_was_sampled() -> None:
+    values = scalars_of(make_record(3, evaluations_sampled=0, federated_loss=None, federated_accuracy=None))
+    assert not any(tag.startswith("federated/") for tag in values)
+    assert values["evaluations/sampled"] == 0 and values["central/accuracy"] == pytest.approx(0.5)
+    assert scalars_of(make_record(3, evaluations_sampled=5))["evaluations/sampled"] == 5
+    assert "evaluations/sampled" not in scalars_of(make_record(3))  # a row written before it was recorded
+
+
 def test_config_params_are_flat_bounded_and_keyed_by_the_schema(tmp_path: Path) -> None:
     many = {f"stage_{i:03d}_with_a_long_name": 0.5 for i in range(60)}
     cfg = monitored(tmp_path, train={"lr": 0.02, "lr_multipliers": many, "unfreeze": [{"from_round": 2,

@@ -77,3 +77,15 @@ def test_a_resumed_run_refuses_a_damaged_history_naming_the_file(tmp_path: Path)
         with pytest.raises(ValueError, match="not a fedtune history file"):
             RunDirectory.load_history(run.path)
 
+
+
+def test_a_round_without_federated_evaluation_says_so_and_older_rows_read_as_unrecorded() -> None:
+    skipped = make_record(1, evaluations_sampled=0, federated_loss=None, federated_accuracy=None)
+    row = json.loads(json.dumps(asdict(skipped)))
+    assert (row["evaluations_sampled"], row["federated_accuracy"], row["federated_loss"]) == (0, None, None)
+    assert record_from_dict(row) == skipped
+
+    del row["evaluations_sampled"]  # a history written before fedtune recorded it
+    assert record_from_dict(row).evaluations_sampled is None
+    with pytest.raises(ValueError, match="'evaluations_sampled' holds str"):
+        record_from_dict(asdict(skipped) | {"evaluations_sampled": "none"})

@@ -236,3 +236,26 @@ def test_history_that_is_not_one(tmp_path: Path) -> None:
         RunDirectory.load_history(tmp_path / "history.json")
     with pytest.raises(FileNotFoundError):
         RunDirectory.load_history(tmp_path / "missing.json")
+
+
+def test_the_accuracy_plot_joins_the_rounds_that_had_federated_evaluation(run: RunDirectory) -> None:
+    from fedtune.plots import draw_accuracy, figure_of
+
+    # Federated evaluation every 2 rounds and in the last (federation.evaluation.every: 2, rounds: 5).
+    records = [make_record(0)] + [
+        make_record(r) if r in (2, 4, 5) else
+        make_record(r, evaluations_sampled=0, federated_loss=None, federated_accuracy=None)
+        for r in range(1, 6)
+    ]
+    figure = figure_of(draw_accuracy, records, "exp")
+    assert figure is not None
+    lines = {line.get_label(): list(line.get_xdata()) for line in figure.axes[0].get_lines()}
+    assert lines["central (server's held-out set)"] == [0, 1, 2, 3, 4, 5]
+    assert lines["federated (clients' validation splits in the rounds that had one)"] == [2, 4, 5]
+
+    for record in records:
+        run.append_round(record)
+    assert [p.name for p in run.write_plots()] == ["accuracy.png", "bytes.png"]
+    with (run.path / "history.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["evaluations_sampled"], row["federated_accuracy"]) for row in rows[1:3]] == [("0", ""), ("", "0.55")]

@@ -3,9 +3,13 @@
 Tests put it between Flower's grid and fedtune's server, below fedtune's own transport, so what it
 sees is what crossed the wire whatever path sent it. It counts bytes its own way (each object of a
 message's content as Flower deflates it for the SuperLink) and files them by round. Messages carry
-no round number (Flower's Message-API strategies leave group_id empty), but every round of a run
-that evaluates on clients ends with its evaluate messages: the first other message after them
-opens the next round. A reply goes with the round of the message it answers.
+no round number in their metadata (Flower's Message-API strategies leave group_id empty), so a
+round is opened by either of two signs: the first message after evaluate messages that is not one
+(a round that evaluates on clients ends with them), or a train or evaluate message whose config
+names a later `server-round` (Flower's strategies write it) than the open round's. Under the
+second sign alone, a round's model queries are filed with the round before it: the queries of a
+round that follows one without federated evaluation. A reply goes with the round of the message
+it answers.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
 from flwr.supercore.run import Run
 
+from fedtune import messages as keys
 from fedtune.server.transport import send_and_receive_promptly
 
 
@@ -46,6 +51,13 @@ class Tapped:
         return sum(self.received_by_kind.values())
 
 
+def _server_round(message: Message) -> int | None:
+    """The round a strategy's train or evaluate message names in its config; None for other messages."""
+    config = message.content.config_records.get(keys.CONFIG)
+    value = None if config is None else config.get(keys.SERVER_ROUND)
+    return value if isinstance(value, int) else None
+
+
 class WireTap(Grid):
     """Flower's grid, unchanged, recording what it pushes and pulls, round by round (`rounds[0]` is round 1)."""
 
@@ -54,6 +66,7 @@ class WireTap(Grid):
         self.rounds: list[Tapped] = []
         self._sent_in: dict[str, tuple[Tapped, str]] = {}  # message id -> its round and kind
         self._last_type = MessageType.EVALUATE
+        self._open_round: int | None = None  # the server-round of the open round, once a message named it
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -82,8 +95,13 @@ class WireTap(Grid):
             if message.metadata.message_id not in pushed:
                 continue
             message_type = message.metadata.message_type
-            if self._last_type == MessageType.EVALUATE and message_type != MessageType.EVALUATE:
+            named = _server_round(message)
+            after_evaluation = self._last_type == MessageType.EVALUATE and message_type != MessageType.EVALUATE
+            later = named is not None and self._open_round is not None and named > self._open_round
+            if after_evaluation or later:
                 self.rounds.append(Tapped())
+                self._open_round = None
+            self._open_round = named if named is not None else self._open_round
             self._last_type = message_type
             protocol = message.content.config_records.get(RECORD_KEY_CONFIGS)
             kind = message_type if protocol is None else message_type + ":" + str(protocol.get(Key.STAGE))

@@ -1,10 +1,16 @@
 """Server checkpoints: what a killed server needs to resume its run as if it had never stopped.
 
 One file per run folder, `checkpoint.safetensors`, rewritten atomically after every round: the
-global model, the strategy's learned state (FedAdam's moments, the adaptive clipping norm), the
-random generators, early stopping, the privacy bookkeeping and the clients that left at their
-privacy budget. Restored, the next round starts from exactly the state the killed server had after
-its last completed round, so the run ends with the same model as an uninterrupted one.
+global model's trained part, the strategy's learned state (FedAdam's moments, the adaptive clipping
+norm), the random generators, early stopping, the privacy bookkeeping and the clients that left at
+their privacy budget. Restored, the next round starts from exactly the state the killed server had
+after its last completed round, so the run ends with the same model as an uninterrupted one.
+
+Of the model, only the tensors of the stages trained so far are saved (the head alone, for feature
+extraction: kilobytes, where the whole backbone is megabytes rewritten, hashed and synced every
+round). Every other tensor is still the initial model's, which a resumed server builds again from
+the same config and checks against the checkpoint's `model_hash` before loading the rest over it.
+Checkpoints holding the whole model (fedtune before this) load the same way.
 
 A SHA-256 over every tensor (name, dtype, shape, bytes) and the JSON state is stored with them and
 checked on load: a flipped bit anywhere (one exponent bit turned a weight into 5.6e33) makes the
@@ -81,7 +87,7 @@ class Checkpoint:
     run_key: str  # names the run on clients' disks (their DP ledgers); kept across restarts
     model_hash: str  # of the initial model: a resumed run must start from the same one
     elapsed_seconds: float  # wall time of the run so far, over all the server's lives
-    model: dict[str, torch.Tensor]  # the global model's full state dict
+    model: dict[str, torch.Tensor]  # the global model's tensors that training may have changed (or all of them)
     strategy_tensors: dict[str, np.ndarray]
     strategy_scalars: dict[str, Any]
     random_state: RandomState

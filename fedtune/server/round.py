@@ -78,6 +78,7 @@ class TrainOutcome:
 class EvaluateOutcome:
     """What a round's federated evaluation produced."""
 
+    sampled: int = 0  # evaluate messages sent; 0: no federated evaluation this round
     metrics: MetricRecord | None = None
     problems: dict[int, str] = field(default_factory=dict)  # node -> why its reply is not in the metrics
     capped: list[BoundEvent] = field(default_factory=list)
@@ -86,7 +87,7 @@ class EvaluateOutcome:
 
 
 def play_round(server: Server, server_round: int) -> tuple[RoundRecord, TrainOutcome]:
-    """Train and aggregate, evaluate on the clients and centrally, account for privacy; the round's record."""
+    """Train and aggregate, evaluate (on the clients, when due, and centrally), account for privacy; the record."""
     started = time.monotonic()
     # Which stages train this round (gradual unfreezing): only their tensors travel.
     blocks = server.cfg.train.trainable_blocks_at(server_round)
@@ -112,10 +113,11 @@ def play_round(server: Server, server_round: int) -> tuple[RoundRecord, TrainOut
     else:
         log.warning("round %d: no valid update to aggregate; the model is unchanged", server_round)
 
-    # Federated evaluation: the new model on the clients' own validation data.
-    eval_arrays = ArrayRecord(travelling(server, stages))
-    eval_messages = list(server.strategy.configure_evaluate(server_round, eval_arrays, config, server.transport))
-    evaluated = evaluate_on_clients(server, server_round, eval_messages) if eval_messages else EvaluateOutcome()
+    # Federated evaluation, in the rounds federation.evaluation names (every k, and the last): the
+    # new model on sampled clients' own validation data. The other rounds send nothing more.
+    evaluated = EvaluateOutcome()
+    if server.cfg.federated_evaluation and server.cfg.federation.evaluates_in(server_round):
+        evaluated = evaluate_on_clients(server, server_round, stages, config)
 
     # Clients at their privacy budget leave the run (after this round's evaluation sampled them).
     leave_at_budget(server, trained.problems, server_round)
@@ -199,8 +201,12 @@ def train_securely(server: Server, server_round: int, messages: list[Message], a
     )
 
 
-def evaluate_on_clients(server: Server, server_round: int, messages: list[Message]) -> EvaluateOutcome:
-    """Send; parse each reply; cap the weights; aggregate the metrics."""
+def evaluate_on_clients(server: Server, server_round: int, stages: list[str], config: ConfigRecord) -> EvaluateOutcome:
+    """The strategy samples the clients; send; parse each reply; cap the weights; aggregate the metrics."""
+    arrays = ArrayRecord(travelling(server, stages))
+    messages = list(server.strategy.configure_evaluate(server_round, arrays, config, server.transport))
+    if not messages:  # no eligible client left to sample
+        return EvaluateOutcome()
     replies = server.delivery.send_and_receive(server.transport, messages)
     checked = check_evaluate_replies(replies, server_round=server_round, name_of=server.delivery.name_of)
     capped = []
@@ -209,8 +215,8 @@ def evaluate_on_clients(server: Server, server_round: int, messages: list[Messag
                                           name_of=server.delivery.name_of)
     metrics = server.strategy.aggregate_evaluate(server_round, checked.valid) if checked.valid else None
     return EvaluateOutcome(
-        metrics=metrics, problems=checked.problems, capped=capped, rejected=len(checked.rejected),
-        failed=len(checked.failed) + len(messages) - len(replies),
+        sampled=len(messages), metrics=metrics, problems=checked.problems, capped=capped,
+        rejected=len(checked.rejected), failed=len(checked.failed) + len(messages) - len(replies),
     )
 
 
@@ -262,6 +268,7 @@ def round_record(
         updates_rejected_norm=sum(e.kind == "norm_rejected" for e in trained.bounded),
         updates_clipped=sum(e.kind == "norm_clipped" for e in trained.bounded),
         weights_capped=sum(e.kind == "weight_capped" for e in trained.bounded),
+        evaluations_sampled=evaluated.sampled,
         evaluations_rejected=evaluated.rejected,
         evaluations_failed=evaluated.failed,
         extra=privacy_figures,

@@ -29,7 +29,7 @@ from fedtune.data import load_split
 from fedtune.engine import resolve_device
 from fedtune.model_file import CLASS_NAMES, encode_class_names
 from fedtune.monitoring import RunMonitor
-from fedtune.params import load_tensors, state_hash, trainable_stages
+from fedtune.params import load_tensors, stage_state, state_hash, trainable_stages
 from fedtune.protocol import ClientSettings
 from fedtune.records import RoundRecord, summarize_history
 from fedtune.report import RunDirectory
@@ -57,11 +57,19 @@ class RunOutcome:
 
 
 class EarlyStopping:
-    """Stops when the watched metric has not improved by min_delta for `patience` rounds."""
+    """Stops when the watched metric has not improved by min_delta for `patience` rounds that measured it.
+
+    A round without the metric neither improves it nor counts against the patience: with a
+    federated_* metric and federated evaluation every k rounds (federation.evaluation.every), the
+    patience is counted in evaluations, k rounds apart. A round whose evaluation failed on every
+    client is skipped the same way.
+    """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg.early_stopping
         self.maximise = self.cfg.metric.endswith("accuracy")
+        # Rounds between two measurements of the metric: federated ones come with federated evaluation.
+        self.every = cfg.federation.evaluation.every if self.cfg.metric.startswith("federated_") else 1
         self.best: float | None = None
         self.best_round = 0
         self.stale = 0
@@ -79,6 +87,12 @@ class EarlyStopping:
         else:
             self.stale += 1
         return self.cfg.enabled and self.stale >= self.cfg.patience
+
+    def reason(self) -> str:
+        """Why the run stops, once `update` said it should."""
+        counted = "rounds" if self.every == 1 else f"evaluations (one every {self.every} rounds)"
+        return (f"early stopping: {self.cfg.metric} did not improve for {self.cfg.patience} {counted} "
+                f"(best {self.best:.4f} in round {self.best_round})")
 
     def state(self) -> dict[str, Any]:
         return {"best": self.best, "best_round": self.best_round, "stale": self.stale}
@@ -201,10 +215,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
                     f"(results so far: {run_dir.path}). Reasons: " + " | ".join(reasons)
                 )
             if early_stop:
-                stop_reason = (
-                    f"early stopping: {cfg.early_stopping.metric} did not improve for "
-                    f"{cfg.early_stopping.patience} rounds (best {stopper.best:.4f} in round {stopper.best_round})"
-                )
+                stop_reason = stopper.reason()
                 progress.message(stop_reason)
                 break
     return finish(completed, stop_reason)
@@ -231,7 +242,7 @@ def _start_afresh(server: Server, stopper: EarlyStopping, *, run_key: str) -> Ru
         round=0, trainable_blocks=str(cfg.train.trainable_blocks), clients_sampled=0, clients_ok=0,
         clients_rejected=0, clients_failed=0, bytes_sent=0, bytes_received=0, bytes_sent_backbone=0,
         train_loss=None, train_accuracy=None, federated_loss=None, federated_accuracy=None,
-        central_loss=initial.loss, central_accuracy=initial.accuracy, seconds=0.0,
+        central_loss=initial.loss, central_accuracy=initial.accuracy, seconds=0.0, evaluations_sampled=0,
     )
     run_dir.append_round(baseline)
     stopper.update(baseline)
@@ -244,9 +255,12 @@ def _checkpoint(
 ) -> Checkpoint:
     """Everything the next round depends on, after `completed` rounds."""
     tensors, scalars = strategy_state(server.strategy)
+    # Blocks never refreeze, so the stages of the latest round are every stage trained so far: the
+    # rest of the model is still the initial one, which a resume rebuilds (fedtune/server/checkpoint.py).
+    trained = trainable_stages(server.model, server.cfg.train.trainable_blocks_at(max(completed, 1)))
     return Checkpoint(
         round=completed, run_key=run_key, model_hash=server.model_hash, elapsed_seconds=elapsed_seconds,
-        model=server.model.state_dict(), strategy_tensors=tensors, strategy_scalars=scalars,
+        model=stage_state(server.model, trained), strategy_tensors=tensors, strategy_scalars=scalars,
         random_state=RandomState.capture(), early_stopping=stopper.state(), at_budget=sorted(server.at_budget),
         privacy=server.privacy.state(), deliveries=dict(server.delivery.deliveries),
     )
@@ -259,7 +273,13 @@ def _restore(server: Server, checkpoint: Checkpoint, stopper: EarlyStopping) -> 
             f"the unfinished run's initial model ({checkpoint.model_hash[:12]}) is not this run's "
             f"({server.model_hash[:12]}): the backbone's weights changed; set output.resume=false to start afresh"
         )
-    load_tensors(server.model, checkpoint.model, expected_keys=list(server.model.state_dict()))
+    # The model was built afresh from the same config (and hashes as the checkpoint's initial model):
+    # the tensors training changed go over it.
+    try:
+        load_tensors(server.model, checkpoint.model, expected_keys=list(checkpoint.model))
+    except ValueError as error:
+        raise CheckpointError(f"the checkpoint's model tensors do not fit this model ({error}); set "
+                              "output.resume=false to start afresh") from None
     restore_strategy_state(server.strategy, checkpoint.strategy_tensors, checkpoint.strategy_scalars)
     checkpoint.random_state.restore()
     stopper.restore(checkpoint.early_stopping)

@@ -19,12 +19,18 @@ from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
+from flwr.superlink.grid import InMemoryGrid
 
 from fedtune import messages as keys
 
 # Flower's simulation grid pulls every 0.1 s too (flwr/superlink/grid/inmemory_grid.py): a pull
 # is one small request to the SuperLink on the same machine.
 PULL_INTERVAL = 0.1
+# In `fedtune simulate` the grid is Flower's InMemoryGrid: a pull is a look-up of the round's
+# message ids in memory, under a lock, so replies are looked for every 10 ms. (The simulation
+# engine still hands messages to the virtual clients on its own 0.1 s tick:
+# flwr/server/superlink/fleet/vce/vce_api.py, add_messages_to_queue.)
+IN_MEMORY_PULL_INTERVAL = 0.01
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -62,13 +68,16 @@ class Transport(Grid):
       Grid that sends (`send_and_receive`) goes through these two.
     - Prompt replies: on real nodes the ServerApp gets Flower's HttpGrid, whose `send_and_receive`
       sleeps 3 s between two pulls (flwr/superlink/grid/http_grid.py:412 in Flower 1.41): every
-      exchange ended up to 3 s after its last reply. Here replies are looked for every `interval` s.
+      exchange ended up to 3 s after its last reply. Here replies are looked for every `interval` s
+      (by default 0.1 s, and 10 ms on the simulation's in-memory grid).
     - Sampling: `get_node_ids` leaves out the nodes in `departed` (clients that left the run at
       their privacy budget), so a strategy never samples them; `connected_node_ids` lists them all.
     """
 
-    def __init__(self, grid: Grid, *, interval: float = PULL_INTERVAL) -> None:
+    def __init__(self, grid: Grid, *, interval: float | None = None) -> None:
         self._grid = grid
+        if interval is None:
+            interval = IN_MEMORY_PULL_INTERVAL if isinstance(grid, InMemoryGrid) else PULL_INTERVAL
         self._interval = interval
         self.traffic = Traffic()
         self.departed: set[int] = set()

@@ -35,7 +35,9 @@ def sampling(cfg: ExperimentConfig, available: int | None = None) -> Sampling:
     """Flower's sampling settings; with `available`, capped to that many eligible clients."""
     clients = cfg.federation.num_clients
     per_round = cfg.federation.sampled_per_round
-    evaluate = per_round if cfg.data.val_fraction > 0 else 0
+    # Flower's configure_evaluate sends nothing at fraction 0; the rounds without federated
+    # evaluation (federation.evaluation.every) do not call it at all (fedtune/server/round.py).
+    evaluate = cfg.federation.evaluated_per_round if cfg.federated_evaluation else 0
     cap = clients if available is None else available
     return Sampling(
         fraction_train=per_round / clients,
