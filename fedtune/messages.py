@@ -15,6 +15,10 @@ MODEL_HASH = "fedtune.model-hash"  # content hash of the full initial model
 TRAINABLE_STAGES = "fedtune.trainable-stages"  # stages that train (and travel) this round
 HAS_MODEL = "fedtune.has-model"  # query reply: 1 if the node holds the model with MODEL_HASH
 PARTITION = "fedtune.partition"  # query reply: the node's partition-id, a label for the server's log lines only
+# In a message's config: the virtual client a simulation node plays for it (fedtune/server/transport.py);
+# a real node refuses them: its data and its identity are its own.
+VIRTUAL_PARTITION = "fedtune.virtual-partition"  # the client's partition, 0..clients-1
+VIRTUAL_CLIENTS = "fedtune.virtual-clients"  # how many clients the federation has
 EPSILON = "epsilon"  # train reply metric: the client's DP-SGD epsilon over the run so far
 NOISE_MULTIPLIER = "dp-noise-multiplier"  # train reply metric: the DP-SGD noise the client calibrated
 SAMPLE_RATE = "dp-sample-rate"  # train reply metric: the client's DP-SGD sampling rate (1 / batches)

@@ -58,6 +58,7 @@ _FIELDS = {
     "bytes/sent": "bytes_sent",
     "bytes/received": "bytes_received",
     "bytes/sent_backbone": "bytes_sent_backbone",
+    "bytes/backbone_serialised": "bytes_backbone_serialised",  # a simulation shares one copy per machine
     "clients/sampled": "clients_sampled",
     "clients/ok": "clients_ok",
     "clients/rejected": "clients_rejected",

@@ -64,8 +64,9 @@ ROUND_CONFIG_KEYS = frozenset({
     keys.SERVER_ROUND,  # every Flower strategy
     keys.PROXIMAL_MU,  # FedProx
     KEY_CLIPPING_NORM,  # central DP clipped on clients (read by Flower's fixedclipping_mod)
+    keys.VIRTUAL_PARTITION, keys.VIRTUAL_CLIENTS,  # in a simulation, the client a node plays
 })
-QUERY_CONFIG_KEYS = frozenset({keys.MODEL_HASH})
+QUERY_CONFIG_KEYS = frozenset({keys.MODEL_HASH, keys.VIRTUAL_PARTITION, keys.VIRTUAL_CLIENTS})
 
 
 class ClientSettings(Section):
@@ -265,7 +266,7 @@ def _records(
     arrays: frozenset[str],
     optional_arrays: frozenset[str] = frozenset(),
 ) -> None:
-    """The message holds exactly these records (and perhaps the optional ones), and no others."""
+    """The message holds exactly these records (and perhaps the optional arrays), and no others."""
     present = {
         "config": set(content.config_records), "array": set(content.array_records),
         "metric": set(content.metric_records),
@@ -291,18 +292,50 @@ def _config_keys(config: ConfigRecord, allowed: frozenset[str], required: Iterab
 
 
 @dataclass(frozen=True)
+class VirtualClient:
+    """Which client of a simulated federation a simulation node plays for one message."""
+
+    partition: int
+    clients: int
+
+
+def parse_virtual_client(config: ConfigRecord) -> VirtualClient | None:
+    """The virtual client a message's config names, if it names one: exactly a partition in
+    0..clients-1 of at most MAX_CLIENTS clients. Whether this node may play one is the node's to
+    decide (fedtune/client/task.py, NodeIdentity.playing)."""
+    if keys.VIRTUAL_PARTITION not in config and keys.VIRTUAL_CLIENTS not in config:
+        return None
+    values = {}
+    for key in (keys.VIRTUAL_PARTITION, keys.VIRTUAL_CLIENTS):
+        if key not in config:
+            raise RefusedMessage(key, "missing")
+        value = config[key]
+        if type(value) is not int:
+            raise RefusedMessage(key, f"must be an integer, got {_type_name(value)}")
+        values[key] = value
+    clients, partition = values[keys.VIRTUAL_CLIENTS], values[keys.VIRTUAL_PARTITION]
+    if not 1 <= clients <= MAX_CLIENTS:
+        raise RefusedMessage(keys.VIRTUAL_CLIENTS, f"must be in [1, {MAX_CLIENTS}], got {clients}")
+    if not 0 <= partition < clients:
+        raise RefusedMessage(keys.VIRTUAL_PARTITION, f"must be in [0, {clients - 1}], got {partition}")
+    return VirtualClient(partition=partition, clients=clients)
+
+
+@dataclass(frozen=True)
 class ModelQuery:
     """The server asks whether this node caches a model, and may send the model with the question."""
 
     model_hash: str
     backbone: ArrayRecord | None
+    virtual: VirtualClient | None = None
 
 
 def parse_model_query(content: RecordDict) -> ModelQuery:
     _records(content, configs=frozenset({keys.CONFIG}), arrays=frozenset(), optional_arrays=frozenset({keys.BACKBONE}))
     config = content.config_records[keys.CONFIG]
     _config_keys(config, QUERY_CONFIG_KEYS, required=[keys.MODEL_HASH])
-    return ModelQuery(parse_model_hash(config[keys.MODEL_HASH]), content.array_records.get(keys.BACKBONE))
+    return ModelQuery(parse_model_hash(config[keys.MODEL_HASH]), content.array_records.get(keys.BACKBONE),
+                      parse_virtual_client(config))
 
 
 @dataclass(frozen=True)
@@ -315,6 +348,7 @@ class RoundInstruction:
     server_round: int
     proximal_mu: float
     arrays: ArrayRecord
+    virtual: VirtualClient | None = None
 
 
 def parse_round_instruction(content: RecordDict) -> RoundInstruction:
@@ -331,6 +365,7 @@ def parse_round_instruction(content: RecordDict) -> RoundInstruction:
         server_round=parse_server_round(config[keys.SERVER_ROUND]),
         proximal_mu=parse_proximal_mu(config[keys.PROXIMAL_MU]) if keys.PROXIMAL_MU in config else 0.0,
         arrays=content.array_records[keys.ARRAYS],
+        virtual=parse_virtual_client(config),
     )
 
 

@@ -22,7 +22,11 @@ class RoundRecord:
     clients_ok: int  # replies aggregated
     clients_rejected: int  # malformed replies left out
     clients_failed: int  # replies carrying an error, or missing
-    bytes_sent: int  # server -> clients, this round (train + evaluate messages)
+    # Bytes as real nodes receive and send them. A simulation's virtual clients share one copy of
+    # the full model per machine (fedtune/server/delivery.py): there bytes_sent and
+    # bytes_sent_backbone count the model once for each client, as real nodes would receive it,
+    # and bytes_backbone_serialised what the server actually sent of it.
+    bytes_sent: int  # server -> clients, this round (train + evaluate messages, model queries and deliveries)
     bytes_received: int  # clients -> server
     bytes_sent_backbone: int  # the part of bytes_sent that was full-model deliveries
     train_loss: float | None  # aggregated from clients
@@ -40,6 +44,10 @@ class RoundRecord:
     # None in rows written before fedtune recorded it
     evaluations_sampled: int | None = None
     evaluations_rejected: int = 0  # malformed evaluate replies left out
+    # The full model's bytes the server serialised and sent this round: bytes_sent_backbone on real
+    # nodes; in a simulation, one copy per machine in its first round (the warm-up). None in rows
+    # written before fedtune recorded it.
+    bytes_backbone_serialised: int | None = None
     evaluations_failed: int = 0  # evaluate replies carrying an error, or missing
     extra: dict[str, float] = field(default_factory=dict)  # anything else, e.g. per-strategy metrics
     # client -> what was wrong with its replies this round and what the server did (history.json only)

@@ -20,8 +20,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedtune.simulation")
 
 
+def simulation_nodes(cfg: ExperimentConfig) -> int:
+    """How many nodes Flower's simulation starts: as many as clients take part in one exchange, to
+    play the federation's virtual clients (fedtune/server/transport.py, VirtualClients); under
+    SecAgg+, one per client (fedtune/server/run.py, plays_virtual_clients)."""
+    federation = cfg.federation
+    if cfg.privacy.secure_aggregation.enabled:
+        return federation.num_clients
+    exchange = federation.sampled_per_round
+    if cfg.federated_evaluation:
+        exchange = max(exchange, federation.evaluated_per_round)
+    return min(exchange, federation.num_clients)
+
+
 def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> RunOutcome:
     """Run `cfg` with cfg.federation.num_clients virtual clients; returns the run's outcome.
+
+    The clients are played by a pool of simulation nodes, as many as take part in one exchange
+    (`simulation_nodes`): a round costs what its sampled clients do, however many clients exist.
 
     `flwr run .` takes the experiment file from the run config; here the validated config object
     itself is handed to the ServerApp, so `--set` overrides need no round trip through TOML.
@@ -49,7 +65,7 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
     run_simulation(
         server_app=simulation_server_app(cfg, outcomes),
         client_app=client_app or default_client_app,
-        num_supernodes=cfg.federation.num_clients,
+        num_supernodes=simulation_nodes(cfg),
         backend_config={
             "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
             # Flower's Ray backend hands init_args to ray.init (unless Ray is already initialised in

@@ -18,8 +18,17 @@ from safetensors.torch import save_file
 
 import fedtune.client.app as real
 from fedtune import messages as keys
+from fedtune.protocol import parse_virtual_client
 
 PROBE_DIR_ENV = "FEDTUNE_TEST_PROBE_DIR"
+
+
+
+def client_of(msg: Message, context: Context) -> int:
+    """The client a message is for: the virtual client it names (a simulation), else the node's partition-id."""
+    virtual = parse_virtual_client(msg.content.config_records[keys.CONFIG])
+    return virtual.partition if virtual is not None else int(context.node_config["partition-id"])
+
 
 recording_app = ClientApp()
 
@@ -30,7 +39,7 @@ def _query(msg: Message, context: Context) -> Message:
     if keys.BACKBONE in msg.content.array_records:
         out = Path(os.environ[PROBE_DIR_ENV])
         out.mkdir(parents=True, exist_ok=True)
-        with (out / f"p{int(context.node_config['partition-id'])}-backbone.log").open("a") as log:
+        with (out / f"p{client_of(msg, context)}-backbone.log").open("a") as log:
             log.write("delivered\n")
     return real.query(msg, context)
 
@@ -41,7 +50,7 @@ def _train_and_record(msg: Message, context: Context) -> Message:
     reply, model = real.run_training(msg, context)
     out = Path(os.environ[PROBE_DIR_ENV])
     out.mkdir(parents=True, exist_ok=True)
-    partition = int(context.node_config["partition-id"])
+    partition = client_of(msg, context)
     server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
     stem = out / f"p{partition}-r{server_round}"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{stem}.safetensors")
@@ -79,7 +88,7 @@ EVALUATE_BREAKAGE = {
 
 def _breakage(table: dict[int, dict[int, str]], msg: Message, context: Context) -> str | None:
     server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
-    return table.get(int(context.node_config["partition-id"]), {}).get(server_round)
+    return table.get(client_of(msg, context), {}).get(server_round)
 
 
 @malformed_app.query()
@@ -150,9 +159,9 @@ ATTACKS = ("scaled", "sign-flip", "noise", "lie", "lie-poison", "absent")
 LIED_EXAMPLES = 10**12
 
 
-def _attack_of(context: Context) -> str | None:
+def _attack_of(msg: Message, context: Context) -> str | None:
     plan = dict(item.split(":") for item in os.environ.get(ATTACKS_ENV, "").split(",") if item)
-    return plan.get(str(int(context.node_config["partition-id"])))
+    return plan.get(str(client_of(msg, context)))
 
 
 def corrupt(update: dict[str, np.ndarray], attack: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -189,7 +198,7 @@ def _query3(msg: Message, context: Context) -> Message:
 @attack_app.train()
 def _train_then_attack(msg: Message, context: Context) -> Message:
     """Train for real; an attacker then replaces its update (or, "absent", takes no part)."""
-    attack = _attack_of(context)
+    attack = _attack_of(msg, context)
     if attack == "absent":
         raise RuntimeError("absent: this partition sits the run out")
     reply = real.train(msg, context)
@@ -198,7 +207,7 @@ def _train_then_attack(msg: Message, context: Context) -> Message:
     sent, arrays = msg.content[keys.ARRAYS], reply.content[keys.ARRAYS]
     update = {key: arrays[key].numpy().astype(np.float64) - sent[key].numpy() for key in arrays.keys()}
     server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
-    rng = np.random.default_rng(1000 * int(context.node_config["partition-id"]) + server_round)
+    rng = np.random.default_rng(1000 * client_of(msg, context) + server_round)
     for key, delta in corrupt(update, attack, rng).items():
         arrays[key] = Array((sent[key].numpy() + delta).astype(sent[key].numpy().dtype))
     if attack.startswith("lie"):
@@ -208,6 +217,6 @@ def _train_then_attack(msg: Message, context: Context) -> Message:
 
 @attack_app.evaluate()
 def _evaluate3(msg: Message, context: Context) -> Message:
-    if _attack_of(context) == "absent":
+    if _attack_of(msg, context) == "absent":
         raise RuntimeError("absent: this partition sits the run out")
     return real.evaluate_locally(msg, context)

@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 import fedtune.client.app as real
 from fedtune import messages as keys
 from fedtune.client.task import NodeIdentity, in_simulation
+from fedtune.protocol import parse_virtual_client
 
 PROBE_DIR_ENV = "FEDTUNE_TEST_PROBE_DIR"
 LOSES_MODEL = (1, 2)  # (partition, round): this node's cached model is deleted before it trains
@@ -29,7 +30,8 @@ def _query(msg: Message, context: Context) -> Message:
 @lost_model_app.train()
 def _train(msg: Message, context: Context) -> Message:
     """Delete the cached model once, at LOSES_MODEL; train for real; note what happened."""
-    node = NodeIdentity.from_node_config(dict(context.node_config))
+    virtual = parse_virtual_client(msg.content.config_records[keys.CONFIG])  # the client this node plays
+    node = NodeIdentity.from_node_config(dict(context.node_config)).playing(virtual)
     server_round = msg.content[keys.CONFIG][keys.SERVER_ROUND]
     out = Path(os.environ[PROBE_DIR_ENV])
     out.mkdir(parents=True, exist_ok=True)

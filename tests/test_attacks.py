@@ -108,7 +108,7 @@ def test_the_default_bound_caps_a_lying_client_and_leaves_out_noise(honest_alone
 
     for record in run.history[1:]:
         assert (record.clients_ok, record.updates_rejected_norm, record.weights_capped) == (4, 1, 1)
-    capped = [m for m in run.log if "capped the weight of the update of client 0 " in m]
+    capped = [m for m in run.log if "capped the weight of the update of client 0: " in m]
     assert len(capped) == 10
     assert all("num-examples 1000000000000 counts as" in m and "strategy.bound.weight_ratio = 2" in m for m in capped)
     assert run.summary["weights_capped_total"] == 10 and run.summary["updates_rejected_norm_total"] == 10

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.client.task import SHARED_CACHE
 from fedtune.config import ConfigError, load_config
 from fedtune.report import RunDirectory
 from fedtune.simulation import simulate
@@ -119,8 +120,8 @@ def test_simulation_runs_its_clients_on_the_existing_cluster(
     assert history[1].clients_ok == 2
     # The clients ran in the cluster's workers: they cached the backbone where the head's
     # environment says, not where this process's does.
-    assert sorted(p.name for p in ray_head.cache.iterdir()) == ["node-0", "node-1"]
-    assert all(any((ray_head.cache / node / "models").glob("*.safetensors")) for node in ("node-0", "node-1"))
+    assert [p.name for p in ray_head.cache.iterdir()] == [SHARED_CACHE]
+    assert len(list((ray_head.cache / SHARED_CACHE / "models").glob("*.safetensors"))) == 1
     assert not isolated_cache.exists()
 
     record = subprocess.run([sys.executable, "-c", _CLUSTER_RECORD, ray_head.address],

@@ -52,26 +52,30 @@ def test_a_corrupt_test_image_fails_before_the_run_directory_exists(tmp_path: Pa
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_simulation_with_the_wrong_node_count_says_so_at_once(tmp_path: Path) -> None:
-    # `flwr run`'s default federation simulates 2 nodes; the experiment wants 3. Flower's own
-    # simulation engine (on Ray) registers the nodes; the check must not wait out connect_timeout.
-    cfg = load_config(REPO / "configs" / "quickstart.yaml",
-                      ["federation.num_clients=3", "federation.connect_timeout=300", f"output.dir={tmp_path}"])
+def test_a_simulation_under_secure_aggregation_with_the_wrong_node_count_says_so_at_once(tmp_path: Path) -> None:
+    # `flwr run`'s default federation simulates 2 nodes; the experiment wants 3. Without SecAgg+
+    # the 2 nodes play the 3 virtual clients; under it each client needs a node of its own. Flower's
+    # own simulation engine (on Ray) registers the nodes; the check must not wait out connect_timeout.
+    common = ["federation.num_clients=3", "federation.connect_timeout=300", f"output.dir={tmp_path}"]
+    plain = load_config(REPO / "configs" / "quickstart.yaml", common)
+    secure = load_config(REPO / "configs" / "quickstart.yaml", [*common, "privacy.secure_aggregation.enabled=true"])
     seen: list[tuple[str, float]] = []
     app = ServerApp()
 
     @app.main()
     def main(grid, context) -> None:  # noqa: ANN001
-        started = time.monotonic()
-        try:
-            check_simulated_node_count(grid, cfg)
-            seen.append(("no error", time.monotonic() - started))
-        except RuntimeError as error:
-            seen.append((str(error), time.monotonic() - started))
+        for cfg in (plain, secure):
+            started = time.monotonic()
+            try:
+                check_simulated_node_count(grid, cfg)
+                seen.append(("no error", time.monotonic() - started))
+            except RuntimeError as error:
+                seen.append((str(error), time.monotonic() - started))
 
     run_simulation(server_app=app, client_app=ClientApp(), num_supernodes=2,
                    backend_config={"client_resources": {"num_cpus": 1}})
-    [(message, seconds)] = seen
+    [(plain_message, _), (message, seconds)] = seen
+    assert plain_message == "no error"
     assert message.startswith("2 nodes are connected but federation.num_clients is 3")
     assert '--federation-config "num-supernodes=3"' in message
     assert seconds < 10

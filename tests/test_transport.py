@@ -156,6 +156,40 @@ def test_each_round_starts_a_fresh_count_and_the_last_one_is_kept() -> None:
     assert second.sent == 2 * first.sent > 0 and transport.traffic is second
 
 
+@pytest.mark.usefixtures("server_identity")
+def test_virtual_clients_are_played_by_the_pool_and_each_reply_names_its_client() -> None:
+    played: list[tuple[int, dict[str, object]]] = []
+
+    def answer(message: Message) -> Message:
+        played.append((message.metadata.dst_node_id, dict(message.content[keys.CONFIG])))
+        return metrics_reply(message)
+
+    link = StandInLink({11: answer, 12: answer, 13: answer})
+    transport = Transport(link, interval=0.0, virtual_clients=100_000)
+    transport.departed.add(5)
+    assert len(transport.get_node_ids()) == 99_999 and 5 not in transport.get_node_ids()
+    assert transport.connected_node_ids() == list(range(100_000))
+    content = RecordDict({keys.ARRAYS: tensors(1000), keys.CONFIG: ConfigRecord({"a": 1})})  # shared, as by a strategy
+
+    replies = list(transport.send_and_receive([instruction(content, c) for c in (99_999, 3, 0, 7, 42)], timeout=1.0))
+
+    # Each message went to a node of the pool, in turn, naming the client the node plays for it ...
+    assert [(node, record[keys.VIRTUAL_PARTITION]) for node, record in played] == [
+        (11, 99_999), (12, 3), (13, 0), (11, 7), (12, 42)]
+    assert {record[keys.VIRTUAL_CLIENTS] for _, record in played} == {100_000}
+    # ... and each reply comes from that client, as the strategy addressed it.
+    assert sorted(r.metadata.src_node_id for r in replies) == [0, 3, 7, 42, 99_999]
+    # The strategy's content is left as it was, and counts as real nodes would receive it.
+    assert dict(content[keys.CONFIG]) == {"a": 1}
+    assert transport.traffic.sent == 5 * content_bytes(content)
+
+    assert {record["a"] for _, record in played} == {1}  # the strategy's config travels with the naming
+    with pytest.raises(ValueError, match="node id 100000 is not one of the 100000 virtual clients"):
+        transport.push_messages([instruction(content, 100_000)])
+    with pytest.raises(ValueError, match="a train message without a 'config' record cannot name its virtual client"):
+        transport.push_messages([instruction(RecordDict({keys.ARRAYS: tensors(10)}), 1)])
+
+
 def test_clients_that_left_the_run_are_not_sampled_but_still_connected() -> None:
     link = StandInLink({node: metrics_reply for node in (30, 10, 20)})
     transport = Transport(link)

@@ -100,7 +100,7 @@ def _local_round(
 ) -> Iterator[_LocalRound]:
     """The round, for the block: its model is this process's resident one (fedtune/client/task.py)."""
     settings = instruction.settings
-    node = NodeIdentity.from_node_config(dict(context.node_config))
+    node = NodeIdentity.from_node_config(dict(context.node_config)).playing(instruction.virtual, settings.num_clients)
     stages = list(instruction.stages)
     try:
         trainable = instruction.arrays.to_torch_state_dict()
@@ -133,7 +133,7 @@ def query(msg: Message, context: Context) -> Message:
 
 def _query(msg: Message, context: Context) -> Message:
     question = protocol.parse_model_query(msg.content)
-    node = NodeIdentity.from_node_config(dict(context.node_config))
+    node = NodeIdentity.from_node_config(dict(context.node_config)).playing(question.virtual)
     cache = node.model_cache()
     if question.backbone is not None:
         try:
@@ -174,7 +174,7 @@ def _train(msg: Message, instruction: RoundInstruction, local: _LocalRound) -> M
         raise RefusedMessage("freeze_statistics", "DP-SGD needs BatchNorm statistics kept frozen and at home; "
                                                   "the server's settings would send them back")
     if dp.enabled:
-        ledgers = LedgerStore(node.cache_root, settings.run_key)
+        ledgers = LedgerStore(node.client_state_root, settings.run_key)
         ledger = ledgers.load()
         result, epsilon = train_private_round(
             local.model, local.inputs, stages=local.stages, cfg=settings.train, dp=dp,

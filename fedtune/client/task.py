@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +24,19 @@ from fedtune.config import MAX_DP_SCALE, DataConfig
 from fedtune.data import ResidentSplit, fingerprint, resident_partitioning, resident_split, split_validation
 from fedtune.engine import extract_features
 from fedtune.params import first_trainable_index, load_tensors, travelling_keys
-from fedtune.protocol import ClientSettings, RefusedMessage, check_stages_of, check_trainable_tensors
+from fedtune.protocol import (
+    ClientSettings,
+    RefusedMessage,
+    VirtualClient,
+    check_stages_of,
+    check_trainable_tensors,
+)
 
 log = logging.getLogger("fedtune.client")
 
 _MAX_PARTITION_ID = 1_000_000
+# Under the cache root: the cache the virtual clients of simulations on this machine share.
+SHARED_CACHE = "virtual-clients"
 _MAX_CACHE_GB = 1e6
 # With max-epsilon set and no max-delta, the delta a node accepts: the usual choice below 1 / examples.
 DEFAULT_MAX_DELTA = 1e-5
@@ -118,6 +126,13 @@ class NodeIdentity:
     max_delta: float = DEFAULT_MAX_DELTA
     # A virtual node of the user's own simulation: it may read the experiment's data settings.
     simulated: bool = False
+    # Where this client's own state lives (its DP ledgers): cache_root, unless several virtual
+    # clients share the cache (playing).
+    state_root: Path | None = None
+
+    @property
+    def client_state_root(self) -> Path:
+        return self.state_root or self.cache_root
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, object], *, simulated: bool | None = None) -> NodeIdentity:
@@ -141,6 +156,27 @@ class NodeIdentity:
                    max_epsilon=_positive_number(node_config, "max-epsilon", high=MAX_DP_SCALE),
                    max_delta=_positive_number(node_config, "max-delta", high=1.0) or DEFAULT_MAX_DELTA,
                    simulated=in_simulation() if simulated is None else simulated)
+
+    def playing(self, virtual: VirtualClient | None, settings_clients: int | None = None) -> NodeIdentity:
+        """This node as the virtual client a simulation message names (itself when it names none).
+
+        Only a virtual node of the user's own simulation plays other clients: a real node's data and
+        identity are its own, and it refuses a message that names another. The clients a simulation
+        node plays share one read-only, content-addressed cache on this machine (`virtual-clients`
+        under the cache root: one backbone copy and the frozen features of every partition); each
+        keeps its own state (its DP ledgers) under `clients/<partition>` there.
+        """
+        if virtual is None:
+            return self
+        if not self.simulated:
+            raise RefusedMessage(keys.VIRTUAL_PARTITION, "names a virtual client, but this is a real node: its "
+                                                         "data and its identity are its own")
+        if settings_clients is not None and virtual.clients != settings_clients:
+            raise RefusedMessage(keys.VIRTUAL_CLIENTS, f"says the federation has {virtual.clients} clients, the "
+                                                       f"settings say {settings_clients}")
+        shared = default_cache_root() / SHARED_CACHE
+        return replace(self, partition_id=virtual.partition, num_partitions=virtual.clients, cache_root=shared,
+                       state_root=shared / "clients" / str(virtual.partition))
 
     def model_cache(self) -> ModelCache:
         return ModelCache(self.cache_root, max_bytes=self.cache_max_bytes)

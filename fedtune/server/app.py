@@ -19,7 +19,7 @@ from flwr.superlink.grid import InMemoryGrid
 
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.logs import setup_logging
-from fedtune.server.run import RunOutcome, node_count_mismatch, run_federation
+from fedtune.server.run import RunOutcome, node_count_mismatch, plays_virtual_clients, run_federation
 
 log = logging.getLogger("fedtune.server")
 
@@ -36,15 +36,16 @@ def config_from_run_config(run_config: dict[str, object], app_root: Path) -> Exp
 
 
 def check_simulated_node_count(grid: Grid, cfg: ExperimentConfig, *, settle: float = 0.5) -> None:
-    """In a simulation, say at once when the node count is not federation.num_clients.
+    """In a simulation under SecAgg+ (one node per client), say at once when the node count is not
+    federation.num_clients.
 
     Flower's simulation registers all its nodes in one loop as it starts
     (flwr/server/superlink/fleet/vce/vce_api.py, `_register_nodes`), so a count that holds still
     is final; `flwr run`'s default federation has 2 nodes. Real nodes connect one by one:
     run_federation waits for them up to federation.connect_timeout.
     """
-    if not isinstance(grid, InMemoryGrid):
-        return
+    if not isinstance(grid, InMemoryGrid) or plays_virtual_clients(grid, cfg):
+        return  # real nodes are waited for; any number of simulation nodes plays the virtual clients
     deadline = time.monotonic() + cfg.federation.connect_timeout
     counted = -1
     while (connected := len(list(grid.get_node_ids()))) != counted or not connected:
@@ -80,7 +81,7 @@ def simulation_server_app(cfg: ExperimentConfig, outcomes: list[RunOutcome]) -> 
     """The ServerApp of `fedtune simulate`: runs `cfg` and appends the run's outcome to `outcomes`.
 
     Flower's `run_simulation` calls the app and returns nothing of what it did, hence `outcomes`.
-    The simulation registers exactly cfg.federation.num_clients nodes, so there is no count to check.
+    The simulation registers the nodes fedtune/simulation.py asks for, so there is no count to check.
     """
     app = ServerApp()
 

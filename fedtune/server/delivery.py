@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune import messages as keys
 from fedtune.protocol import MAX_REASON_CHARS, parse_query_answer, says_model_missing
+from fedtune.server.transport import Transport, payload_bytes
 from fedtune.text import concise_reason
 
 log = logging.getLogger("fedtune.server")
@@ -43,13 +45,21 @@ class ModelDelivery:
     model_hash: str
     backbone: ArrayRecord
     timeout: float
+    # Virtual clients of a simulation (fedtune/server/transport.py, VirtualClients): they share their
+    # machine's cache, which `warm_up` fills before round 1; a client's first message is then sent
+    # without asking, and the backbone counted as real nodes would have received it (Traffic).
+    presumed: bool = False
+    new_to_clients: bool = True  # whether the virtual clients' machine lacked the model (warm_up)
     holders: set[int] = field(default_factory=set)
     deliveries: dict[int, int] = field(default_factory=dict)  # node -> times the backbone was sent
     # node -> the partition-id it gave in its answer to the query: a label for log lines, trusted for nothing else
     partitions: dict[int, int] = field(default_factory=dict)
 
     def name_of(self, node: int) -> str:
-        """How log lines name a node: `client 3 (node 123456…)`, or `node 1234567890123` before it answered."""
+        """How log lines name a node: `client 3 (node 123456…)`, or `node 1234567890123` before it answered
+        (a virtual client: `client 3`)."""
+        if self.presumed:  # a virtual client: its node id is its partition
+            return f"client {node}"
         partition = self.partitions.get(node)
         if partition is None:
             return f"node {node}"
@@ -76,13 +86,52 @@ class ModelDelivery:
             if answer.has_model:
                 self.holders.add(node)
 
+    def warm_up(self, grid: Grid, clients: list[int]) -> None:
+        """Before round 1 of a simulation: every worker of the pool imports fedtune and torch, and
+        this machine's shared cache gets the model, once.
+
+        The clients are asked whether they hold the model. If some do not, the backbone goes to the
+        first of them alone, then the others are asked again: on one machine they now find it.
+        Those that still lack it (workers on other machines of a Ray cluster) are sent it.
+        """
+        question = self._question()
+        self._query(grid, clients, question, "answer the model query")
+        lacking = [c for c in clients if c not in self.holders]
+        if lacking:
+            self._deliver(grid, lacking[:1], seeding=True)
+            self._query(grid, lacking[1:], question, "answer the model query")
+            self._deliver(grid, [c for c in lacking[1:] if c not in self.holders], seeding=True)
+        # As real nodes would be: a model new to this machine is sent once to each client, with its
+        # first message; a model cached by an earlier run is not sent again.
+        self.new_to_clients = bool(lacking)
+        self.holders.clear()
+
     def ensure_models(self, grid: Grid, nodes: list[int]) -> None:
-        """Ask newcomers whether they cache the model; send it to those that do not."""
+        """Ask newcomers whether they cache the model; send it to those that do not.
+
+        Virtual clients (`presumed`) are not asked: they share the machine's copy.
+        """
         newcomers = [n for n in nodes if n not in self.holders]
         if not newcomers:
             return
-        question = RecordDict({keys.CONFIG: ConfigRecord({keys.MODEL_HASH: self.model_hash})})
-        self._query(grid, newcomers, question, "answer the model query")
+        if self.presumed:
+            self.holders.update(newcomers)
+            if self.new_to_clients and isinstance(grid, Transport):
+                grid.traffic.backbone_presumed += len(newcomers) * self.backbone_bytes
+            return
+        self._ask_and_deliver(grid, newcomers)
+
+    def _question(self) -> RecordDict:
+        """The model query: does the node hold the model with this hash?"""
+        return RecordDict({keys.CONFIG: ConfigRecord({keys.MODEL_HASH: self.model_hash})})
+
+    @cached_property
+    def backbone_bytes(self) -> int:
+        """Of one delivery: the full model's objects, as Transport counts them in sent_backbone."""
+        return payload_bytes(self.backbone)
+
+    def _ask_and_deliver(self, grid: Grid, newcomers: list[int]) -> None:
+        self._query(grid, newcomers, self._question(), "answer the model query")
         lacking = []
         for node in (n for n in newcomers if n not in self.holders):
             if self.deliveries.get(node, 0) >= MAX_DELIVERIES:
@@ -91,12 +140,19 @@ class ModelDelivery:
                             self.deliveries[node])
             else:
                 lacking.append(node)
-        if not lacking:
+        self._deliver(grid, lacking)
+
+    def _deliver(self, grid: Grid, nodes: list[int], *, seeding: bool = False) -> None:
+        """Send the backbone to these nodes. `seeding`: into a simulation's shared cache, which real
+        nodes would not have been sent (Traffic.backbone_seeded)."""
+        if not nodes:
             return
-        delivery = RecordDict({**question, keys.BACKBONE: self.backbone})
-        for node in lacking:
+        delivery = RecordDict({**self._question(), keys.BACKBONE: self.backbone})
+        for node in nodes:
             self.deliveries[node] = self.deliveries.get(node, 0) + 1
-        self._query(grid, lacking, delivery, "store the model")
+        if seeding and isinstance(grid, Transport):
+            grid.traffic.backbone_seeded += len(nodes) * self.backbone_bytes
+        self._query(grid, nodes, delivery, "store the model")
 
     def send_and_receive(self, grid: Grid, messages: Iterable[Message]) -> list[Message]:
         """Each message's reply (or none, past the timeout); nodes that lost the model get it and their
@@ -111,7 +167,7 @@ class ModelDelivery:
         for node, reason in lost.items():
             log.warning("%s lost the model (%s); sending it again", self.name_of(node), reason[:MAX_REASON_CHARS])
         self.forget(lost)
-        self.ensure_models(grid, list(lost))
+        self._ask_and_deliver(grid, list(lost))
         again = [_addressed_again(m) for m in messages if m.metadata.dst_node_id in lost.keys() & self.holders]
         if not again:
             return replies

@@ -96,7 +96,9 @@ def play_round(server: Server, server_round: int) -> tuple[RoundRecord, TrainOut
     config = ConfigRecord(
         {keys.CLIENT_CONFIG: server.settings, keys.MODEL_HASH: server.model_hash, keys.TRAINABLE_STAGES: stages}
     )
-    traffic = server.transport.start_count()  # every message until the record: train, evaluate, queries, SecAgg+
+    # Every message since the previous round's record (the run starts each count): train, evaluate,
+    # queries, SecAgg+, and before the run's first round a simulation's warm-up.
+    traffic = server.transport.traffic
 
     # The strategy samples the clients and builds their train messages. Each sampled client that
     # lacks the backbone is sent it first; then it trains, and its reply is validated and bounded
@@ -255,9 +257,10 @@ def round_record(
         clients_ok=len(trained.client_metrics),
         clients_rejected=trained.rejected,
         clients_failed=trained.failed,
-        bytes_sent=traffic.sent,
+        bytes_sent=traffic.sent_on_nodes,
         bytes_received=traffic.received,
-        bytes_sent_backbone=traffic.sent_backbone,
+        bytes_sent_backbone=traffic.backbone_on_nodes,
+        bytes_backbone_serialised=traffic.sent_backbone,
         train_loss=_metric(trained.metrics, "train_loss"),
         train_accuracy=_metric(trained.metrics, "train_accuracy"),
         federated_loss=_metric(evaluated.metrics, "loss"),

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
 
 from fedtune import messages as keys
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
@@ -137,14 +138,16 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     # Names the run on the clients' disks; a resumed run keeps its key, so their ledgers continue.
     run_key = checkpoint.run_key if checkpoint else f"{cfg.name}-{secrets.token_hex(6)}"
     buffers = frozenset(name for name, _ in model.named_buffers())
+    virtual = plays_virtual_clients(grid, cfg)
     server = Server(
-        transport=Transport(grid),
+        transport=Transport(grid, virtual_clients=cfg.federation.num_clients if virtual else None),
         cfg=cfg,
         model=model,
         model_hash=model_hash,
         strategy=build_strategy(cfg, buffer_keys=buffers),
         delivery=ModelDelivery(
-            model_hash=model_hash, backbone=ArrayRecord(initial_state), timeout=cfg.federation.round_timeout
+            model_hash=model_hash, backbone=ArrayRecord(initial_state), timeout=cfg.federation.round_timeout,
+            presumed=virtual,
         ),
         evaluator=CentralEvaluator(test_set, device=resolve_device(cfg.train.device)),
         settings=ClientSettings.of(cfg, num_classes=num_classes, run_key=run_key).to_message(),
@@ -167,6 +170,13 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     else:
         run_dir = _start_afresh(server, stopper, run_key=run_key)
         first_round = 1
+
+    # From here, every message counts in the first round this server plays (a simulation's warm-up too).
+    server.transport.start_count()
+    if virtual:
+        pool = len(list(grid.get_node_ids()))
+        log.info("%d virtual clients, played by %d simulation nodes", cfg.federation.num_clients, pool)
+        server.delivery.warm_up(server.transport, list(range(min(pool, cfg.federation.num_clients))))
 
     # TensorBoard and MLflow, if asked for: the rounds recorded so far, then each round as it ends.
     monitor = RunMonitor.open(cfg, run_dir.path, history=[r for r in run_dir.records if r.round < first_round],
@@ -196,6 +206,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
                 break
             fit_sampling_to(server.strategy, cfg, eligible)
             record, trained = play_round(server, server_round)
+            server.transport.start_count()
             run_dir.append_round(record)
             monitor.write(record)  # before the checkpoint: a resumed run writes only the rounds after it
             progress.round_done(record)
@@ -221,6 +232,15 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     return finish(completed, stop_reason)
 
 
+def plays_virtual_clients(grid: Grid, cfg: ExperimentConfig) -> bool:
+    """Whether the run's clients are virtual clients that a pool of simulation nodes plays
+    (fedtune/server/transport.py, VirtualClients): in every simulation (Flower's in-memory grid),
+    except under SecAgg+, whose client side takes its identity in the protocol from the node that
+    receives the message (flwr/client/mod/secure_aggregation/secaggplus_mod.py:162 in Flower
+    1.41): there each client keeps a node of its own."""
+    return isinstance(grid, InMemoryGrid) and not cfg.privacy.secure_aggregation.enabled
+
+
 def _wait_for_nodes(transport: Transport, cfg: ExperimentConfig) -> None:
     """Strategies wait forever for missing nodes; fail instead, saying how to fix it."""
     expected = cfg.federation.num_clients
@@ -243,6 +263,7 @@ def _start_afresh(server: Server, stopper: EarlyStopping, *, run_key: str) -> Ru
         clients_rejected=0, clients_failed=0, bytes_sent=0, bytes_received=0, bytes_sent_backbone=0,
         train_loss=None, train_accuracy=None, federated_loss=None, federated_accuracy=None,
         central_loss=initial.loss, central_accuracy=initial.accuracy, seconds=0.0, evaluations_sampled=0,
+        bytes_backbone_serialised=0,
     )
     run_dir.append_round(baseline)
     stopper.update(baseline)
