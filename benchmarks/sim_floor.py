@@ -10,14 +10,10 @@ virtual client (as `fedtune simulate` runs them), every node sampled every round
     and replies at once) and a ServerApp that sends each node one train message per round through
     Flower's own grid (`noopapp.play_rounds`);
 (b) the same no-op app with fedtune's grid (fedtune/server/transport.py): what the transport adds;
-(c) fedtune with federated evaluation off (`federation.evaluate.enabled=false`): the quickstart
+(c) fedtune with federated evaluation off (`federation.evaluation.enabled=false`): the quickstart
     config at 32 px, head only (features cached after round 1), one local epoch, `--rounds` rounds;
     the real ServerApp and ClientApp, central evaluation and the checkpoint after every round;
-(d) (c) with fedtune's default, federated evaluation every round: a second exchange per round;
-(e) a probe, not something fedtune ships: (c) with the ClientApp's model built once per worker process
-    and kept, only the travelling tensors loaded into it for each message (fedtune/client/task.py's
-    `restore_model` rebuilds the architecture and reloads and hashes the cached backbone for every
-    message): what the floor is without that cost.
+(d) (c) with fedtune's default, federated evaluation every round: a second exchange per round.
 
 A round's time is the period between the ends of two consecutive rounds as the ServerApp sees them
 (for fedtune: its history records being appended, so the checkpoint and the run's other per-round
@@ -26,7 +22,7 @@ process tree (the driver, Ray's daemons, the workers) spent in that period, read
 shared machine the wall time follows the load of others, the CPU time much less. Round 1 (model
 delivery, the workers' first imports, the frozen features) is left out; each run's median is over
 the later rounds, each setup's figure is the median over its runs, and the setups run interleaved
-(a, b, c, d, e, a, b, ...) so that a change in the machine's load falls on all of them alike. Each
+(a, b, c, d, a, b, ...) so that a change in the machine's load falls on all of them alike. Each
 run is a process of its own (a fresh Ray, fresh caches), so no run inherits another's warm state.
 Linux only (/proc).
 """
@@ -41,47 +37,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import torch
-    from flwr.app import Context, Message
-    from flwr.clientapp import ClientApp
+    from flwr.app import Context
 
-    from fedtune.backbones import StagedModel
-    from fedtune.client.cache import ModelCache
-    from fedtune.protocol import ClientSettings
+
+from proctree import tree_cpu_seconds  # benchmarks/proctree.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 NOOP_APP = REPO / "benchmarks" / "noop_app"
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU seconds of process `root` and every live descendant (/proc/<pid>/stat)."""
-    parents: dict[int, int] = {}
-    spent: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # the command name (field 2) may hold spaces: the fields after it start behind its ')'
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:  # the process ended meanwhile
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])  # field 4, ppid
-        spent[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15, utime and stime
-    tree, frontier = {root}, [root]
-    while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
-        tree.update(frontier)
-    return sum(spent.get(pid, 0.0) for pid in tree)
 
 
 Ends = list[tuple[float, float]]  # at the start and at the end of each round: (time.monotonic(), tree CPU s)
@@ -128,40 +96,7 @@ def _noop(args: argparse.Namespace, scratch: Path, *, grid_kind: str) -> Ends:
     return ends
 
 
-def _kept_model_client() -> ClientApp:
-    """(e)'s probe: fedtune's ClientApp, with restore_model building a model once per process and keeping it."""
-    from flwr.clientapp import ClientApp
-
-    app = ClientApp()
-    kept: dict[tuple[str, str, int], StagedModel] = {}
-
-    def handle(msg: Message, context: Context) -> Message:
-        import fedtune.client.app as client_module
-        from fedtune.params import load_tensors, travelling_keys
-
-        if client_module.restore_model.__name__ != "kept":
-            build = client_module.restore_model
-
-            def kept_restore(settings: ClientSettings, *, model_hash: str, trainable: dict[str, torch.Tensor],
-                             stages: Iterable[str], cache: ModelCache) -> StagedModel:
-                key = (model_hash, settings.model.backbone, settings.num_classes)
-                if key not in kept:
-                    kept[key] = build(settings, model_hash=model_hash, trainable=trainable, stages=stages, cache=cache)
-                model = kept[key]
-                expected = travelling_keys(model, list(stages), statistics=not settings.freeze_statistics)
-                load_tensors(model, trainable, expected_keys=expected)
-                return model
-
-            kept_restore.__name__ = "kept"
-            client_module.restore_model = kept_restore  # in this worker process only: a probe
-        return client_module.app(msg, context)
-
-    for register in (app.train(), app.evaluate(), app.query()):
-        register(handle)
-    return app
-
-
-def _fedtune(args: argparse.Namespace, scratch: Path, *, evaluate: bool, kept_model: bool = False) -> Ends:
+def _fedtune(args: argparse.Namespace, scratch: Path, *, evaluate: bool) -> Ends:
     """`fedtune simulate` of the near-zero-work config, marked as each round's record is appended."""
     from fedtune.config import load_config
     from fedtune.report import RunDirectory
@@ -181,7 +116,7 @@ def _fedtune(args: argparse.Namespace, scratch: Path, *, evaluate: bool, kept_mo
         _mark(ends)
 
     RunDirectory.append_round = timed  # type: ignore[method-assign]  # this process's run only: a measurement
-    simulate(cfg, client_app=_kept_model_client() if kept_model else None)
+    simulate(cfg)
     return ends
 
 
@@ -192,8 +127,6 @@ SETUPS = [
           lambda a, s: _fedtune(a, s, evaluate=False)),
     Setup("fedtune-every", "(d) fedtune, near-zero work, federated evaluation every round (default)",
           lambda a, s: _fedtune(a, s, evaluate=True)),
-    Setup("probe-kept-model", "(e) probe: (c) with the model kept in the worker (not shipped)",
-          lambda a, s: _fedtune(a, s, evaluate=False, kept_model=True)),
 ]
 
 
