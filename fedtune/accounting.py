@@ -23,15 +23,17 @@ from functools import lru_cache
 from numbers import Integral, Real
 
 import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
+
+# Opacus is imported by the functions that use it: importing any of it imports all of Opacus (0.9 s
+# of CPU here), which a process that never accounts for privacy (a simulation's worker without
+# DP-SGD, the CLI) should not pay.
 
 # The accountants a DP-SGD run may name (DPSGDConfig.accountant): Opacus's registry names.
 SAMPLE_LEVEL_ACCOUNTANTS = ("rdp", "prv")
-# Opacus's default RDP orders, for both guarantees and for the noise calibration (which runs
-# Opacus's RDPAccountant, whose default they are).
-RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
+# Opacus's default RDP orders (RDPAccountant.DEFAULT_ALPHAS in opacus/accountants/rdp.py; a test
+# checks they are equal), for both guarantees and for the noise calibration (which runs Opacus's
+# RDPAccountant, whose default they are).
+RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 
 # One entry of an Opacus accountant's history: (noise multiplier, sample rate, steps).
 Steps = tuple[float, float, int]
@@ -51,6 +53,8 @@ def sample_level_epsilon(history: Sequence[Steps], *, delta: float, accountant: 
     if accountant == "rdp":
         rdp = sum(steps * _rdp_per_step(noise, rate) for noise, rate, steps in checked)
         return _rdp_epsilon(rdp, delta)
+    from opacus.accountants import create_accountant
+
     counter = create_accountant(accountant)
     counter.history = checked
     return float(counter.get_epsilon(delta=delta))
@@ -68,6 +72,8 @@ def calibrate_noise_multiplier(
     _check_rate("sample_rate", sample_rate)
     _check_count("steps", steps)
     _check_accountant(accountant)
+    from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
+
     try:
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                           sample_rate=sample_rate, steps=steps, accountant=accountant))
@@ -132,6 +138,8 @@ def check_history(history: Sequence[Steps]) -> list[Steps]:
 @lru_cache(maxsize=64)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """The RDP of one subsampled Gaussian step at each of RDP_ORDERS (shared: never modified)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
     rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS))
     rdp.setflags(write=False)
     return rdp
@@ -139,6 +147,8 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
 def _rdp_epsilon(rdp: np.ndarray | float, delta: float) -> float:
     """Epsilon at `delta` of the composed RDP at each of RDP_ORDERS (a sum of arrays, typed as sum() returns)."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
     epsilon, _ = get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
     return float(epsilon)
 

@@ -323,9 +323,13 @@ def parse_virtual_client(config: ConfigRecord) -> VirtualClient | None:
 
 @dataclass(frozen=True)
 class ModelQuery:
-    """The server asks whether this node caches a model, and may send the model with the question."""
+    """The server asks whether this node caches a model, and may send the model with the question.
 
-    model_hash: str
+    Without a hash, the query only asks the node to answer (a simulation's warm-up, sent before
+    the server knows its model): it answers that it holds no model.
+    """
+
+    model_hash: str | None
     backbone: ArrayRecord | None
     virtual: VirtualClient | None = None
 
@@ -333,9 +337,12 @@ class ModelQuery:
 def parse_model_query(content: RecordDict) -> ModelQuery:
     _records(content, configs=frozenset({keys.CONFIG}), arrays=frozenset(), optional_arrays=frozenset({keys.BACKBONE}))
     config = content.config_records[keys.CONFIG]
-    _config_keys(config, QUERY_CONFIG_KEYS, required=[keys.MODEL_HASH])
-    return ModelQuery(parse_model_hash(config[keys.MODEL_HASH]), content.array_records.get(keys.BACKBONE),
-                      parse_virtual_client(config))
+    _config_keys(config, QUERY_CONFIG_KEYS, required=[])
+    backbone = content.array_records.get(keys.BACKBONE)
+    if keys.MODEL_HASH not in config and backbone is not None:
+        raise RefusedMessage(keys.MODEL_HASH, "missing: a backbone comes with the hash it is checked against")
+    model_hash = parse_model_hash(config[keys.MODEL_HASH]) if keys.MODEL_HASH in config else None
+    return ModelQuery(model_hash, backbone, parse_virtual_client(config))
 
 
 @dataclass(frozen=True)

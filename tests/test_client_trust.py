@@ -154,6 +154,22 @@ def test_a_query_of_another_shape_is_refused(node: Node, change: str) -> None:
     assert node.model_files() == []
 
 
+def test_a_query_without_a_hash_is_answered_without_touching_the_cache(node: Node) -> None:
+    # A simulation's warm-up, sent before the server has built its model.
+    message = query()
+    del message.content[keys.CONFIG][keys.MODEL_HASH]
+    answer = node.send(message)
+    assert dict(answer.content[keys.METRICS]) == {keys.HAS_MODEL: 0, keys.PARTITION: 0}
+    assert not node.cache.exists()
+
+
+def test_a_backbone_without_its_hash_is_refused_and_not_stored(node: Node) -> None:
+    message = query(with_backbone=True)
+    del message.content[keys.CONFIG][keys.MODEL_HASH]
+    _refused(node.send(message), keys.MODEL_HASH, "a backbone comes with the hash it is checked against")
+    assert node.model_files() == []
+
+
 def test_the_query_answer_carries_the_partition_label(tmp_path: Path) -> None:
     node = Node(cache=tmp_path / "cache", partition=7)
     answer = node.send(query())

@@ -55,6 +55,18 @@ def test_importing_the_cli_loads_neither_torch_nor_flower() -> None:
     assert done.stdout.strip() == "[]"
 
 
+def test_a_worker_without_dp_sgd_never_imports_opacus() -> None:
+    """Opacus costs a process 0.9 s to import: a simulation's worker answers and trains without it."""
+    done = _python("""
+        import sys
+        import fedtune.client.app
+        import fedtune.accounting
+        print("opacus" in sys.modules)
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 def _logged_after_opacus(level: str) -> list[str]:
     """stderr lines of a process that imports Opacus (its logging.basicConfig) and Flower, then logs."""
     done = _python(f"""

@@ -135,7 +135,7 @@ def _query(msg: Message, context: Context) -> Message:
     question = protocol.parse_model_query(msg.content)
     node = NodeIdentity.from_node_config(dict(context.node_config)).playing(question.virtual)
     cache = node.model_cache()
-    if question.backbone is not None:
+    if question.backbone is not None and question.model_hash is not None:  # (the protocol pairs them)
         try:
             tensors = question.backbone.to_torch_state_dict()
         except Exception as error:  # Flower's conversion of arrays it could not make tensors of
@@ -144,8 +144,9 @@ def _query(msg: Message, context: Context) -> Message:
             cache.store(question.model_hash, tensors)
         except ValueError as error:  # not the model the hash announces
             raise RefusedMessage(keys.BACKBONE, str(error)) from None
+    held = question.model_hash is not None and cache.has(question.model_hash)
     answer: dict[str, int | float | list[int] | list[float]] = {
-        keys.HAS_MODEL: int(cache.has(question.model_hash)), keys.PARTITION: node.partition_id}
+        keys.HAS_MODEL: int(held), keys.PARTITION: node.partition_id}
     return Message(RecordDict({keys.METRICS: MetricRecord(answer)}), reply_to=msg)
 
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from opacus import PrivacyEngine
-from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -265,6 +263,10 @@ def train_private_round(
     model.to(device)
     freeze_all_but(model, stages)
     set_train_mode(model, stages, freeze_statistics=True)
+    # Here: only DP-SGD rounds pay for importing Opacus (fedtune/accounting.py).
+    from opacus import PrivacyEngine
+    from opacus.validators import ModuleValidator
+
     engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant.history = list(ledger.history)
     with _opacus_compatible([model.stages[stage] for stage in stages]):

@@ -86,21 +86,34 @@ class ModelDelivery:
             if answer.has_model:
                 self.holders.add(node)
 
-    def warm_up(self, grid: Grid, clients: list[int]) -> None:
-        """Before round 1 of a simulation: every worker of the pool imports fedtune and torch, and
-        this machine's shared cache gets the model, once.
+    @staticmethod
+    def ping(transport: Transport, clients: list[int]) -> list[str]:
+        """Ask these clients to answer, without waiting: the first message a simulation's worker
+        handles makes it import fedtune and torch (seconds), which then overlaps the server's own
+        start. The query names no model (the server may not have built it yet)."""
+        pings = [Message(content=RecordDict({keys.CONFIG: ConfigRecord({})}), message_type=MessageType.QUERY,
+                         dst_node_id=client) for client in clients]
+        return list(transport.push_messages(pings))
+
+    def warm_up(self, transport: Transport, clients: list[int], *, pinged: list[str]) -> None:
+        """Before round 1 of a simulation: the workers have answered their `ping`, and this machine's
+        shared cache gets the model, once.
 
         The clients are asked whether they hold the model. If some do not, the backbone goes to the
         first of them alone, then the others are asked again: on one machine they now find it.
         Those that still lack it (workers on other machines of a Ray cluster) are sent it.
         """
+        for reply in transport.receive(pinged, timeout=self.timeout):
+            if reply.has_error():
+                log.warning("%s did not answer the warm-up: %s", self.name_of(reply.metadata.src_node_id),
+                            concise_reason(reply.error.reason))
         question = self._question()
-        self._query(grid, clients, question, "answer the model query")
+        self._query(transport, clients, question, "answer the model query")
         lacking = [c for c in clients if c not in self.holders]
         if lacking:
-            self._deliver(grid, lacking[:1], seeding=True)
-            self._query(grid, lacking[1:], question, "answer the model query")
-            self._deliver(grid, [c for c in lacking[1:] if c not in self.holders], seeding=True)
+            self._deliver(transport, lacking[:1], seeding=True)
+            self._query(transport, lacking[1:], question, "answer the model query")
+            self._deliver(transport, [c for c in lacking[1:] if c not in self.holders], seeding=True)
         # As real nodes would be: a model new to this machine is sent once to each client, with its
         # first message; a model cached by an earlier run is not sent again.
         self.new_to_clients = bool(lacking)

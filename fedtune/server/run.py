@@ -119,6 +119,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    virtual = plays_virtual_clients(grid, cfg)
+    transport = Transport(grid, virtual_clients=cfg.federation.num_clients if virtual else None)
+    if virtual:  # the simulation's workers start their imports now, while the server loads its data and model
+        warming = list(range(min(len(simulation_pool(grid, cfg)), cfg.federation.num_clients)))
+        pinged = ModelDelivery.ping(transport, warming)
     # Everything that can fail on bad input (data, weights) happens before the run directory
     # exists, so a failed start leaves nothing behind.
     test_set = load_split(cfg.data.source, "test", root=cfg.data.root, download=cfg.data.download, seed=cfg.seed,
@@ -138,9 +143,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     # Names the run on the clients' disks; a resumed run keeps its key, so their ledgers continue.
     run_key = checkpoint.run_key if checkpoint else f"{cfg.name}-{secrets.token_hex(6)}"
     buffers = frozenset(name for name, _ in model.named_buffers())
-    virtual = plays_virtual_clients(grid, cfg)
     server = Server(
-        transport=Transport(grid, virtual_clients=cfg.federation.num_clients if virtual else None),
+        transport=transport,
         cfg=cfg,
         model=model,
         model_hash=model_hash,
@@ -174,9 +178,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     # From here, every message counts in the first round this server plays (a simulation's warm-up too).
     server.transport.start_count()
     if virtual:
-        pool = len(list(grid.get_node_ids()))
-        log.info("%d virtual clients, played by %d simulation nodes", cfg.federation.num_clients, pool)
-        server.delivery.warm_up(server.transport, list(range(min(pool, cfg.federation.num_clients))))
+        log.info("%d virtual clients, played by %d simulation nodes", cfg.federation.num_clients, len(warming))
+        server.delivery.warm_up(server.transport, warming, pinged=pinged)
 
     # TensorBoard and MLflow, if asked for: the rounds recorded so far, then each round as it ends.
     monitor = RunMonitor.open(cfg, run_dir.path, history=[r for r in run_dir.records if r.round < first_round],
@@ -239,6 +242,21 @@ def plays_virtual_clients(grid: Grid, cfg: ExperimentConfig) -> bool:
     receives the message (flwr/client/mod/secure_aggregation/secaggplus_mod.py:162 in Flower
     1.41): there each client keeps a node of its own."""
     return isinstance(grid, InMemoryGrid) and not cfg.privacy.secure_aggregation.enabled
+
+
+def simulation_pool(grid: Grid, cfg: ExperimentConfig, *, settle: float = 0.05) -> list[int]:
+    """The simulation's nodes. Flower starts the ServerApp first and registers the nodes just after,
+    all in one loop (flwr/simulation/run_simulation.py, then flwr/server/superlink/fleet/vce/
+    vce_api.py, `_register_nodes`): a count that holds still is final."""
+    deadline = time.monotonic() + cfg.federation.connect_timeout
+    counted = -1
+    while not (nodes := list(grid.get_node_ids())) or len(nodes) != counted:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the simulation registered no nodes in federation.connect_timeout "
+                               f"({cfg.federation.connect_timeout} s)")
+        counted = len(nodes)
+        time.sleep(settle)
+    return sorted(nodes)
 
 
 def _wait_for_nodes(transport: Transport, cfg: ExperimentConfig) -> None:

@@ -168,13 +168,24 @@ class Transport(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return send_and_receive_promptly(self, messages, timeout=timeout, interval=self._interval)
 
+    def receive(self, message_ids: Iterable[str], *, timeout: float | None) -> list[Message]:
+        """The replies to messages pushed earlier (`push_messages`), as `send_and_receive` waits for them."""
+        return receive_promptly(self, message_ids, timeout=timeout, interval=self._interval)
+
 
 def send_and_receive_promptly(
     grid: Grid, messages: Iterable[Message], *, timeout: float | None, interval: float = PULL_INTERVAL
 ) -> list[Message]:
     """Push `messages` through `grid`, then pull every `interval` s until each has its reply or `timeout`
     seconds have passed (like Flower's: at least one pull, and `timeout=None` waits for all replies)."""
-    pending = set(grid.push_messages(messages))
+    return receive_promptly(grid, grid.push_messages(messages), timeout=timeout, interval=interval)
+
+
+def receive_promptly(
+    grid: Grid, message_ids: Iterable[str], *, timeout: float | None, interval: float = PULL_INTERVAL
+) -> list[Message]:
+    """The replies to messages already pushed, pulled every `interval` s as `send_and_receive_promptly` does."""
+    pending = set(message_ids)
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     while True:
