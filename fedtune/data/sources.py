@@ -285,7 +285,9 @@ def _torchvision_targets(dataset: Any) -> list[int]:
     for attribute in ("targets", "labels", "_labels"):
         values = getattr(dataset, attribute, None)
         if values is not None:
-            return [int(v) for v in values]
+            # A tensor or array as a list first: iterating a tensor makes a tensor of each label,
+            # which held 480 MiB at once for 800,000 labels (MNIST's targets are a tensor).
+            return [int(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
     # no label attribute: read every item once (decodes every image, but only at load time)
     return [int(dataset[i][1]) for i in range(len(dataset))]
 
