@@ -515,3 +515,20 @@ def test_fingerprint_depends_on_identity_and_indices_only() -> None:
     assert fingerprint(train, [0, 5, 10]) != key
     assert fingerprint(train, [5, 0, 9]) != key  # cached features are stored in index order
     assert fingerprint(test, [0, 5, 9]) != key
+
+
+def test_two_folders_of_one_torchvision_class_never_share_cached_features(tmp_path: Path) -> None:
+    from mnist_format import write_digits_as_mnist
+
+    def mnist(folder: Path) -> ImageDataset:
+        return load_split("torchvision:MNIST", "train", root=str(folder), download=False, seed=0)
+
+    first = mnist(write_digits_as_mnist(tmp_path / "a", train=50, test=5))
+    again = mnist(tmp_path / "a")
+    other = mnist(write_digits_as_mnist(tmp_path / "b", train=50, test=5, seed=1))
+    assert first.identity == again.identity
+    assert first.identity != other.identity and first.identity.startswith("torchvision:MNIST:train:")
+    # Files changed in place are another data set too.
+    write_digits_as_mnist(tmp_path / "a", train=50, test=5, seed=2)
+    changed = mnist(tmp_path / "a")
+    assert changed.identity not in (first.identity, other.identity)

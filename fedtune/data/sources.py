@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
 from fedtune.data.images import (
@@ -339,7 +340,21 @@ def load_torchvision(
         TorchvisionImages(dataset),
         targets=targets,
         classes=[str(c) for c in classes],
-        identity=f"torchvision:{argument}:{split}",
+        identity=_torchvision_identity(f"torchvision:{argument}:{split}", path, dataset, targets),
     )
+
+
+def _torchvision_identity(name: str, path: Path, dataset: Any, targets: list[int]) -> str:
+    """What the set's frozen features are cached under: its name, folder, labels and, where the
+    class keeps its images in one array (MNIST's, CIFAR's), their bytes. Two folders holding the
+    same class's files, or a folder whose files changed, must not share cached features."""
+    digest = hashlib.sha256(f"{name}\0{path}\0".encode())
+    digest.update(np.asarray(targets, dtype="<i8").tobytes())
+    data = getattr(dataset, "data", None)
+    if isinstance(data, torch.Tensor):
+        digest.update(data.contiguous().numpy().tobytes())
+    elif isinstance(data, np.ndarray):
+        digest.update(np.ascontiguousarray(data).tobytes())
+    return f"{name}:{digest.hexdigest()[:16]}"
 
 
