@@ -61,9 +61,12 @@ def test_a_node_that_lost_its_model_is_sent_it_again_and_trains_in_that_round(
     assert lines[1].startswith(f"round {server_round} simulated=True error: model not cached: ")
     assert lines[2:] == [f"round {server_round} simulated=True trained", "round 3 simulated=True trained"]
     # The full model went once into the machine's shared cache (to client 0, in the warm-up), and
-    # once more to the client that lost it.
+    # again to the client that lost it. The virtual clients share that cache: another client whose
+    # message ran while the file was gone lost it too, and was sent it the same way.
     summary = json.loads((outcome.run_dir / "summary.json").read_text())
-    assert summary["backbone_deliveries_per_node"] == {"0": 1, str(partition): 1}
+    deliveries = summary["backbone_deliveries_per_node"]
+    assert deliveries[str(partition)] == 1 and deliveries["0"] in (1, 2) and set(deliveries.values()) <= {1, 2}
     assert history[server_round].bytes_backbone_serialised > 0 and history[3].bytes_backbone_serialised == 0
     resent = [r.getMessage() for r in caplog.records if "lost the model" in r.getMessage()]
-    assert len(resent) == 1 and resent[0].startswith(f"client {partition} lost the model")
+    assert any(line.startswith(f"client {partition} lost the model") for line in resent)
+    assert len(resent) == sum(deliveries.values()) - 1  # every delivery after the warm-up's answered a loss
