@@ -340,7 +340,7 @@ def test_malformed_evaluate_replies_are_left_out_and_the_rest_aggregate(caplog: 
     ]
     with caplog.at_level(logging.WARNING, logger="fedtune.server"):
         result = check_evaluate_replies(replies, server_round=2, name_of=lambda node: f"node {node}")
-    assert [r.metadata.src_node_id for r in result.valid] == [1, 2]
+    assert sorted(r.metadata.src_node_id for r in result.valid) == [1, 2]
     assert sorted(result.problems) == [3, 4, 5, 6]
     assert len(result.rejected) == 3 and len(result.failed) == 1
     metrics = FedAvg().aggregate_evaluate(2, result.valid)
@@ -407,3 +407,13 @@ def test_concise_reason_is_bounded_even_for_a_huge_reason() -> None:
 
 def test_concise_reason_replaces_terminal_escapes_and_control_characters() -> None:
     assert concise_reason(flower_reason("\x1b[2J\x1b[31mall good\x07\x00")) == "?[2J?[31mall good??"
+
+
+def test_evaluate_metrics_average_alike_whichever_reply_arrives_first() -> None:
+    # Floating-point sums depend on their order: replies are taken in an order of their content.
+    replies = [evaluate_reply({keys.NUM_EXAMPLES: n, "loss": 1 / (n + 0.3), "accuracy": (n % 7) / 7}, node=n)
+               for n in range(1, 40)]
+    forward = check_evaluate_replies(replies, server_round=1, name_of=str).valid
+    backward = check_evaluate_replies(list(reversed(replies)), server_round=1, name_of=str).valid
+    assert [r.metadata.src_node_id for r in forward] == [r.metadata.src_node_id for r in backward]
+    assert FedAvg().aggregate_evaluate(1, forward) == FedAvg().aggregate_evaluate(1, backward)

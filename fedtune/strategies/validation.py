@@ -296,7 +296,19 @@ def check_evaluate_replies(
     replies: Iterable[Message], *, server_round: int, name_of: Callable[[int], str]
 ) -> SortedReplies:
     """Valid (parsed), rejected and failed evaluate replies."""
-    return _sort(replies, parse_evaluate_content, what="evaluate", server_round=server_round, name_of=name_of)
+    result = _sort(replies, parse_evaluate_content, what="evaluate", server_round=server_round, name_of=name_of)
+    # Ordered by content too: the weighted averages of the metrics then do not depend on which
+    # reply arrived first (they differed in their last bit from run to run).
+    result.valid.sort(key=_metrics_digest)
+    return result
+
+
+def _metrics_digest(reply: Message) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    for name, record in sorted(reply.content.metric_records.items()):
+        digest.update(name.encode())
+        digest.update(repr(sorted(record.items())).encode())
+    return digest.digest()
 
 
 def _content_digest(reply: Message) -> bytes:
