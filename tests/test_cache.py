@@ -384,3 +384,35 @@ def test_an_entry_without_checksum_is_recomputed(isolated_cache: Path) -> None:
 
     assert cache.get("model", "3", "data") is None
     assert not path.exists()
+
+
+def test_writes_trust_the_count_of_bytes_until_a_rescan_finds_what_others_wrote(
+    isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A simulation's shared cache holds two entries per client: a write must not scan them all.
+    import fedtune.client.cache as cache_module
+
+    entry = TensorDataset(torch.zeros(64, 256), torch.zeros(64, dtype=torch.long))  # about 66 kB a file
+    cache = FeatureCache(isolated_cache, max_bytes=400_000)
+    scans = 0
+    scan = Path.glob
+
+    def counted(self: Path, pattern: str):  # noqa: ANN202
+        nonlocal scans
+        scans += 1
+        return scan(self, pattern)
+
+    monkeypatch.setattr(Path, "glob", counted)
+    for client in range(4):
+        cache.put(entry, f"client {client}")
+    assert scans == 1  # the first write scanned the cache's folder; the next three trusted the count
+
+    # Another process of this machine fills the cache behind this one's back.
+    for name in ("other-a", "other-b", "other-c"):
+        (cache.root / f"{name}.safetensors").write_bytes(cache.path("client 0").read_bytes())
+    os.utime(cache.path("client 0"), (1, 1))  # the least recently used entry
+    monkeypatch.setattr(cache_module, "RESCAN_S", 0.0)
+    cache.put(entry, "client 4")
+    assert scans == 2 and not cache.path("client 0").exists()  # a rescan saw them, and made room
+    total = sum(path.stat().st_size for path in cache.root.iterdir())
+    assert total <= 400_000

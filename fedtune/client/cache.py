@@ -4,7 +4,8 @@ Both kinds of entry count against one cap (`cache-max-gb` in the node config, el
 FEDTUNE_CACHE_MAX_GB environment variable, else DEFAULT_CACHE_MAX_GB). Writing an entry first
 evicts the least recently used ones (loading an entry marks it used, to within a minute), never
 the entry being written nor the model the round is using; an entry that cannot fit even then is
-refused (CacheFull). Every entry is checked when it is read: a model must hash to its name, features to
+refused (CacheFull). A process counts the bytes it wrote rather than scanning the cache for every
+write (`RESCAN_S`). Every entry is checked when it is read: a model must hash to its name, features to
 the checksum stored beside them. A damaged entry is logged naming its file, removed, and never used.
 A process that keeps a verified model in memory (fedtune/client/resident.py) reads its file again
 only when the file's signature (`FileSignature`) has changed since the read it verified.
@@ -15,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -75,9 +78,26 @@ class ModelNotCached(LookupError):
     """The model a message names is not in this node's cache (never sent, deleted, or damaged and removed)."""
 
 
+# Bytes each cache holds as this process last counted them (a scan of its folders), plus what the
+# process wrote since. A write scans the folders again only when that count says the cap may be
+# reached, or the count is older than RESCAN_S: the shared cache of a simulation's virtual clients
+# holds two feature entries per client, and a scan for every write grew with the federation. Other
+# processes sharing a cache write too: between two scans of this one, the cache can go over its
+# cap by what they wrote.
+RESCAN_S = 30.0
+_counted: dict[Path, tuple[float, int]] = {}  # node_root -> (monotonic time of the scan, bytes)
+_counted_lock = threading.Lock()
+
+
 def _evict_for(incoming: int, *, node_root: Path, max_bytes: int, replacing: Path, protected: Iterable[Path]) -> None:
     """Remove the least recently used entries until `incoming` more bytes (the entry at `replacing`,
     new or written again) fit under `max_bytes`; `protected` entries stay."""
+    now = time.monotonic()
+    with _counted_lock:
+        scanned_at, counted = _counted.get(node_root, (-math.inf, 0))
+        if now - scanned_at < RESCAN_S and counted + incoming <= max_bytes:
+            _counted[node_root] = (scanned_at, counted + incoming)
+            return
     protected = {path.resolve() for path in protected}
     entries = []
     for folder in (node_root / ModelCache.FOLDER, node_root / FeatureCache.FOLDER):
@@ -105,6 +125,8 @@ def _evict_for(incoming: int, *, node_root: Path, max_bytes: int, replacing: Pat
         path.unlink(missing_ok=True)
         total -= size
         log.info("cache cap %.2f GB: evicted %s (%.1f MB, least recently used)", max_bytes / _GB, path, size / 1e6)
+    with _counted_lock:
+        _counted[node_root] = (now, total + incoming)
 
 
 def _save(tensors: dict[str, Tensor], path: Path, *, metadata: dict[str, str] | None = None,
