@@ -20,7 +20,6 @@ It prints medians and 90th percentiles, and what they add up to for one round of
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import ssl
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
+from tables import write_results  # benchmarks/tables.py, beside this script
 
 from fedtune.console import compare_table
 from fedtune.gateway import FleetGateway, Gateway, bind
@@ -159,13 +159,11 @@ def main() -> None:
     note = (f"Added per small call: {added:.2f} ms (median); for {args.calls_per_round} calls a node makes in a "
             f"round: {added * args.calls_per_round / 1000:.2f} s per round, spread over its calls. "
             f"{os.cpu_count()} CPU cores, 1-min load average {os.getloadavg()[0]:.1f} at the end.")
-    table = compare_table(rows, list(rows[0]))
-    print(f"{table}\n\n{note}")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        command = "python benchmarks/gateway_cost.py " + " ".join(sys.argv[1:])
-        (args.out / "table.md").write_text(f"{table}\n\n{note}\n\nCommand: `{command}`\n")
-        (args.out / "table.json").write_text(json.dumps({"rows": rows, "note": note, "command": command}, indent=2))
+        table = write_results(args.out, rows, note)
+    else:
+        table = compare_table(rows, list(rows[0]))
+    print(f"{table}\n\n{note}")
 
 
 if __name__ == "__main__":

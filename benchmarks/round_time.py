@@ -48,6 +48,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tables import write_results  # benchmarks/tables.py, beside this script
+
 from fedtune.console import compare_table
 from fedtune.ports import wait_until_listening
 from fedtune.processes import signal_group
@@ -280,10 +282,7 @@ def main() -> None:
     note = (f"{args.nodes} nodes on loopback, {args.rounds} rounds per setup; "
             f"{os.cpu_count()} CPU cores shared with other work (1-min load average {load_before:.1f} before, "
             f"{os.getloadavg()[0]:.1f} after).")
-    table = compare_table(rows, list(dict.fromkeys(column for row in rows for column in row)))
-    command = "python benchmarks/round_time.py " + " ".join(sys.argv[1:])
-    (args.out / "table.md").write_text(f"{table}\n\n{note}\n\nCommand: `{command}`\n")
-    (args.out / "table.json").write_text(json.dumps({"rows": rows, "note": note, "command": command}, indent=2))
+    table = write_results(args.out, rows, note)
     print(f"\n{table}\n\n{note}")
 
 

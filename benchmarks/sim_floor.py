@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 
 from proctree import tree_cpu_seconds  # benchmarks/proctree.py, beside this script
+from tables import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 NOOP_APP = REPO / "benchmarks" / "noop_app"
@@ -186,8 +187,6 @@ def main() -> None:
         parser.error("--rounds must be at least 3: round 1 is left out and a median needs rounds")
     if "stock" not in args.setups:
         parser.error("the ratios are to stock Flower: keep 'stock' in --setups")
-    from fedtune.console import compare_table
-
     args.out = args.out.resolve()
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
@@ -219,10 +218,7 @@ def main() -> None:
     note = (f"{args.nodes} virtual nodes, every one sampled every round, 1 CPU each; {args.rounds} rounds per run "
             f"(round 1 left out), {args.repeats} runs per setup, interleaved; {os.cpu_count()} CPU cores shared with "
             f"other work (1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after).")
-    table = compare_table(rows, list(rows[0]))
-    command = "python benchmarks/sim_floor.py " + " ".join(sys.argv[1:])
-    (args.out / "table.md").write_text(f"{table}\n\n{note}\n\nCommand: `{command}`\n")
-    (args.out / "table.json").write_text(json.dumps({"rows": rows, "note": note, "command": command}, indent=2))
+    table = write_results(args.out, rows, note)
     print(f"\n{table}\n\n{note}")
 
 

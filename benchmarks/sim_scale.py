@@ -2,13 +2,18 @@
 
     python benchmarks/sim_scale.py                       # N = 100, 10,000, 100,000; 10 and 100 a round; 2 runs each
     python benchmarks/sim_scale.py --clients 100 100000 --per-round 10 --rounds 6 --repeats 3
+    python benchmarks/sim_scale.py --per-round 100 --augment --out benchmarks/results/sim-scale-augmented
 
 Each run is `fedtune simulate` of the quickstart task (EfficientNet-Lite0, ImageNet weights, 32 px,
 head only, one local epoch, federated evaluation on the clients that train, every round) in a
 process of its own: a fresh Ray, fresh caches. The data is an MNIST-format set made from
 scikit-learn's digits (tests/mnist_format.py: each example a digits image with seeded noise), with
 `--examples` examples for each of the N clients (iid) and 500 test images, loaded through fedtune's
-real `torchvision:MNIST` source; the per-client work is the same at every N.
+real `torchvision:MNIST` source; the per-client work is the same at every N, except for one thing:
+a client computes its frozen features the first time it is sampled and reuses them after (the
+feature cache). At N = 100 with 100 sampled, every warm round's clients have them; at 100,000,
+nearly every client is new. `--augment` (data.augment: a new random crop of each image every
+epoch, so training features are never cached) makes every round compute them at every N.
 
 Reported, for each (N, sampled per round), medians over the runs (run in turn, N by N):
 - round 1 starts: seconds from launching the process to the start of round 1 (Python's imports,
@@ -36,6 +41,7 @@ import time
 from pathlib import Path
 
 from proctree import tree_pss_bytes  # benchmarks/proctree.py, beside this script
+from tables import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # tests/mnist_format.py: the data set's maker
@@ -63,7 +69,7 @@ def _one_run(args: argparse.Namespace) -> None:
         "data.val_fraction=0.25", "data.partition.scheme=iid", "data.partition.min_examples=2",
         f"federation.num_clients={args.child_clients}", f"federation.clients_per_round={args.child_per_round}",
         f"federation.rounds={args.rounds}", "train.trainable_blocks=0", "train.unfreeze=[]", "train.local_epochs=1",
-        "early_stopping.enabled=false", f"output.dir={scratch / 'runs'}",
+        "early_stopping.enabled=false", f"output.dir={scratch / 'runs'}", f"data.augment={str(args.augment).lower()}",
     ])
     starts: list[float] = []
     ends: list[float] = []
@@ -98,7 +104,7 @@ def _run_in_child(args: argparse.Namespace, clients: int, per_round: int, data: 
     with tempfile.TemporaryDirectory(prefix="sim-scale-") as scratch:
         command = [sys.executable, __file__, "--child-clients", str(clients), "--child-per-round", str(per_round),
                    "--rounds", str(args.rounds), "--data", str(data), "--scratch", scratch,
-                   "--launched", repr(time.time())]
+                   "--launched", repr(time.time()), *(["--augment"] if args.augment else [])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         with log.open("w") as output:
             child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=output, text=True, env=env)
@@ -134,6 +140,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=8, help="Train examples per client in the data set made.")
     parser.add_argument("--rounds", type=int, default=5, help="Rounds per run (round 1 is left out of warm rounds).")
     parser.add_argument("--repeats", type=int, default=2, help="Runs of each setup.")
+    parser.add_argument("--augment", action="store_true", help="data.augment on: no cached training features.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sim-scale")
     parser.add_argument("--work", type=Path, default=None, help="Where the data sets go (default: a temp folder).")
     for hidden in ("--child-clients", "--child-per-round"):
@@ -150,8 +157,6 @@ def main() -> None:
     if 100 not in args.clients:
         parser.error("the ratios are to N = 100: keep 100 in --clients")
     from mnist_format import write_digits_as_mnist
-
-    from fedtune.console import compare_table
 
     args.out = args.out.resolve()
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
@@ -192,14 +197,10 @@ def main() -> None:
             "backbone serialised (MiB)": _mib(statistics.median(r["backbone_serialised"] for r in runs)),
         })
     note = (f"{args.rounds} rounds a run (round 1 left out of warm rounds), {args.repeats} runs a setup; "
-            f"{args.examples} train examples a client; {os.cpu_count()} CPU cores (1-min load average "
-            f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after).")
-    table = compare_table(rows, list(rows[0]))
-    command = "python benchmarks/sim_scale.py " + " ".join(sys.argv[1:])
-    (args.out / "table.md").write_text(f"{table}\n\n{note}\n\nCommand: `{command}`\n")
+            f"{args.examples} train examples a client; data.augment {str(args.augment).lower()}; {os.cpu_count()} "
+            f"CPU cores (1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after).")
     raw = [{"clients": c, "per_round": k, "runs": runs} for (c, k), runs in results.items()]
-    (args.out / "table.json").write_text(json.dumps({"rows": rows, "runs": raw, "note": note, "command": command},
-                                                    indent=2))
+    table = write_results(args.out, rows, note, raw={"runs": raw})
     print(f"\n{table}\n\n{note}")
 
 
