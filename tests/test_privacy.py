@@ -159,3 +159,26 @@ def test_a_ledger_with_impossible_entries_is_refused_as_damaged_and_kept(
     with pytest.raises(ValueError, match=f"privacy ledger .* is damaged .*{problem}"):
         store.load()
     assert store.path.read_text(encoding="utf-8") == damaged  # the budget already spent is not forgotten
+
+
+def test_three_examples_at_batch_size_one_never_raise_and_every_step_is_counted(lite0: StagedModel) -> None:
+    """Poisson sampling at rate 1/3 draws an empty batch about 30% of the time: each is a step of
+    pure noise, never an exception, and the ledger counts it."""
+    stages = trainable_stages(lite0, 0)
+    cfg = TrainConfig(lr=0.01, batch_size=1, local_epochs=2)
+    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5)
+    generator = torch.Generator().manual_seed(3)
+    tiny = TensorDataset(torch.randn(3, 1280, generator=generator), torch.tensor([0, 1, 1]))
+    before = {key: value.clone() for key, value in lite0.stages["head"].state_dict().items()}
+    for seed in range(20):
+        ledger = PrivacyLedger()
+        for server_round in range(2):
+            metrics, epsilon = train_private_round(
+                lite0, tiny, stages=stages, cfg=cfg, dp=dp, ledger=ledger, planned_rounds=2,
+                start=first_trainable_index(lite0, stages), seed=1000 * seed + server_round, device=CPU,
+            )
+            assert metrics.num_examples == 3 and 0 < epsilon <= 3.0
+        # 2 rounds x 2 epochs x 3 batches (empty or not), all at the calibrated noise and rate 1/3.
+        assert sum(steps for _, _, steps in ledger.history) == 12
+        assert {(noise, rate) for noise, rate, _ in ledger.history} == {(ledger.noise_multiplier, 1 / 3)}
+        lite0.stages["head"].load_state_dict(before)

@@ -176,13 +176,18 @@ def _private_epochs(
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(epochs):
         for inputs, targets in loader:
-            if len(targets) == 0:  # Poisson sampling can draw an empty batch
-                optimizer.zero_grad(set_to_none=True)
-                optimizer.step()
-                continue
             inputs, targets = inputs.to(device), targets.to(device)
             optimizer.zero_grad(set_to_none=True)
             logits = module(inputs)
+            if len(targets) == 0:
+                # Poisson sampling drew an empty batch (Opacus's loader yields it with its shape):
+                # the mechanism still takes its step, of pure noise. A backward pass through the
+                # empty batch gives Opacus its empty per-sample gradients (the mean loss of no
+                # example would be NaN); without it, optimizer.step() raised "Per sample gradient
+                # is not initialized".
+                (logits.sum() * 0.0).backward()
+                optimizer.step()
+                continue
             loss = loss_fn(logits, targets)
             loss.backward()
             optimizer.step()
