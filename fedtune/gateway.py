@@ -38,6 +38,8 @@ from flwr.supercore.constant import (
     FLWR_PACKAGE_VERSION_METADATA_KEY,
 )
 
+from fedtune.text import printable
+
 log = logging.getLogger("fedtune.gateway")
 
 # Every call of Flower 1.41's SuperNode (flwr/supernode/fleet_http_client.py), all POST.
@@ -84,8 +86,7 @@ def _peer(scope: Scope) -> str:
 
 def _printable(text: str) -> str:
     # The path comes from the peer: never let it write lines of its own into the log.
-    shown = text[:_LOGGED_CHARS].encode("unicode_escape").decode("ascii")
-    return shown + ("..." if len(text) > _LOGGED_CHARS else "")
+    return printable(text, _LOGGED_CHARS, escaped=True)
 
 
 async def _answer(send: Send, status: int, text: str) -> None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 MAX_REASON = 500  # characters of a client's error message kept for the log and the history
 
 
-def printable(text: str, limit: int) -> str:
-    """`text` cut to `limit` characters (and "..." if cut), control characters (newlines, terminal escapes) as "?"."""
-    shown = "".join(c if c.isprintable() else "?" for c in text[:limit])
+def printable(text: str, limit: int, *, escaped: bool = False) -> str:
+    """`text` cut to `limit` characters (and "..." if cut), control characters (newlines, terminal
+    escapes) as "?", or with `escaped` as Python escapes (a newline as \\n: shows exactly what a
+    peer sent), so that it can never write lines of its own into a log."""
+    cut = text[:limit]
+    shown = cut.encode("unicode_escape").decode("ascii") if escaped else "".join(
+        c if c.isprintable() else "?" for c in cut)
     return shown + "..." if len(text) > limit else shown
 
 

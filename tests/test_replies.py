@@ -23,7 +23,7 @@ from fedtune.strategies.validation import (
     specs_of,
     train_metric_specs,
 )
-from fedtune.text import concise_reason
+from fedtune.text import concise_reason, printable
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -417,3 +417,10 @@ def test_evaluate_metrics_average_alike_whichever_reply_arrives_first() -> None:
     backward = check_evaluate_replies(list(reversed(replies)), server_round=1, name_of=str).valid
     assert [r.metadata.src_node_id for r in forward] == [r.metadata.src_node_id for r in backward]
     assert FedAvg().aggregate_evaluate(1, forward) == FedAvg().aggregate_evaluate(1, backward)
+
+
+def test_a_peers_text_never_writes_lines_of_its_own_into_a_log() -> None:
+    forged = "ok\n12:00:00 ERROR forged\x1b[2J" + "a" * 100
+    assert printable(forged, 30) == "ok?12:00:00 ERROR forged?[2Jaa..."
+    assert printable(forged, 30, escaped=True) == "ok\\n12:00:00 ERROR forged\\x1b[2Jaa..."
+    assert printable("short", 30) == printable("short", 30, escaped=True) == "short"
