@@ -15,6 +15,7 @@ from torch import Tensor
 from fedtune.atomic import write_bytes_atomically
 
 MODEL_FILE = "model.safetensors"
+CONFIG_JSON = "config.json"  # beside it in a run folder: the run's resolved config
 # model.safetensors metadata key: the class names, in label order, as a JSON list of strings. (Files
 # of earlier fedtune versions joined them with commas under "classes", which a name with a comma broke.)
 CLASS_NAMES = "class_names"

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel
 
 from fedtune.config import ExperimentConfig, MLflowConfig
-from fedtune.model_file import MODEL_FILE
+from fedtune.model_file import CONFIG_JSON, MODEL_FILE
 from fedtune.records import RoundRecord
-from fedtune.report import CONFIG_JSON, SUMMARY_JSON
+from fedtune.report import SUMMARY_JSON
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

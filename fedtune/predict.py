@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
 from fedtune.config import ExperimentConfig, config_from_json, read_config_text
 from fedtune.data import BadImageError, BadImages, load_split, read_image
-from fedtune.model_file import MODEL_FILE, class_names_of, load_model_file
+from fedtune.model_file import CONFIG_JSON, MODEL_FILE, class_names_of, load_model_file
 
 log = logging.getLogger("fedtune.predict")
 
@@ -46,7 +46,7 @@ def load_saved(path: str | Path) -> SavedRun:
         raise ValueError(f"{model_file}: does not hold a {meta['backbone'][:64]} model with {len(classes)} classes "
                          f"({problem})") from None
     model.eval()
-    config_file = model_file.parent / "config.json"
+    config_file = model_file.parent / CONFIG_JSON
     config = config_from_json(read_config_text(config_file)) if config_file.is_file() else None
     return SavedRun(model=model, backbone=meta["backbone"], classes=classes, image_size=image_size, config=config)
 

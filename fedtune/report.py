@@ -18,11 +18,10 @@ import yaml
 from torch import Tensor
 
 from fedtune.atomic import replace_atomically, write_text_atomically
-from fedtune.model_file import MODEL_FILE, save_model_file
+from fedtune.model_file import CONFIG_JSON, MODEL_FILE, save_model_file
 from fedtune.plots import draw_accuracy, draw_bytes, draw_epsilon, figure_of
 from fedtune.records import RECORD_COLUMNS, RoundRecord, record_from_dict, summarize_history
 
-CONFIG_JSON = "config.json"
 CONFIG_YAML = "config.yaml"
 HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"

@@ -35,7 +35,8 @@ from safetensors.torch import save as save_tensors
 
 from fedtune.atomic import write_bytes_atomically
 from fedtune.config import MONITORING_KEYS, ExperimentConfig, parse_config, shown
-from fedtune.report import CONFIG_JSON, SUMMARY_JSON
+from fedtune.model_file import CONFIG_JSON
+from fedtune.report import SUMMARY_JSON
 
 log = logging.getLogger("fedtune.server")
 
