@@ -42,7 +42,8 @@ def test_flwr_run_completes_the_default_config_with_dp_sgd(tmp_path: Path) -> No
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
     runs = tmp_path / "runs"
-    overrides = (f"federation.num_clients=2;federation.rounds=1;train.unfreeze=[];data.image_size=32;output.dir={runs};"
+    # The 2 simulation nodes play 4 virtual clients, each with its own DP-SGD ledger.
+    overrides = (f"federation.num_clients=4;federation.rounds=1;train.unfreeze=[];data.image_size=32;output.dir={runs};"
                  "privacy.dp_sgd.enabled=true;privacy.dp_sgd.target_epsilon=8")
     try:
         result = subprocess.run(
@@ -62,7 +63,8 @@ def test_flwr_run_completes_the_default_config_with_dp_sgd(tmp_path: Path) -> No
             "accuracy.png", "bytes.png", "privacy.json", "privacy.png"} <= files
     history = json.loads((run_dirs[0] / "history.json").read_text())["rounds"]
     assert [r["round"] for r in history] == [0, 1]
-    assert history[1]["clients_ok"] == 2
+    assert history[1]["clients_ok"] == 4
     assert history[1]["central_accuracy"] > history[0]["central_accuracy"]
     epsilons = {k: v for k, v in history[1]["extra"].items() if k.startswith("epsilon_client_")}
-    assert len(epsilons) == 2 and 0 < max(epsilons.values()) <= 8
+    assert sorted(epsilons) == [f"epsilon_client_{client}" for client in range(4)]
+    assert 0 < max(epsilons.values()) <= 8
