@@ -200,6 +200,8 @@ def test_clients_at_their_privacy_budget_refuse_and_the_run_ends_cleanly(tmp_pat
     assert any(0 < r.clients_sampled < cfg.federation.num_clients for r in history[1:])  # some left early
     privacy = json.loads((outcome.run_dir / "privacy.json").read_text())["sample_level"]
     assert len(privacy["epsilon_by_client_by_round"]) == cfg.federation.num_clients
+    # Keyed by partition: the simulation's clients are its partitions.
+    assert privacy["clients"] == {str(p): f"client {p}" for p in range(cfg.federation.num_clients)}
     assert privacy["target_epsilon"] == 1.5 and set(privacy["noise_multiplier_by_client"].values()) == {2.0}
     assert (outcome.run_dir / "privacy.png").is_file()
     spent = [r.extra["epsilon_max"] for r in history[1:] if "epsilon_max" in r.extra]

@@ -6,6 +6,7 @@ central DP, which fedtune/accounting.py computes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -74,8 +75,10 @@ class PrivacyReport:
                 figures["clipping_norm"] = clipping_norm
         return figures
 
-    def summary(self, history: list[RoundRecord]) -> dict[str, Any]:
-        """privacy.json: the mechanisms, their parameters, and epsilon by round."""
+    def summary(self, history: list[RoundRecord], *, name_of: Callable[[int], str] = str) -> dict[str, Any]:
+        """privacy.json: the mechanisms, their parameters, and epsilon by round. Clients are keyed by
+        their ids (in a simulation, their partitions), and `name_of` says who each one is (on real
+        nodes, the partition a node gave as its label with its node id)."""
         privacy = self.cfg.privacy
         trained = [r for r in history if r.round > 0]
         report: dict[str, Any] = {}
@@ -91,6 +94,7 @@ class PrivacyReport:
                 "target_epsilon": dp.target_epsilon,
                 "delta": dp.target_delta,
                 "max_grad_norm": dp.max_grad_norm,
+                "clients": {str(node): name_of(node) for node, _ in clients},
                 "noise_multiplier_by_client": {str(node): c["noise_multiplier"] for node, c in clients},
                 "sample_rate_by_client": {str(node): c["sample_rate"] for node, c in clients},
                 "rounds": [r.round for r in trained],

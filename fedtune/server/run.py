@@ -366,7 +366,7 @@ def _finish(
     run_dir.write_summary(summary)
     # The run is over (summary.json says so): its checkpoint, a second copy of the model, can go.
     (run_dir.path / CHECKPOINT_FILE).unlink(missing_ok=True)
-    privacy_summary = privacy.summary(history)
+    privacy_summary = privacy.summary(history, name_of=delivery.name_of)
     if privacy_summary:
         run_dir.write_privacy(privacy_summary)
     run_dir.write_plots(epsilon_budget=cfg.privacy.dp_sgd.target_epsilon if cfg.privacy.dp_sgd.enabled else None)
