@@ -162,9 +162,9 @@ class NodeIdentity:
 
         Only a virtual node of the user's own simulation plays other clients: a real node's data and
         identity are its own, and it refuses a message that names another. The clients a simulation
-        node plays share one read-only, content-addressed cache on this machine (`virtual-clients`
-        under the cache root: one backbone copy and the frozen features of every partition); each
-        keeps its own state (its DP ledgers) under `clients/<partition>` there.
+        node plays share one content-addressed cache on this machine (`virtual-clients` under the
+        cache root: one backbone copy and the frozen features of every partition); each keeps its
+        own state (its DP ledgers) under `clients/<partition>` there.
         """
         if virtual is None:
             return self

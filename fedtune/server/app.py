@@ -10,7 +10,6 @@ working directory. `simulation_server_app` is given the validated config object 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from flwr.app import Context
@@ -19,7 +18,13 @@ from flwr.superlink.grid import InMemoryGrid
 
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.logs import setup_logging
-from fedtune.server.run import RunOutcome, node_count_mismatch, plays_virtual_clients, run_federation
+from fedtune.server.run import (
+    RunOutcome,
+    node_count_mismatch,
+    plays_virtual_clients,
+    run_federation,
+    simulation_pool,
+)
 
 log = logging.getLogger("fedtune.server")
 
@@ -39,20 +44,13 @@ def check_simulated_node_count(grid: Grid, cfg: ExperimentConfig, *, settle: flo
     """In a simulation under SecAgg+ (one node per client), say at once when the node count is not
     federation.num_clients.
 
-    Flower's simulation registers all its nodes in one loop as it starts
-    (flwr/server/superlink/fleet/vce/vce_api.py, `_register_nodes`), so a count that holds still
-    is final; `flwr run`'s default federation has 2 nodes. Real nodes connect one by one:
-    run_federation waits for them up to federation.connect_timeout.
+    Flower's simulation registers all its nodes in one loop as it starts (`simulation_pool`);
+    `flwr run`'s default federation has 2 nodes. Real nodes connect one by one: run_federation
+    waits for them up to federation.connect_timeout.
     """
     if not isinstance(grid, InMemoryGrid) or plays_virtual_clients(grid, cfg):
         return  # real nodes are waited for; any number of simulation nodes plays the virtual clients
-    deadline = time.monotonic() + cfg.federation.connect_timeout
-    counted = -1
-    while (connected := len(list(grid.get_node_ids()))) != counted or not connected:
-        if time.monotonic() > deadline:
-            break
-        counted = connected
-        time.sleep(settle)
+    connected = len(simulation_pool(grid, cfg, settle=settle))
     if connected != cfg.federation.num_clients:
         raise RuntimeError(node_count_mismatch(connected, cfg.federation.num_clients))
 
