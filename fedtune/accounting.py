@@ -82,28 +82,12 @@ def calibrate_noise_multiplier(
                          f"{sample_rate:g} needs a noise multiplier above {MAX_SIGMA:g} ({error})") from None
 
 
-def effective_noise_multiplier(noise_multiplier: float, *, averaged: int, sampled: int) -> float:
-    """The noise multiplier a central-DP round really had, when `averaged` of `sampled` replies were usable.
-
-    Flower's noise is calibrated to an average over all `sampled` clients (sensitivity
-    clipping_norm / sampled); when only `averaged` replies are averaged, one client moves the
-    average by clipping_norm / averaged, so the same noise protects less.
-    """
-    _check_positive("noise_multiplier", noise_multiplier)
-    _check_count("sampled", sampled)
-    _check_count("averaged", averaged)
-    if averaged > sampled:
-        raise ValueError(f"averaged: {averaged} replies, but only {sampled} clients were sampled")
-    return noise_multiplier * (averaged / sampled)
-
-
 def user_level_epsilon(noise_multipliers: Sequence[float], *, sampling_rate: float, delta: float) -> float:
     """Epsilon (at `delta`) of one subsampled Gaussian release per round, composed with RDP.
 
-    `noise_multipliers` holds each released round's (effective) noise multiplier. Each round
-    samples clients_per_round of num_clients; Flower samples a fixed number without replacement,
-    treated here as Poisson sampling at the same rate, the usual approximation (exact when every
-    client takes part, sampling_rate 1). With adaptive clipping, the noise_multiplier is the
+    `noise_multipliers` holds each round's noise multiplier. Each round draws every client
+    independently with probability `sampling_rate` (Poisson sampling, as the central-DP strategy
+    does: fedtune/strategies/central_dp.py). With adaptive clipping, the noise_multiplier is the
     overall one: Flower splits it between the update and the clipped count so that the two
     together compose to it (Andrew et al., 2021).
     """

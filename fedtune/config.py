@@ -141,7 +141,8 @@ class EvaluationConfig(Section):
 
 class FederationConfig(Section):
     num_clients: Annotated[int, Field(ge=1, le=MAX_CLIENTS)] = 10
-    # Clients sampled for training each round; None means all of them.
+    # Clients sampled for training each round; None means all of them. Under central DP the expected
+    # number: each client is drawn with probability clients_per_round / num_clients (Poisson).
     clients_per_round: Annotated[int | None, Field(ge=1)] = None
     # Fewest clients able to train for a round to go ahead: clients at their privacy budget are
     # left out of sampling, and when fewer than this remain the run ends.

@@ -15,7 +15,6 @@ from fedtune.accounting import (
     SAMPLE_LEVEL_ACCOUNTANTS,
     calibrate_noise_multiplier,
     check_history,
-    effective_noise_multiplier,
     sample_level_epsilon,
     user_level_epsilon,
 )
@@ -52,11 +51,8 @@ def test_a_ledger_of_several_mechanisms_matches_dp_accounting(accountant: str) -
     assert epsilon == pytest.approx(independent_epsilon(history, accountant=accountant), rel=0.01)
 
 
-def test_user_level_epsilon_of_rounds_with_different_effective_noise_matches_dp_accounting() -> None:
-    # 10 rounds: all 4 sampled replies usable in most, 3 of 4 in two, 2 of 4 in one.
-    averaged = [4, 4, 3, 4, 4, 2, 4, 3, 4, 4]
-    noise = [effective_noise_multiplier(1.2, averaged=a, sampled=4) for a in averaged]
-    assert noise[2] == pytest.approx(0.9) and noise[5] == pytest.approx(0.6)
+def test_user_level_epsilon_of_rounds_with_different_noise_matches_dp_accounting() -> None:
+    noise = [1.2, 1.2, 0.9, 1.2, 1.2, 0.6, 1.2, 0.9, 1.2, 1.2]
     epsilon = user_level_epsilon(noise, sampling_rate=0.4, delta=DELTA)
     assert epsilon == pytest.approx(independent_epsilon([(z, 0.4, 1) for z in noise], accountant="rdp"), rel=0.01)
 
@@ -118,10 +114,6 @@ def test_a_budget_no_noise_can_meet_is_named() -> None:
      "sample_rate: 0.0"),
     (lambda: calibrate_noise_multiplier(target_epsilon=3.0, delta=DELTA, sample_rate=0.1, steps=0, accountant="rdp"),
      "steps: 0"),
-    (lambda: effective_noise_multiplier(math.inf, averaged=1, sampled=2), "noise_multiplier: inf"),
-    (lambda: effective_noise_multiplier(1.0, averaged=0, sampled=2), "averaged: 0"),
-    (lambda: effective_noise_multiplier(1.0, averaged=3, sampled=2), "averaged: 3 replies, but only 2"),
-    (lambda: effective_noise_multiplier(1.0, averaged=1, sampled=True), "sampled: True"),
     (lambda: user_level_epsilon([1.0], sampling_rate=0.0, delta=DELTA), "sampling_rate: 0.0"),
     (lambda: user_level_epsilon([1.0, -0.5], sampling_rate=0.5, delta=DELTA), r"noise_multipliers\[1\]: -0.5"),
     (lambda: user_level_epsilon([1.0], sampling_rate=0.5, delta=2.0), "delta: 2.0"),

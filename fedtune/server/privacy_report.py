@@ -13,7 +13,7 @@ from typing import Any, cast
 from flwr.app import MetricRecord
 
 from fedtune import messages as keys
-from fedtune.accounting import effective_noise_multiplier, user_level_epsilon
+from fedtune.accounting import user_level_epsilon
 from fedtune.config import ExperimentConfig
 from fedtune.records import RoundRecord
 
@@ -45,7 +45,7 @@ class PrivacyReport:
         )
 
     def round_figures(
-        self, client_metrics: dict[int, MetricRecord], *, released: bool, clipping_norm: float | None
+        self, client_metrics: dict[int, MetricRecord], *, clipping_norm: float | None
     ) -> dict[str, float]:
         """The history's privacy columns for one round.
 
@@ -65,11 +65,10 @@ class PrivacyReport:
             figures["epsilon_max"] = max(figures.values())
         central = self.cfg.privacy.central
         if central.enabled:
-            if released:
-                self.released_noise.append(effective_noise_multiplier(
-                    central.noise_multiplier, averaged=len(client_metrics),
-                    sampled=self.cfg.federation.sampled_per_round,
-                ))
+            # Every round is a step of the mechanism, an empty draw or one whose replies all failed
+            # included; with the fixed denominator (fedtune/strategies/central_dp.py) its noise
+            # multiplier is the configured one, however many replies were summed.
+            self.released_noise.append(central.noise_multiplier)
             figures["epsilon_user"] = self.user_level_epsilon()
             if clipping_norm is not None:
                 figures["clipping_norm"] = clipping_norm
@@ -116,11 +115,12 @@ class PrivacyReport:
                 "clients_per_round": sampled,
                 "sampling_rate": self.sampling_rate,
                 "delta": central.target_delta,
-                "accountant": "RDP of the subsampled Gaussian; fixed-size client sampling treated as Poisson "
-                "sampling at the same rate",
+                "sampling": "Poisson: each client independently with probability sampling_rate every round "
+                "(clients_per_round is the expected number); the clipped updates' sum is divided by it",
+                "accountant": "RDP of the Poisson-subsampled Gaussian, every round (an empty draw included)",
                 "rounds": [r.round for r in trained],
                 "epsilon_by_round": [r.extra.get("epsilon_user") for r in trained],
-                "effective_noise_multiplier_by_round": self.released_noise,
+                "noise_multiplier_by_round": self.released_noise,
                 "epsilon": self.user_level_epsilon(),
             }
         if privacy.secure_aggregation.enabled:

@@ -112,8 +112,10 @@ def play_round(server: Server, server_round: int) -> tuple[RoundRecord, TrainOut
         trained = train_and_aggregate(server, server_round, train_messages, arrays)
     if trained.aggregated is not None:
         load_tensors(server.model, trained.aggregated.to_torch_state_dict(), expected_keys=list(arrays.keys()))
-    else:
+    elif train_messages:
         log.warning("round %d: no valid update to aggregate; the model is unchanged", server_round)
+    else:  # central DP's Poisson sampling can draw no client
+        log.info("round %d: no client was drawn; the model is unchanged", server_round)
 
     # Federated evaluation, in the rounds federation.evaluation names (every k, and the last): the
     # new model on sampled clients' own validation data. The other rounds send nothing more.
@@ -128,7 +130,6 @@ def play_round(server: Server, server_round: int) -> tuple[RoundRecord, TrainOut
     central = evaluate_centrally(server, stages)
     privacy_figures = server.privacy.round_figures(
         trained.client_metrics,
-        released=trained.aggregated is not None,
         clipping_norm=getattr(server.strategy, "clipping_norm", None),  # the central-DP wrappers' current norm
     )
     record = round_record(

@@ -70,7 +70,10 @@ class PartialFedYogi(_PartialUpdatesMixin, FedYogi):
 @register("fedavg")
 def _fedavg(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
     if cfg.privacy.central.enabled:
-        return with_central_dp(UniformFedAvg(**sampling(cfg)), cfg)
+        federation = cfg.federation
+        poisson = UniformFedAvg(sampling_rate=federation.sampled_per_round / federation.num_clients,
+                                expected_clients=federation.sampled_per_round, **sampling(cfg))
+        return with_central_dp(poisson, cfg)
     return FedAvg(**sampling(cfg))
 
 

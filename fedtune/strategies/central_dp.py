@@ -1,21 +1,33 @@
-"""Central (user-level) differential privacy: Flower's DP wrappers around a strategy, with uniform weights.
+"""Central (user-level) differential privacy: Flower's DP wrappers around a FedAvg that samples as it is accounted.
 
 Flower's wrappers clip each client's update and add Gaussian noise of noise_multiplier x
-clipping_norm / clients to the average, but leave two things to the user:
+clipping_norm / num_sampled_clients to the aggregate, but leave three things to the user, which
+`UniformFedAvg` (here) does:
 
-- The noise is calibrated to the sensitivity of a *uniform* average of clipped updates (one
-  client can move it by at most clipping_norm / clients). FedAvg weights clients by their
-  number of examples, which lets a large client move it further; `UniformFedAvg` averages
-  uniformly (here).
-- Flower 1.41 accounts only without amplification by sampling. The user-level epsilon, with the
-  client sampling rate, is fedtune/accounting.py's `user_level_epsilon`.
+- Weights: the noise is calibrated to the sensitivity of a *uniform* aggregate of clipped updates
+  (one client moves it by at most clipping_norm / num_sampled_clients). FedAvg weights clients by
+  their number of examples, which lets a large client move it further.
+- Sampling: Flower's strategies draw exactly m clients without replacement; the RDP accountant of
+  the subsampled Gaussian (fedtune/accounting.py, `user_level_epsilon`) describes Poisson
+  sampling, each client independently with probability q. So clients are drawn that way.
+- The estimator: with Poisson sampling the number drawn varies, so the clipped updates' sum is
+  divided by the *expected* number, q x N (num_sampled_clients), not by the number received
+  (DP-FedAvg's fixed denominator, McMahan et al. 2018): the sensitivity stays clipping_norm / qN
+  whatever the draw, which is what the wrappers' noise is calibrated to.
+Flower 1.41 accounts only without amplification by sampling; the user-level epsilon, with it, is
+`user_level_epsilon`.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 from collections.abc import Iterable
+from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
@@ -23,36 +35,80 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
+from flwr.supercore.differential_privacy import CLIENTS_DISCREPANCY_WARNING
 
 from fedtune.config import ExperimentConfig
 
 UNIFORM_WEIGHT = "fedtune.uniform-weight"
 
+log = logging.getLogger("fedtune.server")
+
 
 class UniformFedAvg(FedAvg):
-    """FedAvg in which every client's update counts the same, whatever its number of examples.
+    """FedAvg for central DP: Poisson client sampling at `sampling_rate`, every update counting the
+    same, and their sum divided by `expected_clients` (module docstring).
 
-    Only the updates: evaluation metrics are still weighted by the clients' numbers of examples.
+    The draw uses Python's `random`, which the run seeds and its checkpoint saves, so a resumed run
+    draws as an uninterrupted one. Evaluation samples and weights as FedAvg does: its metrics are
+    not released under the guarantee.
     """
+
+    def __init__(self, *, sampling_rate: float, expected_clients: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sampling_rate = sampling_rate
+        self.expected_clients = expected_clients
+        self._global: ArrayRecord | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = arrays
+        eligible = sorted(grid.get_node_ids())
+        drawn = [node for node in eligible if random.random() < self.sampling_rate]
+        log.info("round %d: Poisson sampling drew %d of %d clients (each with probability %.4g)", server_round,
+                 len(drawn), len(eligible), self.sampling_rate)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, drawn, MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies = [reply for reply in replies if not reply.has_error()]
         for reply in replies:
-            if not reply.has_error():
-                # Set by the server, never taken from the client: the noise depends on it.
-                for metrics in reply.content.metric_records.values():
-                    metrics[UNIFORM_WEIGHT] = 1
+            # Set by the server, never taken from the client: the noise depends on it.
+            for record in reply.content.metric_records.values():
+                record[UNIFORM_WEIGHT] = 1
         by_examples, self.weighted_by_key = self.weighted_by_key, UNIFORM_WEIGHT
         try:
-            return super().aggregate_train(server_round, replies)
+            averaged, metrics = super().aggregate_train(server_round, replies)
         finally:
             self.weighted_by_key = by_examples
+        if averaged is None or self._global is None:
+            return averaged, metrics
+        # The mean of the m updates received, as their sum over the expected count.
+        scale = len(replies) / self.expected_clients
+        return ArrayRecord({key: Array(self._over_expected(averaged[key].numpy(), self._global[key].numpy(), scale))
+                            for key in averaged.keys()}), metrics
+
+    @staticmethod
+    def _over_expected(mean: np.ndarray, start: np.ndarray, scale: float) -> np.ndarray:
+        if not np.issubdtype(mean.dtype, np.floating):  # a counter, if one ever travels: left as averaged
+            return mean
+        return (start + scale * (mean - start)).astype(mean.dtype)
+
+
+def _not_the_expected_discrepancy(record: logging.LogRecord) -> bool:
+    """Flower's wrappers warn whenever fewer replies than num_sampled_clients arrive, which with
+    Poisson sampling and the fixed denominator is every other round and no threat: the noise is
+    calibrated to the expected count (flwr/serverapp/strategy/dp_fixed_clipping.py, validate_replies).
+    fedtune logs each round's draw instead."""
+    return record.msg != CLIENTS_DISCREPANCY_WARNING
 
 
 def with_central_dp(strategy: Strategy, cfg: ExperimentConfig) -> Strategy:
     """`strategy` wrapped in the configured Flower DP wrapper."""
+    logging.getLogger("flwr").addFilter(_not_the_expected_discrepancy)  # added once, however often called
     central = cfg.privacy.central
     sampled = cfg.federation.sampled_per_round
     if central.clipping == "server":
