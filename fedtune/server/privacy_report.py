@@ -23,7 +23,7 @@ class PrivacyReport:
     """Collects each round's privacy figures into the history, and the run's summary at the end."""
 
     cfg: ExperimentConfig
-    released_noise: list[float] = field(default_factory=list)  # effective noise multiplier of each central-DP release
+    released_noise: list[float] = field(default_factory=list)  # noise multiplier of each central-DP round
     dp_sgd_clients: dict[int, dict[str, float]] = field(default_factory=dict)  # node -> noise, sample rate
 
     def state(self) -> dict[str, Any]:
