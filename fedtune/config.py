@@ -590,6 +590,14 @@ class ExperimentConfig(Section):
         """Whether any round evaluates on the clients: it is on, and clients keep a validation split."""
         return self.federation.evaluation.enabled and self.data.val_fraction > 0
 
+    @property
+    def one_node_per_client(self) -> bool:
+        """Whether a simulation gives each client a node of its own rather than a pool of nodes playing
+        them (fedtune/server/transport.py, VirtualClients): under SecAgg+, whose client side takes its
+        identity in the protocol from the node that receives the message
+        (flwr/client/mod/secure_aggregation/secaggplus_mod.py:162 in Flower 1.41)."""
+        return self.privacy.secure_aggregation.enabled
+
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 

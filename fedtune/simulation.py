@@ -22,10 +22,10 @@ log = logging.getLogger("fedtune.simulation")
 
 def simulation_nodes(cfg: ExperimentConfig) -> int:
     """How many nodes Flower's simulation starts: as many as clients take part in one exchange, to
-    play the federation's virtual clients (fedtune/server/transport.py, VirtualClients); under
-    SecAgg+, one per client (fedtune/server/run.py, plays_virtual_clients)."""
+    play the federation's virtual clients (fedtune/server/transport.py, VirtualClients), or one per
+    client where the config needs that (`ExperimentConfig.one_node_per_client`)."""
     federation = cfg.federation
-    if cfg.privacy.secure_aggregation.enabled:
+    if cfg.one_node_per_client:
         return federation.num_clients
     exchange = federation.sampled_per_round
     if cfg.federated_evaluation:

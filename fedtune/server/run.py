@@ -238,10 +238,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
 def plays_virtual_clients(grid: Grid, cfg: ExperimentConfig) -> bool:
     """Whether the run's clients are virtual clients that a pool of simulation nodes plays
     (fedtune/server/transport.py, VirtualClients): in every simulation (Flower's in-memory grid),
-    except under SecAgg+, whose client side takes its identity in the protocol from the node that
-    receives the message (flwr/client/mod/secure_aggregation/secaggplus_mod.py:162 in Flower
-    1.41): there each client keeps a node of its own."""
-    return isinstance(grid, InMemoryGrid) and not cfg.privacy.secure_aggregation.enabled
+    unless the config needs one node per client (`ExperimentConfig.one_node_per_client`)."""
+    return isinstance(grid, InMemoryGrid) and not cfg.one_node_per_client
 
 
 def simulation_pool(grid: Grid, cfg: ExperimentConfig, *, settle: float = 0.05) -> list[int]:
