@@ -36,6 +36,10 @@ MAX_RATE = 1_000.0  # lr, weight_decay, lr multipliers
 MAX_DP_SCALE = 1e6  # DP-SGD epsilon, noise multiplier and clipping norm; central DP's clipping norm
 MAX_PROXIMAL_MU = 1_000.0  # FedProx's paper tries 0.001 .. 1
 MAX_SECAGG_SCALE = 1e12  # SecAgg+ clipping range and maximum weight
+SECAGG_MODULUS = 2**32  # Flower's default modulus_range: SecAgg+'s masks and modular sum live in [0, 2**32)
+# Central DP on the SecAgg+ sum: the quantisation error's standard deviation may reach at most this
+# fraction of the noise's (ExperimentConfig.secure_quantization_to_noise).
+MAX_QUANTIZATION_TO_NOISE = 0.01
 MAX_NAME_CHARS = 256  # backbone and data source names
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
@@ -347,6 +351,8 @@ class CentralDPConfig(Section):
     Each client's whole update is clipped to clipping_norm (by the server, or by the client with
     `client`), and Gaussian noise of noise_multiplier x clipping_norm / clients_per_round is added
     to the average. `adaptive` tunes the clipping norm towards a quantile of the update norms.
+    With privacy.secure_aggregation only `client` can work: each client clips its own update,
+    SecAgg+ sums them, and the server adds the noise to the sum.
     """
 
     enabled: bool = False
@@ -370,7 +376,8 @@ class SecureAggregationConfig(Section):
     reconstruction_threshold (how many of those shares must come back) is a count, or a fraction
     of num_shares. Clients send updates scaled by num_examples / max_weight, which must fit in
     [-clipping_range, clipping_range] (clients refuse otherwise) and are quantised to
-    quantization_range levels before masking.
+    quantization_range levels before masking. With privacy.central every update counts the same
+    (weight 1, so max_weight is not used) and clipping_range must cover central.clipping_norm.
     """
 
     enabled: bool = False
@@ -507,14 +514,58 @@ class ExperimentConfig(Section):
                     f"clipping needs it above noise_multiplier / 2 ({central.noise_multiplier / 2:g})"
                 )
         if self.privacy.secure_aggregation.enabled:
-            raise ValueError("privacy.central: cannot be combined with privacy.secure_aggregation yet: Flower's DP "
-                             "wrappers need each client's update, which secure aggregation hides")
+            self._central_dp_fits_secure_aggregation()
         if self.strategy.bound.enabled is True:
             # The bound's median depends on the other clients' updates: one client could then change
             # how far every other update is clipped, and the calibrated sensitivity would not hold.
             raise ValueError("strategy.bound.enabled: the update bound cannot be combined with privacy.central, whose "
                              "clipping (privacy.central.clipping_norm) bounds every update; set it to auto or false")
         return self
+
+    def _central_dp_fits_secure_aggregation(self) -> None:
+        """Central DP on the SecAgg+ sum (fedtune/server/secure_aggregation.py): clients clip, the server adds noise."""
+        central, secure = self.privacy.central, self.privacy.secure_aggregation
+        if central.clipping != "client":
+            # Server-side and adaptive clipping need each client's update (its norm), which the
+            # server never sees under secure aggregation.
+            raise ValueError(f"privacy.central.clipping: {central.clipping} cannot be combined with "
+                             "privacy.secure_aggregation: the server sees only the sum of the updates, so each client "
+                             "clips its own; set privacy.central.clipping to client")
+        if central.clipping_norm > secure.clipping_range:
+            # A clipped update's coordinates are at most clipping_norm; SecAgg+ clips each one to
+            # clipping_range before quantising, which would bias the sum (clients refuse instead).
+            raise ValueError(f"privacy.central.clipping_norm: {central.clipping_norm:g} exceeds "
+                             f"privacy.secure_aggregation.clipping_range ({secure.clipping_range:g}): a clipped "
+                             "update's coordinates can reach clipping_norm, and SecAgg+ would cut them; raise "
+                             "clipping_range to at least clipping_norm")
+        clients = self.federation.num_clients
+        if clients * secure.quantization_range >= SECAGG_MODULUS:
+            # Poisson sampling can draw every client: their modular sum must not wrap around.
+            raise ValueError(f"privacy.secure_aggregation.quantization_range: {clients} clients (Poisson sampling can "
+                             f"draw them all) x {secure.quantization_range} must stay below {SECAGG_MODULUS}; lower "
+                             "quantization_range")
+        ratio = self.secure_quantization_to_noise
+        if ratio is not None and ratio > MAX_QUANTIZATION_TO_NOISE:
+            raise ValueError(f"privacy.secure_aggregation.clipping_range: {secure.clipping_range:g} quantised in "
+                             f"{secure.quantization_range} steps gives a rounding error up to {ratio:.2%} of the "
+                             f"noise's standard deviation (more than {MAX_QUANTIZATION_TO_NOISE:.0%}); lower "
+                             "clipping_range towards privacy.central.clipping_norm or raise quantization_range")
+
+    @property
+    def secure_quantization_to_noise(self) -> float | None:
+        """With central DP on the SecAgg+ sum: the quantisation error's standard deviation over the noise's, at most.
+
+        Each client's update is quantised in steps of 2 c / T (c the clipping_range, T the
+        quantization_range) by stochastic rounding: an error of mean zero and variance at most
+        (c / T)^2 per coordinate. The sum of n of them, divided by the expected count m, has a standard
+        deviation of at most sqrt(n) c / (T m), against the noise's noise_multiplier x clipping_norm / m;
+        n is at most num_clients. None unless both mechanisms are on.
+        """
+        central, secure = self.privacy.central, self.privacy.secure_aggregation
+        if not (central.enabled and secure.enabled):
+            return None
+        return (math.sqrt(self.federation.num_clients) * secure.clipping_range
+                / (secure.quantization_range * central.noise_multiplier * central.clipping_norm))
 
     @model_validator(mode="after")
     def _secure_aggregation_fits(self) -> ExperimentConfig:
@@ -589,6 +640,14 @@ class ExperimentConfig(Section):
     def federated_evaluation(self) -> bool:
         """Whether any round evaluates on the clients: it is on, and clients keep a validation split."""
         return self.federation.evaluation.enabled and self.data.val_fraction > 0
+
+    @property
+    def fewest_clients_to_train(self) -> int:
+        """Fewest eligible clients a round can go ahead with: federation.min_clients, and at least 2 under
+        SecAgg+ alone (a sum of one update hides nothing, and Flower's workflow halts on it). Under
+        central DP a round may draw fewer: fedtune/server/round.py, train_securely, plays those."""
+        secure_alone = self.privacy.secure_aggregation.enabled and not self.privacy.central.enabled
+        return max(self.federation.min_clients, 2) if secure_alone else self.federation.min_clients
 
     @property
     def one_node_per_client(self) -> bool:

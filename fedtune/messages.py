@@ -22,6 +22,10 @@ VIRTUAL_CLIENTS = "fedtune.virtual-clients"  # how many clients the federation h
 EPSILON = "epsilon"  # train reply metric: the client's DP-SGD epsilon over the run so far
 NOISE_MULTIPLIER = "dp-noise-multiplier"  # train reply metric: the DP-SGD noise the client calibrated
 SAMPLE_RATE = "dp-sample-rate"  # train reply metric: the client's DP-SGD sampling rate (1 / batches)
+# In a round's config, central DP under SecAgg+ when the Poisson draw is a single client (no sum to
+# hide its update in): the standard deviation of the Gaussian noise that client adds to its clipped
+# update before sending it (fedtune/server/round.py, train_alone).
+OWN_NOISE_STDDEV = "fedtune.own-noise-stddev"
 # How a client's refusal to train past its privacy budget begins, so the server can tell it apart
 # from a failure (it travels as the reason of an error reply).
 PRIVACY_REFUSAL = "privacy budget exhausted"

@@ -64,6 +64,7 @@ ROUND_CONFIG_KEYS = frozenset({
     keys.SERVER_ROUND,  # every Flower strategy
     keys.PROXIMAL_MU,  # FedProx
     KEY_CLIPPING_NORM,  # central DP clipped on clients (read by Flower's fixedclipping_mod)
+    keys.OWN_NOISE_STDDEV,  # central DP under SecAgg+, a client drawn alone
     keys.VIRTUAL_PARTITION, keys.VIRTUAL_CLIENTS,  # in a simulation, the client a node plays
 })
 QUERY_CONFIG_KEYS = frozenset({keys.MODEL_HASH, keys.VIRTUAL_PARTITION, keys.VIRTUAL_CLIENTS})
@@ -201,6 +202,15 @@ def parse_proximal_mu(value: object) -> float:
 def parse_clipping_norm(value: object) -> float:
     """Central DP's clipping norm, which Flower's fixedclipping_mod applies to this node's update."""
     return parse_number(value, KEY_CLIPPING_NORM, low=0.0, high=MAX_DP_SCALE, low_inclusive=False)
+
+
+def parse_own_noise(config: ConfigRecord) -> float:
+    """The noise a client drawn alone under central DP and SecAgg+ adds to its clipped update: it
+    comes with the clipping norm, and it may not be zero (the server would see the update itself)."""
+    if KEY_CLIPPING_NORM not in config:
+        raise RefusedMessage(keys.OWN_NOISE_STDDEV, f"without {KEY_CLIPPING_NORM}: only a clipped update is noised")
+    return parse_number(config[keys.OWN_NOISE_STDDEV], keys.OWN_NOISE_STDDEV, low=0.0, high=MAX_DP_SCALE**2,
+                        low_inclusive=False)
 
 
 def parse_settings(value: object) -> ClientSettings:
@@ -365,6 +375,8 @@ def parse_round_instruction(content: RecordDict) -> RoundInstruction:
                  required=[keys.CLIENT_CONFIG, keys.MODEL_HASH, keys.TRAINABLE_STAGES, keys.SERVER_ROUND])
     if KEY_CLIPPING_NORM in config:
         parse_clipping_norm(config[KEY_CLIPPING_NORM])  # applied by Flower's mod; checked all the same
+    if keys.OWN_NOISE_STDDEV in config:
+        parse_own_noise(config)  # applied by fedtune/client/app.py's mod; checked all the same
     return RoundInstruction(
         settings=parse_settings(config[keys.CLIENT_CONFIG]),
         model_hash=parse_model_hash(config[keys.MODEL_HASH]),

@@ -8,8 +8,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -35,16 +36,41 @@ def _client_side_clipping(msg: Message, context: Context, call_next: ClientAppCa
     """Flower's fixedclipping_mod on the train messages of runs with central DP clipped on clients.
 
     The mod fails on any message without a clipping norm, so it must not see the others; and it
-    applies the norm as it comes, so the norm is checked first.
+    applies the norm as it comes, so the norm is checked first. Under SecAgg+, a client that the
+    Poisson draw left alone in its round also adds the round's noise to its clipped update
+    (keys.OWN_NOISE_STDDEV): there is no sum to hide it in, and the server then sees only what
+    the round releases.
     """
     config = msg.content.config_records.get(keys.CONFIG)
     if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
         try:
             protocol.parse_clipping_norm(config[KEY_CLIPPING_NORM])
+            own_noise = protocol.parse_own_noise(config) if keys.OWN_NOISE_STDDEV in config else None
         except RefusedMessage as error:
             return _refuse(msg, error)
-        return fixedclipping_mod(msg, context, call_next)
+        reply = fixedclipping_mod(msg, context, call_next)
+        if own_noise is None or reply.has_error():
+            return reply
+        return _with_own_noise(reply, msg.content.array_records[keys.ARRAYS], own_noise)
     return call_next(msg, context)
+
+
+def _with_own_noise(reply: Message, sent: ArrayRecord, stddev: float) -> Message:
+    """`reply` with Gaussian noise of `stddev` added to each trained tensor's update.
+
+    The noise comes from the operating system's entropy, not from the run's seed: the server, which
+    knows the seed, must not be able to take it off again.
+    """
+    generator = np.random.default_rng()
+    trained = reply.content.array_records[keys.ARRAYS]
+    noised = {}
+    for name, array in trained.items():
+        values = array.numpy()
+        if name not in sent or not np.issubdtype(values.dtype, np.floating):
+            raise ValueError(f"central DP: cannot add noise to {name!r}: not a float tensor the server sent")
+        noised[name] = Array(np.asarray(values + generator.normal(0.0, stddev, values.shape).astype(values.dtype)))
+    reply.content.array_records[keys.ARRAYS] = ArrayRecord(noised)
+    return reply
 
 
 def _log_lines_once(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

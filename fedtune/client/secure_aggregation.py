@@ -13,11 +13,25 @@ back to the tensors it sent (fedtune/server/secure_aggregation.py).
 
 fedtune's own entries of the legacy FitIns config (its train config, the tensors' order, the
 bounds) are written by the server and parsed here with fedtune/protocol.py, which both sides share.
+
+Central DP (the train config carries a clipping norm): Flower's fixedclipping_mod, further down the
+ClientApp's mods (fedtune/client/app.py), clips the trained tensors' update to that norm, and the
+update masked here is that clipped update with weight 1 (every client counts the same: the
+sensitivity of the sum is then the clipping norm, what the server's noise is calibrated to).
+
+A reply of the train handler that is an error (a refusal at the privacy budget, a malformed
+message, a model missing from the cache) goes back as that error reply, its reason intact, so that
+the server can tell a refusal from a failure; to SecAgg+ the client has dropped out, and the others'
+shares remove its masks. A client learns the round's train config, and so whether it would pass
+its privacy budget, only at the 'collect masked vectors' stage: Flower's setup stage carries the
+protocol's settings alone (flwr/server/workflow/secure_aggregation/secaggplus_workflow.py:364),
+so that is where it refuses.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -26,13 +40,22 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, NDArray, Scalar, Status, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedtune import messages as keys
-from fedtune.protocol import parse_secure_fit_config
+from fedtune.protocol import error_reply, parse_clipping_norm, parse_secure_fit_config
 
 # Legacy layout record names (Flower's compat functions write and read these).
 _FITINS_PARAMETERS = "fitins.parameters"
 _FITINS_CONFIG = "fitins.config"
+
+
+class _HandlerDeclined(Exception):
+    """The train handler answered with an error reply; `reason` is its reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -49,7 +72,13 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     def train_in_legacy_layout(legacy_msg: Message, ctx: Context) -> Message:
         return _train_in_legacy_layout(legacy_msg, ctx, call_next)
 
-    return secaggplus_mod(msg, context, train_in_legacy_layout)
+    try:
+        return secaggplus_mod(msg, context, train_in_legacy_layout)
+    except _HandlerDeclined as declined:
+        # secaggplus_mod cannot pass an error reply on (it reads the reply's content:
+        # flwr/client/mod/secure_aggregation/secaggplus_mod.py:167-169), so it travels up as an
+        # exception and goes back as the handler's own error reply.
+        return error_reply(msg, declined.reason)
 
 
 def _train_in_legacy_layout(msg: Message, context: Context, train: ClientAppCallable) -> Message:
@@ -69,7 +98,7 @@ def _train_in_legacy_layout(msg: Message, context: Context, train: ClientAppCall
     # lines 133-144; Flower's own make_message does the same, line 453).
     reply = train(Message(content=request, metadata=copy.copy(msg.metadata)), context)  # type: ignore[call-overload]
     if reply.has_error():
-        raise RuntimeError(reply.error.reason)
+        raise _HandlerDeclined(reply.error.reason or "no reason given")
 
     trained = reply.content.array_records.get(keys.ARRAYS)
     metrics = reply.content.metric_records.get(keys.METRICS)
@@ -82,12 +111,16 @@ def _train_in_legacy_layout(msg: Message, context: Context, train: ClientAppCall
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
         raise ValueError(f"secure aggregation: num-examples must be a positive integer, got {num_examples!r}")
     updates = _updates(trained, names, sent)
-    _check_fits_protocol(updates, names, num_examples, clipping_range=fit_config.clipping_range,
+    weight = num_examples
+    if KEY_CLIPPING_NORM in fit_config.config:  # central DP: clipped by Flower's fixedclipping_mod
+        _clip_to_norm(updates, parse_clipping_norm(fit_config.config[KEY_CLIPPING_NORM]))
+        weight = 1
+    _check_fits_protocol(updates, names, weight, clipping_range=fit_config.clipping_range,
                          max_weight=fit_config.max_weight)
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters(updates),
-        num_examples=num_examples,
+        num_examples=weight,  # SecAgg+'s weight, and the train metrics' (averaged uniformly under central DP)
         metrics=_legacy_metrics(metrics),
     )
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
@@ -114,6 +147,22 @@ def _updates(trained: ArrayRecord, names: list[str], sent: list[NDArray]) -> lis
             raise ValueError(f"secure aggregation: the update of {name} is not finite")
         updates.append(update)
     return updates
+
+
+def _clip_to_norm(updates: list[NDArray], clipping_norm: float) -> None:
+    """The updates scaled, in place, so that their L2 norm over all tensors is at most `clipping_norm`.
+
+    Flower's fixedclipping_mod clipped the update in the tensors' float32 and added it back to the
+    tensors sent; taken apart again in float64 its norm can exceed the clipping norm by float32
+    rounding. Clipped once more here, the update that is masked has the norm the noise is
+    calibrated to. A coordinate can then exceed the norm only by float64 rounding: cut to it, as
+    that lowers the norm, SecAgg+ never has to clip it (clipping_range covers the norm).
+    """
+    norm = math.sqrt(sum(float(np.square(update).sum()) for update in updates))
+    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    for update in updates:
+        update *= scale
+        np.clip(update, -clipping_norm, clipping_norm, out=update)
 
 
 def _check_fits_protocol(

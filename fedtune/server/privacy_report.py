@@ -105,10 +105,16 @@ class PrivacyReport:
         if privacy.central.enabled:
             central = privacy.central
             sampled = self.cfg.federation.sampled_per_round
+            summed_securely = privacy.secure_aggregation.enabled
+            mechanism = (f"Gaussian noise on the uniform average of client updates clipped {central.clipping}-side"
+                         + (" (adaptive clipping norm)" if central.clipping == "adaptive" else ""))
+            if summed_securely:
+                mechanism = ("Gaussian noise, added by the server, on the SecAgg+ sum of client updates each clipped "
+                             "client-side and weighted 1: the server never sees a single update")
             report["user_level"] = {
                 "guarantee": "(epsilon, delta)-DP for each client's whole dataset, over the whole run",
-                "mechanism": f"Gaussian noise on the uniform average of client updates clipped {central.clipping}-side"
-                + (" (adaptive clipping norm)" if central.clipping == "adaptive" else ""),
+                "mechanism": mechanism,
+                "secure_sum": summed_securely,
                 "noise_multiplier": central.noise_multiplier,
                 "clipping_norm": central.clipping_norm,
                 "noise_stddev": central.noise_multiplier * central.clipping_norm / sampled,
@@ -123,6 +129,12 @@ class PrivacyReport:
                 "noise_multiplier_by_round": self.released_noise,
                 "epsilon": self.user_level_epsilon(),
             }
+            if summed_securely:
+                report["user_level"]["small_draws"] = (
+                    "a round that draws no client releases the noise alone; a round that draws one (too few for "
+                    "SecAgg+) has that client add noise of noise_multiplier x clipping_norm to its clipped update "
+                    "itself, which the server divides by clients_per_round: every round is the accounted mechanism"
+                )
         if privacy.secure_aggregation.enabled:
             secure = privacy.secure_aggregation
             report["secure_aggregation"] = {
@@ -132,4 +144,11 @@ class PrivacyReport:
                 "clipping_range": secure.clipping_range,
                 "quantization_range": secure.quantization_range,
             }
+            if privacy.central.enabled:
+                report["secure_aggregation"] |= {
+                    "weights": "uniform: every clipped update weighs 1 (max_weight is not used)",
+                    "quantization_step": 2 * secure.clipping_range / secure.quantization_range,
+                    # the quantisation error's standard deviation, at most, over the central-DP noise's
+                    "quantization_error_to_noise": self.cfg.secure_quantization_to_noise,
+                }
         return report

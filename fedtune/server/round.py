@@ -13,7 +13,7 @@ from typing import cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
 from fedtune import messages as keys
@@ -25,9 +25,10 @@ from fedtune.records import RoundRecord
 from fedtune.server.delivery import ModelDelivery
 from fedtune.server.evaluate import CentralEvaluator
 from fedtune.server.privacy_report import PrivacyReport
-from fedtune.server.secure_aggregation import secure_train_round
+from fedtune.server.secure_aggregation import SecureAggregationError, apply_update, secure_train_round
 from fedtune.server.transport import Traffic, Transport
 from fedtune.strategies.bound import BoundEvent, UpdateBound
+from fedtune.strategies.central_dp import SecureSumNoise
 from fedtune.strategies.validation import MetricSpec, check_evaluate_replies, check_train_replies, specs_of
 
 log = logging.getLogger("fedtune.server")
@@ -104,12 +105,12 @@ def play_round(server: Server, server_round: int) -> tuple[RoundRecord, TrainOut
     # lacks the backbone is sent it first; then it trains, and its reply is validated and bounded
     # before the strategy aggregates (under SecAgg+, the server receives only the masked sum).
     train_messages = list(server.strategy.configure_train(server_round, arrays, config, server.transport))
-    if not train_messages:
-        trained = TrainOutcome()
-    elif server.cfg.privacy.secure_aggregation.enabled:
+    if server.cfg.privacy.secure_aggregation.enabled:
         trained = train_securely(server, server_round, train_messages, arrays)
-    else:
+    elif train_messages:
         trained = train_and_aggregate(server, server_round, train_messages, arrays)
+    else:
+        trained = TrainOutcome()
     if trained.aggregated is not None:
         load_tensors(server.model, trained.aggregated.to_torch_state_dict(), expected_keys=list(arrays.keys()))
     elif train_messages:
@@ -177,31 +178,95 @@ def train_and_aggregate(
 
 
 def train_securely(server: Server, server_round: int, messages: list[Message], arrays: ArrayRecord) -> TrainOutcome:
-    """SecAgg+: the server learns only the average of the sampled clients' updates."""
+    """SecAgg+: the server learns only the sum of the sampled clients' updates (under central DP, noised).
+
+    Under central DP every round releases the model plus the noise the accountant composes,
+    whatever the draw: a draw of two clients or more is summed by SecAgg+; a draw of one has no sum
+    to hide in, so that client noises its own update (`train_alone`); a draw of none, or a round
+    that produced no update (its clients failed or refused at their budget), releases the noise
+    alone. A no-op would not be that mechanism: an unchanged model tells who was drawn, or that
+    nobody was (`SecureSumNoise.release`).
+    """
+    noise = SecureSumNoise.of(server.cfg) if server.cfg.privacy.central.enabled else None
+    if noise is None or len(messages) >= 2:
+        trained = _secure_sum(server, server_round, messages, arrays, noise) if messages else TrainOutcome()
+    elif messages:
+        trained = train_alone(server, server_round, messages[0], arrays, noise)
+    else:
+        log.info("round %d: the Poisson draw is empty; the round releases the noise alone", server_round)
+        trained = TrainOutcome()
+    if noise is not None and trained.aggregated is None:
+        nothing = [np.zeros(array.numpy().shape) for array in arrays.values()]
+        trained.aggregated = apply_update(arrays, noise.release(nothing, summed=0), server_round)
+    return trained
+
+
+def _secure_sum(
+    server: Server, server_round: int, messages: list[Message], arrays: ArrayRecord, noise: SecureSumNoise | None
+) -> TrainOutcome:
+    """One SecAgg+ round on the drawn clients; clients that refuse at their budget leave the run."""
     nodes = [m.metadata.dst_node_id for m in messages]
     server.delivery.ensure_models(server.transport, nodes)
-    aggregated, metrics, report = secure_train_round(
-        server.transport,  # every protocol message is metered with the round's other messages
-        server_round=server_round,
-        node_ids=nodes,
-        arrays=arrays,
-        config=messages[0].content.config_records[keys.CONFIG],  # with what the strategy added (FedProx's mu)
-        settings=server.cfg.privacy.secure_aggregation,
-        timeout=server.cfg.federation.round_timeout,
-        metric_specs=server.train_metrics,
-        name_of=server.delivery.name_of,
-    )
+    try:
+        aggregated, metrics, report = secure_train_round(
+            server.transport,  # every protocol message is metered with the round's other messages
+            server_round=server_round,
+            node_ids=nodes,
+            arrays=arrays,
+            config=messages[0].content.config_records[keys.CONFIG],  # with what the strategy added (FedProx's mu)
+            settings=server.cfg.privacy.secure_aggregation,
+            timeout=server.cfg.federation.round_timeout,
+            metric_specs=server.train_metrics,
+            name_of=server.delivery.name_of,
+            noise=noise,
+        )
+    except SecureAggregationError as error:
+        if not error.refused:
+            raise
+        # Refusals at the budget halted the protocol (too few clients left to unmask): they are
+        # recorded and leave the run, which goes on without them; the round has no update.
+        log.warning("%s", error)
+        return TrainOutcome(problems=dict(error.refused), failed=len(error.refused))
     # A node may drop out because it lost its cached model; ask it again before its next round.
     server.delivery.forget(report.dropped)
+    problems = {node: f"dropped out of secure aggregation at stage {stage!r}"
+                + (f": {report.reasons[node]}" if node in report.reasons else "")
+                for node, stage in report.dropped.items()}
     return TrainOutcome(
         aggregated=aggregated,
         metrics=metrics,
         client_metrics=report.client_metrics,
-        problems={node: f"dropped out of secure aggregation at stage {stage!r}"
-                  for node, stage in report.dropped.items()},
+        problems=problems | report.refused,  # a refusal reads as one, as without SecAgg+ (leave_at_budget)
         rejected=0,
         failed=len(report.dropped),
     )
+
+
+def train_alone(
+    server: Server, server_round: int, message: Message, arrays: ArrayRecord, noise: SecureSumNoise
+) -> TrainOutcome:
+    """Central DP under SecAgg+, a Poisson draw of one client: it adds the round's noise to its clipped
+    update itself (keys.OWN_NOISE_STDDEV), and the server divides that by the expected count as it
+    would the secure sum, seeing only what the round releases."""
+    node = message.metadata.dst_node_id
+    log.info("round %d: the Poisson draw is %s alone, too few for SecAgg+: it noises its own clipped update",
+             server_round, server.delivery.name_of(node))
+    config = ConfigRecord({**message.content.config_records[keys.CONFIG],
+                           keys.OWN_NOISE_STDDEV: noise.lone_client_stddev})
+    alone = Message(RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config}), dst_node_id=node,
+                    message_type=MessageType.TRAIN, group_id=str(server_round))
+    replies = server.delivery.send_and_receive(server.transport, [alone])
+    checked = check_train_replies(replies, specs_of(arrays), metrics=server.train_metrics, server_round=server_round,
+                                  name_of=server.delivery.name_of)
+    outcome = TrainOutcome(problems=dict(checked.problems), rejected=len(checked.rejected),
+                           failed=len(checked.failed) + 1 - len(replies))
+    if checked.valid:
+        reply = checked.valid[0].content
+        trained = reply.array_records[keys.ARRAYS]
+        update = [trained[name].numpy().astype(np.float64) - array.numpy() for name, array in arrays.items()]
+        outcome.aggregated = apply_update(arrays, noise.of_lone_client(update), server_round)
+        outcome.metrics = outcome.client_metrics[node] = reply.metric_records[keys.METRICS]
+    return outcome
 
 
 def evaluate_on_clients(server: Server, server_round: int, stages: list[str], config: ConfigRecord) -> EvaluateOutcome:

@@ -199,11 +199,14 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
             progress.round_done(record, replayed=True)
         for server_round in range(first_round, cfg.federation.rounds + 1):
             eligible = len(server.transport.get_node_ids())  # those at their budget left out
-            if server.at_budget and eligible < cfg.federation.min_clients:
+            if server.at_budget and eligible < cfg.fewest_clients_to_train:
                 # Clients at their budget are a normal end (the guarantee held), not a failure.
+                needed = f"federation.min_clients ({cfg.federation.min_clients})"
+                if cfg.fewest_clients_to_train > cfg.federation.min_clients:
+                    needed = "the 2 clients secure aggregation needs"
                 stop_reason = (
                     f"{keys.PRIVACY_REFUSAL}: {len(server.at_budget)} clients are at their budget and "
-                    f"{eligible} remain, fewer than federation.min_clients ({cfg.federation.min_clients})"
+                    f"{eligible} remain, fewer than {needed}"
                 )
                 progress.message(stop_reason)
                 break

@@ -8,6 +8,16 @@ of an ordinary round; the clients need `fedtune.client.secure_aggregation.secure
 The clients send updates (trained minus sent tensors, see fedtune/client/secure_aggregation.py); the
 protocol returns their average weighted by num-examples, and it is added to the tensors sent.
 
+Under central DP (`noise`), every update counts the same: each client sends its clipped update
+with weight 1 (and the workflow's max_weight is 1, so SecAgg+ scales it by exactly 1), the
+protocol returns their mean, and `SecureSumNoise` (fedtune/strategies/central_dp.py) turns it back
+into their sum over the expected count, with the noise. The quantisation error this adds is
+bounded in fedtune/config.py (`ExperimentConfig.secure_quantization_to_noise`).
+
+A client's error reply (its refusal at its privacy budget, say) is a dropout to SecAgg+, which
+goes on without it; Flower keeps the errors but not their senders, so the round's grid notes
+each sender's reason (`_ReasonsBySender`), and the report says who refused at its budget.
+
 The workflow sends every protocol message (keys, shares, masked vectors, unmasking) through the
 grid it is handed; fedtune hands it the run's transport (fedtune/server/transport.py), so those messages
 are metered like every other.
@@ -20,12 +30,12 @@ noticing; here every halt raises `SecureAggregationError`, naming the stage and 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, FitRes, NDArray, Parameters, Scalar, parameters_to_ndarrays
 from flwr.server import LegacyContext
 from flwr.server.client_manager import ClientManager
@@ -37,23 +47,34 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore.run import Run
 
 from fedtune import messages as keys
+from fedtune.config import SECAGG_MODULUS
 from fedtune.protocol import encode_secure_fit_config
 from fedtune.strategies.validation import WEIGHT_ONLY, MetricSpec, UnusableReply, parse_metric_values
 from fedtune.text import concise_reason, printable
 
 if TYPE_CHECKING:
     from fedtune.config import SecureAggregationConfig
+    from fedtune.strategies.central_dp import SecureSumNoise
 
 log = logging.getLogger("fedtune.server")
 
 # Flower's default; masks and the modular sum live in [0, MODULUS_RANGE).
-MODULUS_RANGE = 2**32
+MODULUS_RANGE = SECAGG_MODULUS
 
 
 class SecureAggregationError(RuntimeError):
-    """A SecAgg+ round did not produce an aggregate; the model must not be taken as updated."""
+    """A SecAgg+ round did not produce an aggregate; the model must not be taken as updated.
+
+    `refused` names the clients that refused at their privacy budget (node -> their reason): too
+    many of them at once is one way for the protocol to halt, and they leave the run all the same.
+    """
+
+    def __init__(self, message: str, *, refused: Mapping[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.refused = dict(refused or {})
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,17 @@ class SecureRoundReport:
     threshold: int
     # SecAgg+ masks the tensors only: num-examples and the metrics travel in plain text.
     client_metrics: dict[int, MetricRecord] = field(default_factory=dict)
+    reasons: dict[int, str] = field(default_factory=dict)  # dropped node -> the reason of its error reply, if any
+
+    @property
+    def refused(self) -> dict[int, str]:
+        """Dropped nodes that refused to train past their privacy budget -> their reason."""
+        return refusals(self.reasons)
+
+
+def refusals(reasons: Mapping[int, str]) -> dict[int, str]:
+    """Of the reasons nodes gave, their refusals to train past their privacy budget."""
+    return {node: reason for node, reason in reasons.items() if reason.startswith(keys.PRIVACY_REFUSAL)}
 
 
 def secure_train_round(
@@ -78,8 +110,10 @@ def secure_train_round(
     timeout: float | None,
     metric_specs: Mapping[str, MetricSpec] = WEIGHT_ONLY,
     name_of: Callable[[int], str] = lambda node: f"node {node}",
+    noise: SecureSumNoise | None = None,
 ) -> tuple[ArrayRecord, MetricRecord | None, SecureRoundReport]:
-    """Train `arrays` on `node_ids` under SecAgg+; the num-examples-weighted average of what they trained.
+    """Train `arrays` on `node_ids` under SecAgg+; the num-examples-weighted average of what they trained,
+    or with `noise` (central DP: `config` carries the clipping norm) the update `noise` releases.
 
     Returns tensors with the keys, dtypes and shapes of `arrays`, the clients' train metrics averaged
     like Flower's FedAvg does (None if they sent none besides num-examples), and who took part.
@@ -102,11 +136,13 @@ def secure_train_round(
             f"{settings.quantization_range} must stay below {MODULUS_RANGE}; lower quantization_range"
         )
     names = list(arrays.keys())
+    # Under central DP every update weighs 1: scaled by 1 / max_weight = 1, it is quantised as it is.
+    max_weight = 1.0 if noise is not None else settings.max_weight
     try:
         workflow = _ObservedSecAggPlus(
             _flower_count_or_fraction(settings.num_shares, "num_shares"),
             _flower_count_or_fraction(settings.reconstruction_threshold, "reconstruction_threshold"),
-            max_weight=settings.max_weight,
+            max_weight=max_weight,
             clipping_range=settings.clipping_range,
             quantization_range=settings.quantization_range,
             modulus_range=MODULUS_RANGE,
@@ -119,7 +155,7 @@ def secure_train_round(
         ConfigRecord({**config, keys.SERVER_ROUND: server_round}),
         names,
         clipping_range=settings.clipping_range,
-        max_weight=settings.max_weight,
+        max_weight=max_weight,
     )
     proxies = [GridClientProxy(node, grid, grid.run.run_id) for node in nodes]
     strategy = _RoundStrategy(proxies, fit_config)
@@ -132,14 +168,19 @@ def secure_train_round(
     context.state.array_records[MAIN_PARAMS_RECORD] = arrays
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
 
-    workflow(grid, context)
+    senders = _ReasonsBySender(grid)
+    workflow(senders, context)
 
     if workflow.halted_at is not None:
-        raise SecureAggregationError(workflow.diagnosis(server_round))
+        raise SecureAggregationError(workflow.diagnosis(server_round), refused=refusals(senders.reasons))
     if strategy.results is None:  # the workflow completed without handing over an aggregate
-        raise SecureAggregationError(f"round {server_round}: secure aggregation produced no aggregate")
+        raise SecureAggregationError(f"round {server_round}: secure aggregation produced no aggregate",
+                                     refused=refusals(senders.reasons))
     average_update = parameters_to_ndarrays(strategy.results[0][1].parameters)
-    aggregated = _apply_update(arrays, names, average_update, server_round)
+    if noise is not None:
+        # The mean of the updates whose masked vectors were summed (each weighs 1).
+        average_update = noise.release(average_update, summed=len(strategy.results))
+    aggregated = apply_update(arrays, average_update, server_round)
     client_metrics, averaged = parse_client_metrics(strategy.results, metric_specs, server_round, name_of)
     metrics = aggregate_metricrecords(averaged, keys.NUM_EXAMPLES) if averaged else MetricRecord()
     completed = sorted(int(proxy.cid) for proxy, _ in strategy.results)
@@ -150,6 +191,7 @@ def secure_train_round(
         num_shares=workflow.state.num_shares,
         threshold=workflow.state.threshold,
         client_metrics=client_metrics,
+        reasons={node: reason for node, reason in senders.reasons.items() if node not in completed},
     )
     if report.dropped:
         log.warning("round %d: secure aggregation went on without %d dropped clients: %s", server_round,
@@ -171,8 +213,9 @@ def _flower_count_or_fraction(value: float, name: str) -> int | float:
     return int(value)
 
 
-def _apply_update(arrays: ArrayRecord, names: list[str], update: list[NDArray], server_round: int) -> ArrayRecord:
-    """The tensors sent plus the average update, in their own dtypes and shapes."""
+def apply_update(arrays: ArrayRecord, update: Sequence[NDArray], server_round: int) -> ArrayRecord:
+    """The tensors sent plus the update (in their order), in their own dtypes and shapes."""
+    names = list(arrays.keys())
     if len(update) != len(names):
         raise SecureAggregationError(f"round {server_round}: secure aggregation returned {len(update)} tensors "
                                      f"for {len(names)} sent")
@@ -188,6 +231,49 @@ def _apply_update(arrays: ArrayRecord, names: list[str], update: list[NDArray], 
             after = np.rint(after)  # e.g. BatchNorm's num_batches_tracked: the average count
         out[name] = Array(np.asarray(after.astype(before.dtype)))  # asarray keeps 0-d tensors 0-d
     return ArrayRecord(out)
+
+
+class _ReasonsBySender(Grid):
+    """The round's grid, noting the reason of each error reply by its sender.
+
+    Flower's workflow keeps the errors (`WorkflowState.failures`) but not who sent them. A Grid
+    around the one it is handed is its supported extension point (as fedtune/server/transport.py).
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.reasons: dict[int, str] = {}  # node -> its error reply's reason, as cut for the log
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._noted(self._grid.pull_messages(message_ids))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._noted(self._grid.send_and_receive(messages, timeout=timeout))
+
+    def _noted(self, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                self.reasons.setdefault(reply.metadata.src_node_id, concise_reason(reply.error.reason))
+        return replies
 
 
 class _RoundStrategy(FedAvg):

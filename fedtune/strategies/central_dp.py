@@ -16,13 +16,18 @@ clipping_norm / num_sampled_clients to the aggregate, but leave three things to 
   whatever the draw, which is what the wrappers' noise is calibrated to.
 Flower 1.41 accounts only without amplification by sampling; the user-level epsilon, with it, is
 `user_level_epsilon`.
+
+Under SecAgg+ the server never sees a single update, so Flower's wrappers cannot aggregate (see
+`SecureSumNoise`); the mechanism is the same one: each client clips its own update, SecAgg+ sums
+them, and `SecureSumNoise` divides the sum by the expected count and adds the noise.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,7 +40,7 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
-from flwr.supercore.differential_privacy import CLIENTS_DISCREPANCY_WARNING
+from flwr.supercore.differential_privacy import CLIENTS_DISCREPANCY_WARNING, add_gaussian_noise_inplace, compute_stdv
 
 from fedtune.config import ExperimentConfig
 
@@ -128,3 +133,52 @@ def with_central_dp(strategy: Strategy, cfg: ExperimentConfig) -> Strategy:
         clip_norm_lr=central.clip_norm_lr,
         clipped_count_stddev=central.clipped_count_stddev,
     )
+
+
+@dataclass(frozen=True)
+class SecureSumNoise:
+    """Central DP on a SecAgg+ sum: the fixed denominator and the Gaussian noise, as `UniformFedAvg` and
+    Flower's DifferentialPrivacyClientSideFixedClipping apply them to updates they can see.
+
+    Flower's wrapper cannot be used on the secure path, for either API. The Message-API one
+    aggregates the clients' replies itself (flwr/serverapp/strategy/dp_fixed_clipping.py:468-491),
+    and under SecAgg+ there are none, only their sum. The legacy one, as a SecAgg+ workflow's
+    strategy, receives every failure of every stage of the protocol
+    (flwr/server/workflow/secure_aggregation/secaggplus_workflow.py:665-666) and then releases
+    nothing (flwr/server/strategy/dp_fixed_clipping.py:307-308): one client dropping out, or
+    refusing at its privacy budget, would void the whole round, which SecAgg+ exists to survive and
+    which, with the fixed denominator, leaves the sensitivity as it is. Flower's own noise functions
+    are used (`compute_stdv`, `add_gaussian_noise_inplace`, drawing from numpy's global generator
+    like its wrappers).
+    """
+
+    noise_multiplier: float
+    clipping_norm: float
+    expected_clients: int  # q x N: the sum is divided by it, whatever the draw
+
+    @property
+    def stddev(self) -> float:
+        """The noise on the released update: noise_multiplier x clipping_norm / expected_clients."""
+        return compute_stdv(self.noise_multiplier, self.clipping_norm, self.expected_clients)
+
+    @property
+    def lone_client_stddev(self) -> float:
+        """The noise a client drawn alone adds to its own clipped update: divided by expected_clients
+        on the server, it is the round's noise (`stddev`)."""
+        return self.noise_multiplier * self.clipping_norm
+
+    def release(self, mean_update: Sequence[np.ndarray], *, summed: int) -> list[np.ndarray]:
+        """The update the round releases: the secure mean of `summed` clipped updates as their sum over
+        expected_clients, plus Gaussian noise of `stddev` (with summed 0: the noise alone)."""
+        released = [np.asarray(update, dtype=np.float64) * (summed / self.expected_clients) for update in mean_update]
+        add_gaussian_noise_inplace(released, self.stddev)
+        return released
+
+    def of_lone_client(self, update: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The update the round releases when one client was drawn and noised its update itself."""
+        return [np.asarray(part, dtype=np.float64) / self.expected_clients for part in update]
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> SecureSumNoise:
+        central = cfg.privacy.central
+        return cls(central.noise_multiplier, central.clipping_norm, cfg.federation.sampled_per_round)
