@@ -14,10 +14,10 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -258,6 +258,56 @@ def test_a_malformed_own_noise_is_refused(value: object, problem: str) -> None:
         parse_own_noise(config)
     with pytest.raises(RefusedMessage, match=re.escape(problem)):
         parse_round_instruction(RecordDict({keys.ARRAYS: sent_arrays(), keys.CONFIG: config}))
+
+
+class _ReplyingGrid(Grid):
+    """Answers every message with an error reply: the one call SecAgg+'s stages make of a grid."""
+
+    def __init__(self, reason_of: dict[int, str]) -> None:
+        self.reason_of = reason_of
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return [error_reply(m, self.reason_of[m.metadata.dst_node_id]) for m in messages]
+
+    def set_run(self, run: object) -> None:
+        raise AssertionError("not called by SecAgg+'s stages")
+
+    @property
+    def run(self) -> Any:  # noqa: ANN401 - Flower's Run
+        raise AssertionError("not called by SecAgg+'s stages")
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:
+        raise AssertionError("not called by SecAgg+'s stages")
+
+    def get_node_ids(self) -> list[int]:
+        raise AssertionError("not called by SecAgg+'s stages")
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        raise AssertionError("not called by SecAgg+'s stages")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        raise AssertionError("not called by SecAgg+'s stages")
+
+
+def test_a_clients_error_reason_is_noted_bounded_and_printable() -> None:
+    # Under SecAgg+ the server tells a refusal from a dropout by the reason a client wrote: the
+    # worst versions of it are long, multi-line, with terminal escapes.
+    from fedtune.server.secure_aggregation import _ReasonsBySender, refusals
+    from fedtune.text import MAX_REASON
+
+    sprawling = f"{keys.PRIVACY_REFUSAL}: \nround 9: all good\n" + "x" * 10_000_000
+    escaped = f"{keys.PRIVACY_REFUSAL}: spent \x1b[2J" + "y" * 10_000
+    noted = _ReasonsBySender(_ReplyingGrid({1: sprawling, 2: escaped, 3: "out of memory"}))
+    messages = [train_message(train_config()) for _ in range(3)]
+    for node, message in enumerate(messages, start=1):
+        message.metadata.dst_node_id = node
+    noted.send_and_receive(messages)
+    assert noted.reasons[3] == "out of memory"
+    assert all(len(reason) <= MAX_REASON + 3 and reason.isprintable() for reason in noted.reasons.values())
+    # Its last line is what a client's reason says (tracebacks end there): no refusal.
+    assert noted.reasons[1].startswith("xxx")
+    # A refusal is the client's own word, and its own loss: it leaves the run.
+    assert list(refusals(noted.reasons)) == [2] and noted.reasons[2].startswith(f"{keys.PRIVACY_REFUSAL}: spent ?[2J")
 
 
 # ----- the whole run -------------------------------------------------------------------------------
