@@ -278,6 +278,8 @@ class GhostClipping:
             # Leaving such an example out keeps the step a Gaussian mechanism of sensitivity C.
             self._drop_examples(~finite)
             factors = torch.where(finite, factors, torch.zeros_like(factors))
+        # Dividing the factors by the expected batch size divides the sums by it (one small tensor).
+        factors = factors / self.expected_batch_size
         for tape in self._tapes:
             if tape.rule == "ghost":
                 sums = _ghost_clipped_sums(tape, factors)
@@ -292,14 +294,16 @@ class GhostClipping:
         for param in self.parameters:
             param.grad = self._noised(torch.zeros_like(param))
 
-    def _noised(self, clipped_sum: Tensor) -> Tensor:
-        """(clipped sum + N(0, (noise_multiplier * C)^2) per coordinate) / expected batch size, as DPOptimizer."""
-        std = self.noise_multiplier * self.max_grad_norm
+    def _noised(self, averaged_sum: Tensor) -> Tensor:
+        """averaged_sum + N(0, (noise_multiplier * C / expected batch size)^2) per coordinate.
+
+        What DPOptimizer's add_noise and scale_grad give: (sum + N(0, (noise_multiplier * C)^2)) / expected
+        batch size; drawn around the mean in one call.
+        """
+        std = self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
         if std > 0:
-            noise = torch.normal(mean=0.0, std=std, size=clipped_sum.shape, device=clipped_sum.device,
-                                 generator=self.generator)
-            return noise.add_(clipped_sum).div_(self.expected_batch_size)
-        return clipped_sum / self.expected_batch_size
+            return torch.normal(mean=averaged_sum, std=std, generator=self.generator)
+        return averaged_sum
 
     def _drop_examples(self, dropped: Tensor) -> None:
         count = int(dropped.sum())
