@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from fedtune.backbones import HEAD, StagedModel, build_model
-from fedtune.client.fast_clipping import GhostClipping, UnsupportedLayer, layer_rules, unsupported_layers
+from fedtune.client.fast_clipping import GhostClipping, UnsupportedLayer, unsupported_layers
 from fedtune.client.privacy import PrivacyLedger, _StatisticsFrozenBatchNorm, train_private_round
 from fedtune.config import ConfigError, DPSGDConfig, TrainConfig, load_config
 from fedtune.params import first_trainable_index, trainable_stages
@@ -83,9 +83,10 @@ def test_per_sample_norms_equal_opacus_per_sample_gradient_norms(case: str) -> N
     inputs, targets = batch(shape)
     expected = norms_of(opacus_per_sample_gradients(model, inputs, targets))
 
-    assert layer_rules(model) == rules
     with GhostClipping(model, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=9) as clipping:
-        norms = clipping.per_sample_norms(nn.functional.cross_entropy(model(inputs), targets, reduction="sum"))
+        assert clipping.rules == rules
+        norms = clipping.per_sample_norms(nn.functional.cross_entropy(model(inputs), targets, reduction="sum"),
+                                          batch_size=len(targets))
     torch.testing.assert_close(norms, expected, rtol=1e-5, atol=0.0)
     assert all(p.grad is None for p in model.parameters())  # the backward pass went to the outputs only
 
@@ -114,7 +115,8 @@ def test_without_noise_the_gradients_equal_opacus_dp_optimizer(max_grad_norm: fl
     model = mixed_model()
     with GhostClipping(model, max_grad_norm=max_grad_norm, noise_multiplier=0.0,
                        expected_batch_size=expected_batch_size) as clipping:
-        clipping.clipped_noised_gradients(nn.functional.cross_entropy(model(inputs), targets, reduction="sum"))
+        clipping.clipped_noised_gradients(nn.functional.cross_entropy(model(inputs), targets, reduction="sum"),
+                                              batch_size=len(targets))
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
@@ -127,7 +129,8 @@ def test_the_noise_has_std_noise_multiplier_times_clip_over_expected_batch_size(
     def gradients(noise_multiplier: float, seed: int) -> Tensor:
         generator = torch.Generator().manual_seed(seed)
         with GhostClipping(model, noise_multiplier=noise_multiplier, generator=generator, **settings) as clipping:
-            clipping.clipped_noised_gradients(nn.functional.cross_entropy(model(inputs), targets, reduction="sum"))
+            clipping.clipped_noised_gradients(nn.functional.cross_entropy(model(inputs), targets, reduction="sum"),
+                                              batch_size=len(targets))
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     clipped_mean = gradients(0.0, seed=0)
@@ -165,7 +168,8 @@ def test_an_example_with_a_non_finite_gradient_is_left_out_not_clipped_as_small(
 
     def clipped(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         with GhostClipping(model, max_grad_norm=0.5, noise_multiplier=0.0, expected_batch_size=10) as clipping:
-            clipping.clipped_noised_gradients(nn.functional.cross_entropy(model(inputs), targets, reduction="sum"))
+            clipping.clipped_noised_gradients(nn.functional.cross_entropy(model(inputs), targets, reduction="sum"),
+                                              batch_size=len(targets))
             dropped = clipping.non_finite_examples
         return {name: p.grad.clone() for name, p in model.named_parameters()} | {"dropped": torch.tensor(dropped)}
 
@@ -208,7 +212,29 @@ def test_layers_ghost_clipping_cannot_clip_are_named_and_refused() -> None:
     with GhostClipping(in_place, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4) as clipping:
         loss = nn.functional.cross_entropy(in_place(inputs), targets, reduction="sum")
         with pytest.raises(RuntimeError, match="output of layer 0 was modified in place"):
-            clipping.per_sample_norms(loss)
+            clipping.per_sample_norms(loss, batch_size=len(targets))
+
+
+class FoldedTime(nn.Module):
+    """A Linear applied to (batch x time) rows: its input's first dimension is not the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.reshape(-1, x.shape[-1])).reshape(len(x), -1)
+
+
+def test_a_layer_that_does_not_see_the_batch_first_is_refused_not_given_wrong_norms() -> None:
+    model = FoldedTime()
+    inputs, targets = batch((2, 4), size=5)
+    with GhostClipping(model, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4) as clipping:
+        loss = nn.functional.cross_entropy(model(inputs), targets, reduction="sum")
+        with pytest.raises(RuntimeError, match=r"layer linear ran on an input of shape \(10, 4\), not on the batch "
+                                               "of 5 examples first"):
+            clipping.clipped_noised_gradients(loss, batch_size=5)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def custom_staged_model() -> StagedModel:

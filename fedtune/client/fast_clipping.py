@@ -19,7 +19,9 @@ The clipping factors c_i = min(1, C / (norm_i + 1e-6)) are Opacus 1.6's own
 (opacus/optimizers/optimizer.py, DPOptimizer.clip_and_accumulate), and each parameter's clipped
 sum is one matmul, (c * g)^T a: no second backward pass. Gaussian noise of std
 noise_multiplier * C is added and the sum divided by the expected batch size, as DPOptimizer does
-for loss_reduction "mean" (add_noise, scale_grad); the caller's optimizer then steps.
+for loss_reduction "mean" (add_noise, scale_grad); the caller's optimizer then steps. A layer
+that runs twice in one forward pass, or whose output is changed in place, is refused: these
+rules would compute something else.
 """
 
 from __future__ import annotations
@@ -86,11 +88,6 @@ def unsupported_layers(module: nn.Module) -> list[str]:
     """The trainable layers of `module` that ghost clipping cannot clip, each as 'name (Type)'."""
     return [f"{name or '<root>'} ({type(layer).__name__})" for name, layer in _trainable_layers(module)
             if _rule_for(layer) is None]
-
-
-def layer_rules(module: nn.Module) -> dict[str, str]:
-    """How each trainable layer is clipped: 'ghost' (norms without per-sample gradients), 'channel' or 'sampler'."""
-    return {name: rule for name, layer in _trainable_layers(module) if (rule := _rule_for(layer)) is not None}
 
 
 class _Tape:
@@ -186,7 +183,7 @@ class GhostClipping:
     """Hooks on a module's trainable layers that turn one backward pass into DP-SGD's noised gradients.
 
     Use as a context manager (the hooks are removed on exit), then per batch:
-    `clipped_noised_gradients(loss_sum)` after the forward pass, or `noise_only_gradients()` for an
+    `clipped_noised_gradients(loss_sum, batch_size=...)` after the forward pass, or `noise_only_gradients()` for an
     empty batch, then the optimizer's step(). Raises UnsupportedLayer when a trainable layer has
     no rule here and no grad sampler in Opacus's registry.
     """
@@ -206,7 +203,13 @@ class GhostClipping:
         self._tapes = [_Tape(name, layer, rule) for name, layer in _trainable_layers(module)
                        if (rule := _rule_for(layer)) is not None]
         self._handles: list[RemovableHandle] = []
-        log.debug("ghost clipping: %s", ", ".join(f"{tape.name}={tape.rule}" for tape in self._tapes))
+        log.debug("ghost clipping: %s", self.rules)
+
+    @property
+    def rules(self) -> dict[str, str]:
+        """How each trainable layer is clipped: 'ghost' (its norms without per-sample gradients),
+        'channel' (per-channel per-sample gradients) or 'sampler' (Opacus's grad sampler)."""
+        return {tape.name: tape.rule for tape in self._tapes}
 
     @property
     def parameters(self) -> list[nn.Parameter]:
@@ -237,15 +240,23 @@ class GhostClipping:
             tape.output, tape.output_version = output, output._version
         return keep
 
-    def per_sample_norms(self, loss_sum: Tensor) -> Tensor:
+    def per_sample_norms(self, loss_sum: Tensor, *, batch_size: int) -> Tensor:
         """Each example's whole gradient norm, for the loss summed (not averaged) over the batch.
 
         Runs the one backward pass (to the layers' outputs only: parameters get no .grad).
         """
         outputs: list[Tensor] = []
         for tape in self._tapes:
-            if tape.output is None:
+            if tape.output is None or tape.activation is None:
                 raise RuntimeError(f"layer {tape.name} did not run in the forward pass")
+            # Row i must be example i: a layer that saw the batch folded (or no batch) would be
+            # given a wrong per-sample norm, and the clipping bound would not hold.
+            batched_dims = 4 if isinstance(tape.layer, nn.Conv2d) else None
+            if (tape.activation.dim() < 2 or len(tape.activation) != batch_size or len(tape.output) != batch_size
+                    or (batched_dims is not None and tape.activation.dim() != batched_dims)):
+                raise RuntimeError(f"layer {tape.name} ran on an input of shape {tuple(tape.activation.shape)}, "
+                                   f"not on the batch of {batch_size} examples first: ghost clipping cannot "
+                                   "tell its examples apart")
             if tape.output._version != tape.output_version:
                 raise RuntimeError(f"the output of layer {tape.name} was modified in place after it ran: its "
                                    "gradient would be the modified tensor's, not the layer's")
@@ -267,9 +278,9 @@ class GhostClipping:
         assert squared is not None  # GhostClipping holds at least one trainable layer
         return squared.sqrt()
 
-    def clipped_noised_gradients(self, loss_sum: Tensor) -> None:
+    def clipped_noised_gradients(self, loss_sum: Tensor, *, batch_size: int) -> None:
         """Set each parameter's .grad to (sum of clipped per-sample gradients + noise) / expected batch size."""
-        norms = self.per_sample_norms(loss_sum)
+        norms = self.per_sample_norms(loss_sum, batch_size=batch_size)
         factors = (self.max_grad_norm / (norms + _OPACUS_NORM_EPSILON)).clamp(max=1.0)
         # Norms are at most sqrt(float max) each: their sum is finite exactly when every one is.
         if not math.isfinite(float(norms.sum())):

@@ -244,7 +244,7 @@ def _ghost_clipped_epochs(
                     inputs, targets = inputs.to(device), targets.to(device)
                     logits = module(inputs)
                     loss = loss_fn(logits, targets)
-                    clipping.clipped_noised_gradients(loss)
+                    clipping.clipped_noised_gradients(loss, batch_size=len(targets))
                     total_loss += loss.item()
                     correct += int((logits.argmax(1) == targets).sum())
                     seen += len(targets)
