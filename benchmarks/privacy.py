@@ -10,8 +10,9 @@ prints final accuracy, the epsilon spent, the noise and sampling rate that limit
 Every run uses FedAvg: DP-SGD clips the loss's per-sample gradients, and FedProx's proximal term
 would bypass that.
 
-`overhead` times one client's local round in-process, DP-SGD against plain SGD on the same data
-and model (head only, and head + last block), repeated; it prints the medians and their ratio.
+`overhead` times one client's local round in-process, on the same data and model (head only, and
+head + last block): non-private, DP-SGD with ghost clipping, and DP-SGD with Opacus's per-sample
+gradients (hooks mode); repeated in turns, it prints the medians and their ratios to non-private.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from tables import write_results
 from torch.utils.data import TensorDataset
 from transfer import run_variant
 
@@ -86,13 +88,21 @@ def table(config: Path, out: Path) -> None:
     write_table(rows, out)
 
 
-def _median_seconds(run: Callable[[], None], repeats: int) -> float:
-    times = []
+def _interleaved_medians(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, float]]:
+    """Median CPU and wall seconds of each run, the runs taking turns so that load changes hit all alike.
+
+    CPU seconds (the process's, on one thread, nothing waited for) are what the ratios use: on a
+    machine shared with other processes, wall time also counts the time they held the core.
+    """
+    cpu: dict[str, list[float]] = {label: [] for label in runs}
+    wall: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for label, run in runs.items():
+            cpu_started, wall_started = time.process_time(), time.perf_counter()
+            run()
+            cpu[label].append(time.process_time() - cpu_started)
+            wall[label].append(time.perf_counter() - wall_started)
+    return {label: {"cpu": statistics.median(cpu[label]), "wall": statistics.median(wall[label])} for label in runs}
 
 
 def _plain_round(model: StagedModel, initial: dict, data: TensorDataset, stages: list[str], start: int,
@@ -112,12 +122,15 @@ def _private_round(model: StagedModel, initial: dict, data: TensorDataset, stage
 
 def overhead(out: Path, repeats: int) -> None:
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # one client's round on one core: other processes share this machine
     train = load_split("digits", "train", root=None, download=False, seed=0)
     train = train.with_transform(preprocessing_for("efficientnet_lite0").at_size(64).transform(augment=False))
     model = build_model("efficientnet_lite0", num_classes=10, weights="imagenet")
     cfg = TrainConfig(batch_size=32, local_epochs=1, optimizer="adam", lr=0.003)
-    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5)
-    rows = []
+    engines = {clipping: DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5, clipping=clipping)
+               for clipping in ("ghost", "per_sample")}
+    rows: list[dict] = []
+    raw: dict[str, dict] = {}
     for label, blocks in (("head only", 0), ("head + last block", 1)):
         stages = trainable_stages(model, blocks)
         start = first_trainable_index(model, stages)
@@ -126,21 +139,33 @@ def overhead(out: Path, repeats: int) -> None:
         data = TensorDataset(*features.tensors)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         calibrated = PrivacyLedger()
-        train_private_round(model, data, stages=stages, cfg=cfg, dp=dp, ledger=calibrated, planned_rounds=8,
-                            start=start, device=CPU)  # round 1 calibrates the noise; also a warm-up
-        plain = partial(_plain_round, model, initial, data, stages, start, cfg)
-        private = partial(_private_round, model, initial, data, stages, start, cfg, dp, calibrated)
-        plain()  # warm-up: first-call allocations and lazy imports
-        plain_s, private_s = _median_seconds(plain, repeats), _median_seconds(private, repeats)
+        train_private_round(model, data, stages=stages, cfg=cfg, dp=engines["ghost"], ledger=calibrated,
+                            planned_rounds=8, start=start, device=CPU)  # round 1 calibrates the noise
+        runs = {"plain": partial(_plain_round, model, initial, data, stages, start, cfg)}
+        runs |= {clipping: partial(_private_round, model, initial, data, stages, start, cfg, dp, calibrated)
+                 for clipping, dp in engines.items()}
+        for run in runs.values():
+            run()  # warm-up: first-call allocations and lazy imports
+        medians = _interleaved_medians(runs, repeats)
+        seconds = {run: figures["cpu"] for run, figures in medians.items()}
+        raw[label] = medians
         rows.append({
             "trainable": label,
+            "input per example": "x".join(map(str, features.tensors[0].shape[1:])),
             "examples": len(data),
-            "plain round, median s": plain_s,
-            "DP-SGD round, median s": private_s,
-            "DP / plain": private_s / plain_s,
+            "non-private, median CPU s": seconds["plain"],
+            "ghost clipping, median CPU s": seconds["ghost"],
+            "per-sample (Opacus hooks), median CPU s": seconds["per_sample"],
+            "ghost / non-private": seconds["ghost"] / seconds["plain"],
+            "per-sample / non-private": seconds["per_sample"] / seconds["plain"],
             "repeats": repeats,
         })
-    write_table(rows, out)
+    note = (f"One client's local round (1 epoch, batch {cfg.batch_size}, Adam) on cached Lite0 features of the "
+            "digits train split at 64 px, CPU, 1 thread; medians of interleaved repeats, in the process's CPU "
+            "seconds (wall-clock medians are in table.json). DP-SGD: Poisson "
+            "sampling, epsilon 3, delta 1e-5 over 8 planned rounds. Ghost clipping: "
+            "fedtune/client/fast_clipping.py; per-sample: Opacus 1.6 make_private (hooks mode).")
+    print(write_results(out, rows, note, raw={"median seconds (cpu, wall)": raw}))
 
 
 def write_table(rows: list[dict], out: Path) -> None:

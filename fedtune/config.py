@@ -337,6 +337,11 @@ class DPSGDConfig(Section):
     max_grad_norm: Annotated[float, Field(gt=0.0, le=MAX_DP_SCALE)] = 1.0
     accountant: Literal["rdp", "prv"] = "rdp"
     poisson_sampling: bool = True
+    # How per-sample gradients are clipped (the mechanism and its epsilon are the same either way):
+    # "ghost" computes their norms without building them (fedtune/client/fast_clipping.py) and
+    # refuses a layer it has no rule for; "per_sample" is Opacus's hooks mode; "auto" is ghost
+    # when every trainable layer has a rule, per_sample otherwise.
+    clipping: Literal["auto", "ghost", "per_sample"] = "auto"
 
     @model_validator(mode="after")
     def _one_way_to_set_noise(self) -> DPSGDConfig:

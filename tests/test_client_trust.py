@@ -267,6 +267,8 @@ def _with(path: str, value: object) -> str:
     ("data.partition.min_examples", 10**12, "min_examples: Input should be less than or equal to 1000000"),
     ("data.partition.alpha", float("inf"), "alpha: Input should be a finite number"),
     ("dp_sgd.max_grad_norm", float("inf"), "max_grad_norm"),
+    ("dp_sgd.clipping", "x" * 5000, "dp_sgd.clipping: Input should be 'auto', 'ghost' or 'per_sample'"),
+    ("dp_sgd.clipping", 1, "dp_sgd.clipping: Input should be 'auto', 'ghost' or 'per_sample'"),
     ("model.backbone", "../../evil", "unknown backbone"),
     ("run_key", "../../x", "run_key: String should match pattern"),
     ("run_key", "a" * 300, "run_key: String should have at most 200 characters"),

@@ -161,12 +161,15 @@ def test_a_ledger_with_impossible_entries_is_refused_as_damaged_and_kept(
     assert store.path.read_text(encoding="utf-8") == damaged  # the budget already spent is not forgotten
 
 
-def test_three_examples_at_batch_size_one_never_raise_and_every_step_is_counted(lite0: StagedModel) -> None:
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+def test_three_examples_at_batch_size_one_never_raise_and_every_step_is_counted(
+    lite0: StagedModel, clipping: str
+) -> None:
     """Poisson sampling at rate 1/3 draws an empty batch about 30% of the time: each is a step of
-    pure noise, never an exception, and the ledger counts it."""
+    pure noise, never an exception, and the ledger counts it (with either clipping engine)."""
     stages = trainable_stages(lite0, 0)
     cfg = TrainConfig(lr=0.01, batch_size=1, local_epochs=2)
-    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5)
+    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5, clipping=clipping)
     generator = torch.Generator().manual_seed(3)
     tiny = TensorDataset(torch.randn(3, 1280, generator=generator), torch.tensor([0, 1, 1]))
     before = {key: value.clone() for key, value in lite0.stages["head"].state_dict().items()}

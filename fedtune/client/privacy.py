@@ -9,10 +9,12 @@ before training: a round that would take the client past its budget is refused.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -21,11 +23,17 @@ from torch.utils.data import DataLoader, Dataset
 from fedtune.accounting import calibrate_noise_multiplier, check_history, sample_level_epsilon
 from fedtune.atomic import write_text_atomically
 from fedtune.backbones import StagedModel
+from fedtune.client.fast_clipping import ChannelAffine, GhostClipping, unsupported_layers
 from fedtune.config import DPSGDConfig, TrainConfig
 from fedtune.engine import Metrics, make_optimizer, size_of
 from fedtune.messages import PRIVACY_REFUSAL
 from fedtune.params import freeze_all_but, set_train_mode
 from fedtune.protocol import RefusedMessage
+
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant
+
+log = logging.getLogger("fedtune.client")
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -82,18 +90,6 @@ class LedgerStore:
         write_text_atomically(self.path, text)
 
 
-class _ChannelAffine(nn.Module):
-    """BatchNorm's affine part, y = weight * x + bias per channel: the only part with Parameters."""
-
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter) -> None:
-        super().__init__()
-        self.weight, self.bias = weight, bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.weight.view(shape) + self.bias.view(shape)
-
-
 class _StatisticsFrozenBatchNorm(nn.Module):
     """A BatchNorm layer, for the duration of a DP-SGD round, with its running statistics fixed.
 
@@ -101,7 +97,8 @@ class _StatisticsFrozenBatchNorm(nn.Module):
     the affine weight and bias (the original layer's own Parameters) still train. Opacus refuses
     trainable layers with buffers, and its validator refuses every BatchNorm whatever its mode:
     so the statistics are plain tensors here, and the Parameters sit in a child module of their
-    own, which Opacus differentiates per sample with functorch. timm's BatchNormAct2d applies
+    own (which ghost clipping clips per channel, and Opacus's hooks mode differentiates per sample
+    with functorch). timm's BatchNormAct2d applies
     dropout and an activation after normalising: they are kept.
     """
 
@@ -110,7 +107,7 @@ class _StatisticsFrozenBatchNorm(nn.Module):
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"{bn} keeps no running statistics (track_running_stats=False): there are none to freeze")
         self.mean, self.var, self.eps = bn.running_mean, bn.running_var, bn.eps
-        self.affine = _ChannelAffine(bn.weight, bn.bias)
+        self.affine = ChannelAffine(bn.weight, bn.bias)
         self.drop = getattr(bn, "drop", nn.Identity())
         self.act = getattr(bn, "act", nn.Identity())
 
@@ -197,6 +194,67 @@ def _private_epochs(
     return total_loss, correct, seen
 
 
+def _clipping_for(trainable: nn.Module, choice: str) -> str:
+    """'ghost' or 'per_sample' (Opacus's hooks mode): what privacy.dp_sgd.clipping asks, where it can run."""
+    if choice == "per_sample":
+        return "per_sample"
+    unsupported = unsupported_layers(trainable)
+    if not unsupported:
+        return "ghost"
+    if choice == "ghost":
+        raise ValueError(f"privacy.dp_sgd.clipping is ghost, but ghost clipping has no rule for "
+                         f"{', '.join(unsupported)}: set it to auto (Opacus's per-sample gradients then) or per_sample")
+    log.debug("DP-SGD clips with Opacus's per-sample gradients this round: ghost clipping has no rule for %s",
+              ", ".join(unsupported))
+    return "per_sample"
+
+
+def _ghost_clipped_epochs(
+    module: nn.Module,
+    layers: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    accountant: IAccountant,
+    dp: DPSGDConfig,
+    noise_multiplier: float,
+    epochs: int,
+    device: torch.device,
+) -> tuple[float, int, int]:
+    """The DP-SGD loop with ghost clipping of `layers` (all of `module`'s trainable ones): the same mechanism,
+    sampling and accounting as Opacus's make_private. Returns (summed loss, correct, seen)."""
+    from opacus.data_loader import DPDataLoader
+
+    # As make_private sets them (opacus/privacy_engine.py): the accountant's rate, and the batch
+    # size a sum is divided by (int(N * q), not the drawn batch's size, which would leak it).
+    sample_rate = 1 / len(loader)
+    expected_batch_size = int(size_of(loader.dataset) * sample_rate)
+    # Poisson sampling from the loader's own generator, as make_private does outside secure mode.
+    batches = DPDataLoader.from_data_loader(loader) if dp.poisson_sampling else loader
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")  # each row of an output gradient is then one example's
+    total_loss, correct, seen = 0.0, 0, 0
+    with GhostClipping(layers, max_grad_norm=dp.max_grad_norm, noise_multiplier=noise_multiplier,
+                       expected_batch_size=expected_batch_size) as clipping:
+        for _ in range(epochs):
+            for inputs, targets in batches:
+                optimizer.zero_grad(set_to_none=True)
+                if len(targets) == 0:
+                    clipping.noise_only_gradients()  # Poisson sampling drew no example: a step of pure noise
+                else:
+                    inputs, targets = inputs.to(device), targets.to(device)
+                    logits = module(inputs)
+                    loss = loss_fn(logits, targets)
+                    clipping.clipped_noised_gradients(loss, batch_size=len(targets))
+                    total_loss += loss.item()
+                    correct += int((logits.argmax(1) == targets).sum())
+                    seen += len(targets)
+                optimizer.step()
+                # What Opacus's optimizer hook records for each step (IAccountant.get_optimizer_hook_fn).
+                accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss, correct, seen
+
+
 def within_node_budget(dp: DPSGDConfig, *, max_epsilon: float | None, max_delta: float) -> DPSGDConfig:
     """The DP-SGD settings this node trains with: the server's, held to the node's own floor.
 
@@ -276,21 +334,31 @@ def train_private_round(
     engine.accountant.history = list(ledger.history)
     with _opacus_compatible([model.stages[stage] for stage in stages]):
         trainable = _Trainable(model, start)
-        problems = ModuleValidator.validate(trainable, strict=False)
+        # The stages that run from `start` on are the trainable ones: only they need checking and hooks.
+        running = nn.ModuleDict({stage: model.stages[stage] for stage in stages})
+        problems = ModuleValidator.validate(running, strict=False)
         if problems:
             raise ValueError(f"DP-SGD cannot train these layers (stages {', '.join(stages)}): {problems[0]}")
-        module, optimizer, private_loader = engine.make_private(
-            module=trainable,
-            optimizer=make_optimizer(model, stages, cfg),
-            data_loader=loader,
-            noise_multiplier=ledger.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=dp.poisson_sampling,
-        )
-        try:
-            total_loss, correct, seen = _private_epochs(module, optimizer, private_loader, cfg.local_epochs, device)
-        finally:
-            module.to_standard_module()  # removes Opacus's hooks and per-sample gradients from the model
+        optimizer = make_optimizer(model, stages, cfg)
+        if _clipping_for(running, dp.clipping) == "ghost":
+            total_loss, correct, seen = _ghost_clipped_epochs(
+                trainable, running, optimizer, loader, accountant=engine.accountant, dp=dp,
+                noise_multiplier=ledger.noise_multiplier, epochs=cfg.local_epochs, device=device,
+            )
+        else:
+            module, optimizer, private_loader = engine.make_private(
+                module=trainable,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=ledger.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=dp.poisson_sampling,
+            )
+            try:
+                total_loss, correct, seen = _private_epochs(module, optimizer, private_loader, cfg.local_epochs,
+                                                            device)
+            finally:
+                module.to_standard_module()  # removes Opacus's hooks and per-sample gradients from the model
     model.eval()
     ledger.history = list(engine.accountant.history)
     epsilon = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant)
