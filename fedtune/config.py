@@ -333,6 +333,10 @@ class DPSGDConfig(Section):
     max_grad_norm: Annotated[float, Field(gt=0.0, le=MAX_DP_SCALE)] = 1.0
     accountant: Literal["rdp", "prv"] = "rdp"
     poisson_sampling: bool = True
+    # Examples per step (the expected number, under Poisson sampling); None: train.batch_size.
+    # "full": every step uses all of the client's examples (DP-GD at sampling rate 1, one step per
+    # local epoch; no batch is ever empty). See the README's privacy study for when it pays.
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] | Literal["full"] | None = None
 
     @model_validator(mode="after")
     def _one_way_to_set_noise(self) -> DPSGDConfig:
