@@ -1,14 +1,15 @@
-"""Privacy evidence for the README: accuracy at epsilon 1, 3, 8 against non-private, and DP-SGD's cost.
+"""Privacy evidence for the README: accuracy against epsilon, and DP-SGD's cost.
 
     python benchmarks/privacy.py table configs/quickstart.yaml --out benchmarks/results/privacy-digits
     python benchmarks/privacy.py table configs/antsbees.yaml --out benchmarks/results/privacy-antsbees
     python benchmarks/privacy.py overhead --out benchmarks/results/dp-overhead
 
 `table` runs `fedtune simulate` (the users' code path) head-only, 10 clients as configured and 1
-client holding all the data, non-private and with DP-SGD at epsilon 1, 3, 8 (delta 1e-5), and
-prints final accuracy, the epsilon spent, the noise and sampling rate that limit it, and wall time.
-Every run uses FedAvg: DP-SGD clips the loss's per-sample gradients, and FedProx's proximal term
-would bypass that.
+client holding all the data, without privacy and with DP-SGD at epsilon 0.5, 1, 2, 3, 5, 8
+(delta 1e-5), plus, at epsilon 3, full-batch DP-GD (`privacy.dp_sgd.batch_size: full`). It prints
+final accuracy, the epsilon spent, the noise and sampling rate that limit it, and draws accuracy
+against epsilon (privacy-utility.png). Every run uses FedAvg: DP-SGD clips the loss's per-sample
+gradients, and FedProx's proximal term would bypass that.
 
 `overhead` times one client's local round in-process, on the same data and model (head only, and
 head + last block): non-private, DP-SGD with ghost clipping, and DP-SGD with Opacus's per-sample
@@ -26,6 +27,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from tables import write_results
 from torch.utils.data import TensorDataset
 from transfer import run_variant
@@ -33,18 +37,13 @@ from transfer import run_variant
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
 from fedtune.client.privacy import PrivacyLedger, train_private_round
 from fedtune.config import DPSGDConfig, TrainConfig
-from fedtune.console import compare_table
 from fedtune.data import load_split
 from fedtune.engine import extract_features, train_one_round
 from fedtune.params import first_trainable_index, trainable_stages
 from fedtune.report import RunDirectory
 
-PRIVACY: dict[str, list[str]] = {
-    "non-private": [],
-    "epsilon 1": ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.target_epsilon=1", "privacy.dp_sgd.target_delta=1e-5"],
-    "epsilon 3": ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.target_epsilon=3", "privacy.dp_sgd.target_delta=1e-5"],
-    "epsilon 8": ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.target_epsilon=8", "privacy.dp_sgd.target_delta=1e-5"],
-}
+EPSILONS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
+FULL_BATCH_EPSILON = 3.0
 SETTINGS: dict[str, list[str]] = {
     "10 clients": [],
     "1 client (all data)": ["federation.num_clients=1", "data.partition.scheme=iid"],
@@ -53,14 +52,28 @@ COMMON = ["train.trainable_blocks=0", "strategy.name=fedavg"]
 CPU = torch.device("cpu")
 
 
+def _dp(epsilon: float) -> list[str]:
+    return ["privacy.dp_sgd.enabled=true", f"privacy.dp_sgd.target_epsilon={epsilon:g}",
+            "privacy.dp_sgd.target_delta=1e-5"]
+
+
+def _variants() -> dict[str, tuple[float | None, str, list[str]]]:
+    """label -> (epsilon or None for non-private, DP batch, overrides)."""
+    variants: dict[str, tuple[float | None, str, list[str]]] = {"non-private": (None, "-", [])}
+    for epsilon in EPSILONS:
+        variants[f"epsilon {epsilon:g}"] = (epsilon, "train.batch_size", _dp(epsilon))
+    variants[f"epsilon {FULL_BATCH_EPSILON:g}, full batch"] = (
+        FULL_BATCH_EPSILON, "full", [*_dp(FULL_BATCH_EPSILON), "privacy.dp_sgd.batch_size=full"])
+    return variants
+
+
 def table(config: Path, out: Path) -> None:
     rows = []
     for setting, setting_overrides in SETTINGS.items():
-        for privacy, privacy_overrides in PRIVACY.items():
+        for privacy, (epsilon, dp_batch, privacy_overrides) in _variants().items():
             slug = "".join(c if c.isalnum() else "-" for c in f"{setting} {privacy}").strip("-")
             run_dir = run_variant(config, [*COMMON, *setting_overrides, *privacy_overrides], out / slug)
             history = RunDirectory.load_history(run_dir / "history.json")
-            summary = json.loads((run_dir / "summary.json").read_text())
             sample = {}
             if (run_dir / "privacy.json").is_file():
                 sample = json.loads((run_dir / "privacy.json").read_text())["sample_level"]
@@ -69,23 +82,48 @@ def table(config: Path, out: Path) -> None:
             rows.append({
                 "setting": setting,
                 "privacy": privacy,
+                "target epsilon": epsilon if epsilon is not None else "inf",
+                "DP batch": dp_batch,
                 "final accuracy": history[-1].central_accuracy,
                 "best accuracy": max(r.central_accuracy or 0.0 for r in history[1:]),
                 "epsilon spent (max over clients)": sample.get("epsilon_max", "-"),
                 "noise multiplier (median)": statistics.median(noise) if noise else "-",
                 "sampling rate (median)": statistics.median(rates) if rates else "-",
                 "rounds": history[-1].round,
-                # Round 1 also delivers the backbone and computes the cached features.
-                "seconds per round (median of rounds 2+)": statistics.median(r.seconds for r in history[2:]),
-                "wall seconds": summary["wall_seconds"],
             })
     for row in rows:
         baseline = next(r for r in rows if r["setting"] == row["setting"] and r["privacy"] == "non-private")
         row["points below non-private"] = 100 * ((baseline["final accuracy"] or 0) - (row["final accuracy"] or 0))
-        row["round time vs non-private"] = (
-            row["seconds per round (median of rounds 2+)"] / baseline["seconds per round (median of rounds 2+)"]
-        )
-    write_table(rows, out)
+    note = (f"Head only, FedAvg, delta 1e-5, {config.name}; 'DP batch' is privacy.dp_sgd.batch_size "
+            "(train.batch_size: the default). Accuracy on the server's held-out set after the last round.")
+    print(write_results(out, rows, note))
+    _plot(rows, out / "privacy-utility.png", title=config.stem)
+
+
+def _plot(rows: list[dict], path: Path, *, title: str) -> None:
+    """Final accuracy against epsilon (log axis), one line per setting; non-private as a dashed level."""
+    figure = Figure(figsize=(8, 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for colour, setting in zip(("tab:blue", "tab:orange"), SETTINGS, strict=False):
+        private = [r for r in rows if r["setting"] == setting and r["DP batch"] == "train.batch_size"]
+        ax.plot([r["target epsilon"] for r in private], [r["final accuracy"] for r in private], color=colour,
+                marker="o", label=f"{setting}: DP-SGD")
+        full = [r for r in rows if r["setting"] == setting and r["DP batch"] == "full"]
+        ax.plot([r["target epsilon"] for r in full], [r["final accuracy"] for r in full], color=colour,
+                marker="*", markersize=12, linestyle="none", label=f"{setting}: full-batch DP-GD")
+        baseline = next(r for r in rows if r["setting"] == setting and r["privacy"] == "non-private")
+        ax.axhline(baseline["final accuracy"], color=colour, linestyle="--", linewidth=1,
+                   label=f"{setting}: non-private (epsilon = inf)")
+    ax.set_xscale("log")
+    ax.set_xticks(list(EPSILONS), [f"{e:g}" for e in EPSILONS])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("epsilon (delta = 1e-5, per client, whole run)")
+    ax.set_ylabel("final accuracy (held-out set)")
+    ax.set_title(f"Accuracy against privacy, head only: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    figure.savefig(path, dpi=120)
 
 
 def _interleaved_medians(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, float]]:
@@ -166,14 +204,6 @@ def overhead(out: Path, repeats: int) -> None:
             "sampling, epsilon 3, delta 1e-5 over 8 planned rounds. Ghost clipping: "
             "fedtune/client/fast_clipping.py; per-sample: Opacus 1.6 make_private (hooks mode).")
     print(write_results(out, rows, note, raw={"median seconds (cpu, wall)": raw}))
-
-
-def write_table(rows: list[dict], out: Path) -> None:
-    text = compare_table(rows, list(rows[0]))
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(text + "\n")
-    (out / "table.json").write_text(json.dumps(rows, indent=2, default=str))
 
 
 def main() -> None:

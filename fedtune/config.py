@@ -342,6 +342,10 @@ class DPSGDConfig(Section):
     # refuses a layer it has no rule for; "per_sample" is Opacus's hooks mode; "auto" is ghost
     # when every trainable layer has a rule, per_sample otherwise.
     clipping: Literal["auto", "ghost", "per_sample"] = "auto"
+    # Examples per step (the expected number, under Poisson sampling); None: train.batch_size.
+    # "full": every step uses all of the client's examples (DP-GD at sampling rate 1, one step per
+    # local epoch; no batch is ever empty). See the README's privacy study for when it pays.
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] | Literal["full"] | None = None
 
     @model_validator(mode="after")
     def _one_way_to_set_noise(self) -> DPSGDConfig:

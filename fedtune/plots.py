@@ -5,7 +5,7 @@ Each is a matplotlib Figure on the Agg canvas; fedtune/report.py saves them as P
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -159,18 +159,41 @@ def draw_bytes(ax: Axes, records: list[RoundRecord], run_name: str) -> bool:
     return True
 
 
-def draw_epsilon(ax: Axes, records: list[RoundRecord], run_name: str, *, budget: float | None) -> bool:
+# Up to this many clients, each one's epsilon line has a colour and a legend entry of its own.
+_NAMED_CLIENT_LINES = 10
+
+
+def draw_epsilon(
+    ax: Axes, records: list[RoundRecord], run_name: str, *, budget: float | None,
+    client_names: Mapping[int, str] | None = None,
+) -> bool:
+    """Epsilon by round: each client's (named after `client_names`: on real nodes, the partition a
+    node gave with its node id), the largest, and central DP's user-level one."""
     trained = [r for r in records if r.round > 0]
-    clients = sorted({k for r in trained for k in r.extra if k.startswith("epsilon_client_")},
-                     key=lambda k: int(k.rsplit("_", 1)[1]))
+    clients = sorted({int(k.rsplit("_", 1)[1]) for r in trained for k in r.extra if k.startswith("epsilon_client_")})
     user = [(r.round, r.extra["epsilon_user"]) for r in trained if "epsilon_user" in r.extra]
     if not clients and not user:
         return False
-    for index, key in enumerate(clients):
+    names = client_names or {}
+    named = len(clients) <= _NAMED_CLIENT_LINES
+    for index, client in enumerate(clients):
+        key = f"epsilon_client_{client}"
         points = [(r.round, r.extra[key]) for r in trained if key in r.extra]
         xs, ys = zip(*points, strict=True)
-        label = "each client's sample-level epsilon (DP-SGD)" if index == 0 else None
-        ax.plot(xs, ys, color="tab:blue", alpha=0.35, linewidth=1, marker=".", label=label)
+        name = names.get(client, f"client {client}")
+        if named:
+            ax.plot(xs, ys, color=f"C{index % 10}", alpha=0.6, linewidth=1, marker=".", label=name)
+        else:
+            label = f"each of {len(clients)} clients' sample-level epsilon (DP-SGD)" if index == 0 else None
+            ax.plot(xs, ys, color="tab:blue", alpha=0.35, linewidth=1, marker=".", label=label)
+    if clients and not named:
+        # Too many to name: the one that spent most is the one a reader looks for.
+        last = trained[-1].extra
+        spender = max((c for c in clients if f"epsilon_client_{c}" in last),
+                      key=lambda c: last[f"epsilon_client_{c}"], default=None)
+        if spender is not None:
+            ax.annotate(names.get(spender, f"client {spender}"), (trained[-1].round, last[f"epsilon_client_{spender}"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
     if clients:
         points = [(r.round, r.extra["epsilon_max"]) for r in trained if "epsilon_max" in r.extra]
         xs, ys = zip(*points, strict=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import datetime
 from functools import partial
@@ -106,16 +107,19 @@ class RunDirectory:
         """model.safetensors; metadata (e.g. the config JSON, backbone name) travels inside the file."""
         return save_model_file(self.path / MODEL_FILE, state_dict, metadata)
 
-    def write_plots(self, *, epsilon_budget: float | None = None) -> list[Path]:
+    def write_plots(
+        self, *, epsilon_budget: float | None = None, client_names: Mapping[int, str] | None = None
+    ) -> list[Path]:
         """accuracy.png, bytes.png and (under DP) privacy.png from the history so far.
 
-        A plot with nothing to show is skipped; `epsilon_budget` is drawn as a line on privacy.png.
+        A plot with nothing to show is skipped; `epsilon_budget` is drawn as a line on privacy.png,
+        whose client lines are named after `client_names` (client id -> name).
         """
         written = []
         plots = (
             (ACCURACY_PNG, draw_accuracy),
             (BYTES_PNG, draw_bytes),
-            (PRIVACY_PNG, partial(draw_epsilon, budget=epsilon_budget)),
+            (PRIVACY_PNG, partial(draw_epsilon, budget=epsilon_budget, client_names=client_names)),
         )
         for name, draw in plots:
             figure = figure_of(draw, self._records, self.path.name)

@@ -185,3 +185,27 @@ def test_three_examples_at_batch_size_one_never_raise_and_every_step_is_counted(
         assert sum(steps for _, _, steps in ledger.history) == 12
         assert {(noise, rate) for noise, rate, _ in ledger.history} == {(ledger.noise_multiplier, 1 / 3)}
         lite0.stages["head"].load_state_dict(before)
+
+
+def test_full_batch_dp_gd_takes_one_step_per_epoch_at_sampling_rate_one(lite0: StagedModel) -> None:
+    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5, batch_size="full")
+    ledger = PrivacyLedger()
+    results = private_rounds(lite0, ledger, dp, rounds=2, planned=2)
+    # 2 rounds x 2 local epochs, one step each over all 100 examples; the plan spends the budget.
+    assert ledger.history == [(ledger.noise_multiplier, 1.0, 4)]
+    assert 0.95 * 3.0 < results[-1][1] <= 3.0
+    event = dp_event.GaussianDpEvent(ledger.noise_multiplier)
+    independent = rdp.RdpAccountant()
+    independent.compose(event, 4)
+    assert results[-1][1] == pytest.approx(independent.get_epsilon(1e-5), rel=0.01)
+
+
+def test_a_dp_batch_size_of_its_own_sets_the_sampling_rate(tmp_path: Path) -> None:
+    path = tmp_path / "dp.yaml"
+    path.write_text((REPO / "configs" / "quickstart.yaml").read_text())
+    for value, expected in (("full", "full"), ("64", 64)):
+        cfg = load_config(path, overrides=["privacy.dp_sgd.enabled=true", f"privacy.dp_sgd.batch_size={value}"])
+        assert cfg.privacy.dp_sgd.batch_size == expected
+    for bad in ("0", "half", "1.5"):
+        with pytest.raises(ConfigError, match="privacy.dp_sgd.batch_size"):
+            load_config(path, overrides=["privacy.dp_sgd.enabled=true", f"privacy.dp_sgd.batch_size={bad}"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,22 @@ def test_the_accuracy_plot_joins_the_rounds_that_had_federated_evaluation(run: R
     with (run.path / "history.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [(row["evaluations_sampled"], row["federated_accuracy"]) for row in rows[1:3]] == [("0", ""), ("", "0.55")]
+
+
+def test_the_privacy_plot_names_each_client_and_past_ten_the_largest_spender() -> None:
+    from fedtune.plots import draw_epsilon, figure_of
+
+    def records(clients: int) -> list:
+        return [make_record(r, extra={**{f"epsilon_client_{c}": 0.1 * r * (c + 1) for c in range(clients)},
+                                      "epsilon_max": 0.1 * r * clients}) for r in range(1, 4)]
+
+    names = {0: "client 0 (node 8431…)", 1: "client 1 (node 1207…)", 2: "client 2 (node 5550…)"}
+    figure = figure_of(partial(draw_epsilon, budget=3.0, client_names=names), records(3), "exp")
+    assert figure is not None
+    labels = [line.get_label() for line in figure.axes[0].get_lines()]
+    assert labels[:3] == list(names.values())
+
+    figure = figure_of(partial(draw_epsilon, budget=3.0, client_names={11: "client 11 (node 9999…)"}),
+                       records(12), "exp")
+    assert figure is not None
+    assert [text.get_text() for text in figure.axes[0].texts] == ["client 11 (node 9999…)"]

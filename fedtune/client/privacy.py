@@ -294,12 +294,15 @@ def train_private_round(
     """One round of DP-SGD; updates `ledger` and returns the metrics and the run's epsilon so far.
 
     The noise multiplier is calibrated once, in the first round, for planned_rounds x
-    local_epochs x batches per epoch, so that the whole plan fits target_epsilon.
+    local_epochs x batches per epoch, so that the whole plan fits target_epsilon. Batches hold
+    dp.batch_size examples (all of them for "full") when it is set, cfg.batch_size otherwise.
     """
-    if size_of(data) == 0:
+    examples = size_of(data)
+    if examples == 0:
         raise ValueError("no training examples on this client")
-    loader = DataLoader(data, batch_size=min(cfg.batch_size, size_of(data)), shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    wanted = cfg.batch_size if dp.batch_size is None else dp.batch_size
+    batch_size = examples if wanted == "full" else min(wanted, examples)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     steps = cfg.local_epochs * len(loader)
     if ledger.noise_multiplier is None:
         ledger.sample_rate = 1 / len(loader)  # Opacus's Poisson sampling rate for this loader

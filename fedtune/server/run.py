@@ -370,7 +370,8 @@ def _finish(
     privacy_summary = privacy.summary(history, name_of=delivery.name_of)
     if privacy_summary:
         run_dir.write_privacy(privacy_summary)
-    run_dir.write_plots(epsilon_budget=cfg.privacy.dp_sgd.target_epsilon if cfg.privacy.dp_sgd.enabled else None)
+    run_dir.write_plots(epsilon_budget=cfg.privacy.dp_sgd.target_epsilon if cfg.privacy.dp_sgd.enabled else None,
+                        client_names={node: delivery.name_of(node) for node in privacy.dp_sgd_clients})
     log.info("results: %s", run_dir.path)
     return RunOutcome(
         run_dir=run_dir.path,
