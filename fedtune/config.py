@@ -346,6 +346,10 @@ class DPSGDConfig(Section):
     # "full": every step uses all of the client's examples (DP-GD at sampling rate 1, one step per
     # local epoch; no batch is ever empty). See the README's privacy study for when it pays.
     batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] | Literal["full"] | None = None
+    # The noise and the Poisson draws come from a generator seeded from the OS's entropy, known to
+    # nobody; `true` seeds it from the run's seed instead, for tests and debugging: then anyone who
+    # knows the seed (the server chooses it) can regenerate the noise, and the guarantee is void.
+    reproducible: bool = False
 
     @model_validator(mode="after")
     def _one_way_to_set_noise(self) -> DPSGDConfig:

@@ -186,7 +186,7 @@ def test_a_crashed_run_resumes_and_ends_with_the_uninterrupted_model(
     """FedAdam (server-side moments) and DP-SGD (client ledgers): stop the server after round 2
     trained but before it was checkpointed, start it again, compare with an uninterrupted run."""
     private = ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.target_epsilon=null",
-               "privacy.dp_sgd.noise_multiplier=1.0"]
+               "privacy.dp_sgd.noise_multiplier=1.0", "privacy.dp_sgd.reproducible=true"]
     uninterrupted = simulate(_config(tmp_path / "a", *private))
 
     cfg = _config(tmp_path / "b", *private)

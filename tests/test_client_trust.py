@@ -500,6 +500,7 @@ def test_a_node_with_its_own_budget_refuses_a_round_without_dp_sgd(tmp_path: Pat
 @pytest.mark.parametrize(("override", "field", "problem"), [
     ("privacy.dp_sgd.target_delta=0.5", "dp_sgd.target_delta", "above this node's max-delta 1e-05"),
     ("privacy.dp_sgd.poisson_sampling=false", "dp_sgd.poisson_sampling", "accounted for Poisson sampling"),
+    ("privacy.dp_sgd.reproducible=true", "dp_sgd.reproducible", "noise seeded from the run's seed"),
 ])
 def test_a_node_with_its_own_budget_refuses_looser_accounting(tmp_path: Path, override: str, field: str,
                                                               problem: str) -> None:

@@ -22,7 +22,7 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 # Small and private: FedAdam keeps moments on the server, DP-SGD keeps a ledger on each client.
 SMALL_PRIVATE = ["federation.rounds=3", "train.unfreeze=[]", "data.image_size=32", "train.local_epochs=1",
                  "strategy.name=fedadam", "privacy.dp_sgd.enabled=true", "privacy.dp_sgd.target_epsilon=null",
-                 "privacy.dp_sgd.noise_multiplier=1.0"]
+                 "privacy.dp_sgd.noise_multiplier=1.0", "privacy.dp_sgd.reproducible=true"]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from dp_accounting import dp_event, rdp
 from dp_accounting.pld import pld_privacy_accountant
+from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from fedtune.backbones import StagedModel, build_model
@@ -209,3 +210,24 @@ def test_a_dp_batch_size_of_its_own_sets_the_sampling_rate(tmp_path: Path) -> No
     for bad in ("0", "half", "1.5"):
         with pytest.raises(ConfigError, match="privacy.dp_sgd.batch_size"):
             load_config(path, overrides=["privacy.dp_sgd.enabled=true", f"privacy.dp_sgd.batch_size={bad}"])
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+def test_the_noise_is_secret_unless_the_run_asks_for_reproducible_noise(lite0: StagedModel, clipping: str) -> None:
+    """By default the batches and the noise come from seeds nobody knows: the same round twice, same
+    seed, trains two different heads. With `reproducible`, the run's seed fixes both."""
+    stages = trainable_stages(lite0, 0)
+    start = first_trainable_index(lite0, stages)
+    initial = {key: value.clone() for key, value in lite0.stages["head"].state_dict().items()}
+
+    def head_after_a_round(reproducible: bool) -> Tensor:
+        lite0.stages["head"].load_state_dict(initial)
+        dp = DPSGDConfig(enabled=True, noise_multiplier=1.0, target_epsilon=None, clipping=clipping,
+                         reproducible=reproducible)
+        train_private_round(lite0, head_features(), stages=stages, cfg=TrainConfig(lr=0.01, batch_size=16), dp=dp,
+                            ledger=PrivacyLedger(), planned_rounds=1, start=start, seed=7, device=CPU)
+        return lite0.stages["head"][1].weight.detach().clone()
+
+    assert torch.equal(head_after_a_round(True), head_after_a_round(True))
+    assert not torch.equal(head_after_a_round(False), head_after_a_round(False))
+    lite0.stages["head"].load_state_dict(initial)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -220,9 +221,11 @@ def _ghost_clipped_epochs(
     noise_multiplier: float,
     epochs: int,
     device: torch.device,
+    noise: torch.Generator,
 ) -> tuple[float, int, int]:
     """The DP-SGD loop with ghost clipping of `layers` (all of `module`'s trainable ones): the same mechanism,
-    sampling and accounting as Opacus's make_private. Returns (summed loss, correct, seen)."""
+    sampling and accounting as Opacus's make_private, the noise drawn from `noise`. Returns (summed loss,
+    correct, seen)."""
     from opacus.data_loader import DPDataLoader
 
     # As make_private sets them (opacus/privacy_engine.py): the accountant's rate, and the batch
@@ -234,7 +237,7 @@ def _ghost_clipped_epochs(
     loss_fn = nn.CrossEntropyLoss(reduction="sum")  # each row of an output gradient is then one example's
     total_loss, correct, seen = 0.0, 0, 0
     with GhostClipping(layers, max_grad_norm=dp.max_grad_norm, noise_multiplier=noise_multiplier,
-                       expected_batch_size=expected_batch_size) as clipping:
+                       expected_batch_size=expected_batch_size, generator=noise) as clipping:
         for _ in range(epochs):
             for inputs, targets in batches:
                 optimizer.zero_grad(set_to_none=True)
@@ -271,6 +274,9 @@ def within_node_budget(dp: DPSGDConfig, *, max_epsilon: float | None, max_delta:
     if not dp.poisson_sampling:
         raise RefusedMessage("dp_sgd.poisson_sampling", "this node's budget is accounted for Poisson sampling; the "
                                                         "server's settings turn it off")
+    if dp.reproducible:
+        raise RefusedMessage("dp_sgd.reproducible", "the server asks for noise seeded from the run's seed, which "
+                                                    "it knows: this node's budget would not hold against it")
     if dp.target_delta > max_delta:
         raise RefusedMessage("dp_sgd.target_delta", f"{dp.target_delta:g} is above this node's max-delta "
                                                     f"{max_delta:g}")
@@ -302,7 +308,11 @@ def train_private_round(
         raise ValueError("no training examples on this client")
     wanted = cfg.batch_size if dp.batch_size is None else dp.batch_size
     batch_size = examples if wanted == "full" else min(wanted, examples)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    # The batches' draws (Poisson sampling) and the noise: amplification by sampling and the noise
+    # itself assume both are secret, so by default nobody, the server included, knows their seeds.
+    sampling = torch.Generator().manual_seed(seed if dp.reproducible else secrets.randbits(63))
+    noise = torch.Generator(device=device).manual_seed(seed + 1 if dp.reproducible else secrets.randbits(63))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=sampling)
     steps = cfg.local_epochs * len(loader)
     if ledger.noise_multiplier is None:
         ledger.sample_rate = 1 / len(loader)  # Opacus's Poisson sampling rate for this loader
@@ -346,7 +356,7 @@ def train_private_round(
         if _clipping_for(running, dp.clipping) == "ghost":
             total_loss, correct, seen = _ghost_clipped_epochs(
                 trainable, running, optimizer, loader, accountant=engine.accountant, dp=dp,
-                noise_multiplier=ledger.noise_multiplier, epochs=cfg.local_epochs, device=device,
+                noise_multiplier=ledger.noise_multiplier, epochs=cfg.local_epochs, device=device, noise=noise,
             )
         else:
             module, optimizer, private_loader = engine.make_private(
@@ -356,6 +366,7 @@ def train_private_round(
                 noise_multiplier=ledger.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=dp.poisson_sampling,
+                noise_generator=noise,
             )
             try:
                 total_loss, correct, seen = _private_epochs(module, optimizer, private_loader, cfg.local_epochs,
