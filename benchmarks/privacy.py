@@ -6,7 +6,8 @@
 
 `table` runs `fedtune simulate` (the users' code path) head-only, 10 clients as configured and 1
 client holding all the data, without privacy and with DP-SGD at epsilon 0.5, 1, 2, 3, 5, 8
-(delta 1e-5), plus, at epsilon 3, full-batch DP-GD (`privacy.dp_sgd.batch_size: full`). It prints
+(delta 1e-5) with the default DP batch (`auto`), and at epsilon 3 both choices, train.batch_size and
+the full batch (DP-GD). It prints
 final accuracy, the epsilon spent, the noise and sampling rate that limit it, and draws accuracy
 against epsilon (privacy-utility.png). Every run uses FedAvg: DP-SGD clips the loss's per-sample
 gradients, and FedProx's proximal term would bypass that.
@@ -36,43 +37,52 @@ from transfer import run_variant
 
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
 from fedtune.client.privacy import PrivacyLedger, train_private_round
-from fedtune.config import DPSGDConfig, TrainConfig
+from fedtune.config import DPSGDConfig, TrainConfig, load_config
 from fedtune.data import load_split
 from fedtune.engine import extract_features, train_one_round
 from fedtune.params import first_trainable_index, trainable_stages
 from fedtune.report import RunDirectory
 
 EPSILONS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
-FULL_BATCH_EPSILON = 3.0
+COMPARED_EPSILON = 3.0  # where both DP batch choices run beside the default
 SETTINGS: dict[str, list[str]] = {
     "10 clients": [],
     "1 client (all data)": ["federation.num_clients=1", "data.partition.scheme=iid"],
 }
-COMMON = ["train.trainable_blocks=0", "strategy.name=fedavg"]
+# Reproducible noise: the README's figures can be regenerated exactly (public data, no secret to keep).
+COMMON = ["train.trainable_blocks=0", "strategy.name=fedavg", "privacy.dp_sgd.reproducible=true"]
 CPU = torch.device("cpu")
 
 
-def _dp(epsilon: float) -> list[str]:
+def _dp(epsilon: float, *extra: str) -> list[str]:
     return ["privacy.dp_sgd.enabled=true", f"privacy.dp_sgd.target_epsilon={epsilon:g}",
-            "privacy.dp_sgd.target_delta=1e-5"]
+            "privacy.dp_sgd.target_delta=1e-5", *extra]
 
 
-def _variants() -> dict[str, tuple[float | None, str, list[str]]]:
-    """label -> (epsilon or None for non-private, DP batch, overrides)."""
-    variants: dict[str, tuple[float | None, str, list[str]]] = {"non-private": (None, "-", [])}
+def _variants(train_batch: int) -> dict[str, tuple[float | None, list[str]]]:
+    """label -> (epsilon, None for non-private; overrides). Plain "epsilon X" rows use the defaults."""
+    variants: dict[str, tuple[float | None, list[str]]] = {"non-private": (None, [])}
     for epsilon in EPSILONS:
-        variants[f"epsilon {epsilon:g}"] = (epsilon, "train.batch_size", _dp(epsilon))
-    variants[f"epsilon {FULL_BATCH_EPSILON:g}, full batch"] = (
-        FULL_BATCH_EPSILON, "full", [*_dp(FULL_BATCH_EPSILON), "privacy.dp_sgd.batch_size=full"])
+        variants[f"epsilon {epsilon:g}"] = (epsilon, _dp(epsilon))
+    for label, size in (("train.batch_size", str(train_batch)), ("full", "full")):
+        variants[f"epsilon {COMPARED_EPSILON:g}, DP batch {label}"] = (
+            COMPARED_EPSILON, _dp(COMPARED_EPSILON, f"privacy.dp_sgd.batch_size={size}"))
     return variants
+
+
+def _dp_batch(config: Path, overrides: list[str]) -> str:
+    """What a client's DP batches held in this run: `auto` resolved as the server resolves it."""
+    cfg = load_config(config, overrides=[*overrides, "train.unfreeze=[]"])
+    return str(cfg.dp_batch_size()) if cfg.privacy.dp_sgd.enabled else "-"
 
 
 def table(config: Path, out: Path) -> None:
     rows = []
     for setting, setting_overrides in SETTINGS.items():
-        for privacy, (epsilon, dp_batch, privacy_overrides) in _variants().items():
+        for privacy, (epsilon, privacy_overrides) in _variants(load_config(config).train.batch_size).items():
+            overrides = [*COMMON, *setting_overrides, *privacy_overrides]
             slug = "".join(c if c.isalnum() else "-" for c in f"{setting} {privacy}").strip("-")
-            run_dir = run_variant(config, [*COMMON, *setting_overrides, *privacy_overrides], out / slug)
+            run_dir = run_variant(config, overrides, out / slug)
             history = RunDirectory.load_history(run_dir / "history.json")
             sample = {}
             if (run_dir / "privacy.json").is_file():
@@ -83,7 +93,7 @@ def table(config: Path, out: Path) -> None:
                 "setting": setting,
                 "privacy": privacy,
                 "target epsilon": epsilon if epsilon is not None else "inf",
-                "DP batch": dp_batch,
+                "DP batch": _dp_batch(config, overrides),
                 "final accuracy": history[-1].central_accuracy,
                 "best accuracy": max(r.central_accuracy or 0.0 for r in history[1:]),
                 "epsilon spent (max over clients)": sample.get("epsilon_max", "-"),
@@ -94,8 +104,9 @@ def table(config: Path, out: Path) -> None:
     for row in rows:
         baseline = next(r for r in rows if r["setting"] == row["setting"] and r["privacy"] == "non-private")
         row["points below non-private"] = 100 * ((baseline["final accuracy"] or 0) - (row["final accuracy"] or 0))
-    note = (f"Head only, FedAvg, delta 1e-5, {config.name}; 'DP batch' is privacy.dp_sgd.batch_size "
-            "(train.batch_size: the default). Accuracy on the server's held-out set after the last round.")
+    note = (f"Head only, FedAvg, delta 1e-5, {config.name}, reproducible noise; 'DP batch' is what each client's "
+            "DP-SGD batches held (privacy.dp_sgd.batch_size, `auto` unless the row says). Accuracy on the server's "
+            "held-out set after the last round.")
     print(write_results(out, rows, note))
     _plot(rows, out / "privacy-utility.png", title=config.stem)
 
@@ -106,13 +117,15 @@ def _plot(rows: list[dict], path: Path, *, title: str) -> None:
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     for colour, setting in zip(("tab:blue", "tab:orange"), SETTINGS, strict=False):
-        private = [r for r in rows if r["setting"] == setting and r["DP batch"] == "train.batch_size"]
-        ax.plot([r["target epsilon"] for r in private], [r["final accuracy"] for r in private], color=colour,
-                marker="o", label=f"{setting}: DP-SGD")
-        full = [r for r in rows if r["setting"] == setting and r["DP batch"] == "full"]
-        ax.plot([r["target epsilon"] for r in full], [r["final accuracy"] for r in full], color=colour,
-                marker="*", markersize=12, linestyle="none", label=f"{setting}: full-batch DP-GD")
-        baseline = next(r for r in rows if r["setting"] == setting and r["privacy"] == "non-private")
+        ours = [r for r in rows if r["setting"] == setting]
+        sweep = [r for r in ours if r["privacy"].startswith("epsilon") and "DP batch" not in r["privacy"]]
+        ax.plot([r["target epsilon"] for r in sweep], [r["final accuracy"] for r in sweep], color=colour,
+                marker="o", label=f"{setting}: DP-SGD, defaults")
+        for marker, batch in (("v", "train.batch_size"), ("*", "full")):
+            compared = [r for r in ours if r["privacy"].endswith(f"DP batch {batch}")]
+            ax.plot([r["target epsilon"] for r in compared], [r["final accuracy"] for r in compared], color=colour,
+                    marker=marker, markersize=11, linestyle="none", label=f"{setting}: DP batch {batch}")
+        baseline = next(r for r in ours if r["privacy"] == "non-private")
         ax.axhline(baseline["final accuracy"], color=colour, linestyle="--", linewidth=1,
                    label=f"{setting}: non-private (epsilon = inf)")
     ax.set_xscale("log")
@@ -122,7 +135,7 @@ def _plot(rows: list[dict], path: Path, *, title: str) -> None:
     ax.set_ylabel("final accuracy (held-out set)")
     ax.set_title(f"Accuracy against privacy, head only: {title}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
     figure.savefig(path, dpi=120)
 
 
@@ -165,7 +178,8 @@ def overhead(out: Path, repeats: int) -> None:
     train = train.with_transform(preprocessing_for("efficientnet_lite0").at_size(64).transform(augment=False))
     model = build_model("efficientnet_lite0", num_classes=10, weights="imagenet")
     cfg = TrainConfig(batch_size=32, local_epochs=1, optimizer="adam", lr=0.003)
-    engines = {clipping: DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5, clipping=clipping)
+    engines = {clipping: DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5, clipping=clipping,
+                                    batch_size=cfg.batch_size)
                for clipping in ("ghost", "per_sample")}
     rows: list[dict] = []
     raw: dict[str, dict] = {}

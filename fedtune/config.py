@@ -31,6 +31,9 @@ MAX_CLIENTS = 1_000_000  # federation.num_clients
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; the head of a 2048-feature backbone is then 820 MB
 MAX_LOCAL_EPOCHS = 1_000
 MAX_BATCH_SIZE = 65_536
+# DP-SGD's `auto` batch is the full batch only for runs of at least this many local epochs in all:
+# fewer full-batch steps trained the head less well than mini-batches (benchmarks/private_head.py).
+FULL_BATCH_MIN_EPOCHS = 32
 MAX_BLOCKS = 1_000  # trainable_blocks, unfreeze steps, lr_multipliers entries (backbones have tens of stages)
 MAX_RATE = 1_000.0  # lr, weight_decay, lr multipliers
 MAX_DP_SCALE = 1e6  # DP-SGD epsilon, noise multiplier and clipping norm; central DP's clipping norm
@@ -342,10 +345,12 @@ class DPSGDConfig(Section):
     # refuses a layer it has no rule for; "per_sample" is Opacus's hooks mode; "auto" is ghost
     # when every trainable layer has a rule, per_sample otherwise.
     clipping: Literal["auto", "ghost", "per_sample"] = "auto"
-    # Examples per step (the expected number, under Poisson sampling); None: train.batch_size.
-    # "full": every step uses all of the client's examples (DP-GD at sampling rate 1, one step per
-    # local epoch; no batch is ever empty). See the README's privacy study for when it pays.
-    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] | Literal["full"] | None = None
+    # Examples per step (the expected number, under Poisson sampling). "full": every step uses all
+    # of the client's examples (DP-GD at sampling rate 1, one step per local epoch; no batch is ever
+    # empty). "auto": full when only the head trains, all run, for at least FULL_BATCH_MIN_EPOCHS
+    # local epochs in all, train.batch_size otherwise (the README's privacy study: DP-GD on cached
+    # features was as accurate as training without DP on ants/bees, and needs that many steps).
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] | Literal["auto", "full"] = "auto"
     # The noise and the Poisson draws come from a generator seeded from the OS's entropy, known to
     # nobody; `true` seeds it from the run's seed instead, for tests and debugging: then anyone who
     # knows the seed (the server chooses it) can regenerate the noise, and the guarantee is void.
@@ -507,6 +512,16 @@ class ExperimentConfig(Section):
         if self.data.augment:
             raise ValueError("privacy.dp_sgd: data.augment is not supported with DP-SGD yet")
         return self
+
+    def dp_batch_size(self) -> int | Literal["full"]:
+        """privacy.dp_sgd.batch_size, `auto` resolved (it depends on the unfreeze schedule, which
+        only the server knows): the number or "full" a client's DP-SGD batches hold."""
+        size = self.privacy.dp_sgd.batch_size
+        if size != "auto":
+            return size
+        head_only = self.train.trainable_blocks == 0 and not self.train.unfreeze
+        enough_steps = self.federation.rounds * self.train.local_epochs >= FULL_BATCH_MIN_EPOCHS
+        return "full" if head_only and enough_steps else self.train.batch_size
 
     @model_validator(mode="after")
     def _central_dp_fits(self) -> ExperimentConfig:

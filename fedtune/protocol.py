@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.common import Scalar
 from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from torch import Tensor
 
 from fedtune import messages as keys
@@ -56,7 +56,8 @@ MAX_REASON_CHARS = 1_000  # of an error reply's reason, and of what the server l
 MAX_SECAGG_CONFIG_CHARS = 4 * MAX_SETTINGS_CHARS  # the train config, client settings inside, escaped once more
 _EXCERPT_CHARS = 40
 # The form of the client settings record; a node refuses any other (ClientSettings.version).
-SETTINGS_VERSION = 1
+# 2: dp_sgd.batch_size arrives resolved (a number or "full", never "auto"); dp_sgd.reproducible.
+SETTINGS_VERSION = 2
 
 # Keys a round's config may carry: fedtune's own and those Flower's strategies add.
 ROUND_CONFIG_KEYS = frozenset({
@@ -92,6 +93,13 @@ class ClientSettings(Section):
     # server resumes the run; part of a file name (run-<key>.json), so no path separators, and short.
     run_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=200)] = "run"
 
+    @model_validator(mode="after")
+    def _dp_batch_size_resolved(self) -> ClientSettings:
+        if self.dp_sgd.batch_size == "auto":
+            raise ValueError("dp_sgd.batch_size: 'auto' must arrive resolved (a number or 'full'): the server "
+                             "resolves it from the unfreeze schedule, which a node does not see")
+        return self
+
     @classmethod
     def of(cls, cfg: ExperimentConfig, *, num_classes: int, run_key: str = "run") -> ClientSettings:
         return cls(
@@ -104,7 +112,8 @@ class ClientSettings(Section):
             model=cfg.model,
             data=cfg.data,
             train=cfg.train.model_copy(update={"unfreeze": ()}),  # the server applies the schedule
-            dp_sgd=cfg.privacy.dp_sgd,
+            # `auto` depends on the unfreeze schedule, which the server keeps: resolved here.
+            dp_sgd=cfg.privacy.dp_sgd.model_copy(update={"batch_size": cfg.dp_batch_size()}),
             freeze_statistics=cfg.privacy.freezes_statistics,
         )
 

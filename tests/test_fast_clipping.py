@@ -251,7 +251,7 @@ def test_auto_falls_back_to_opacus_per_sample_gradients_and_ghost_refuses(caplog
     def train(clipping: str) -> PrivacyLedger:
         ledger = PrivacyLedger()
         train_private_round(model, data, stages=stages, cfg=cfg, dp=DPSGDConfig(enabled=True, target_epsilon=8.0,
-                                                                                  clipping=clipping),
+                                                                                  clipping=clipping, batch_size=4),
                             ledger=ledger, planned_rounds=1, start=first_trainable_index(model, stages), device=CPU)
         return ledger
 
@@ -285,7 +285,7 @@ def test_both_engines_write_the_same_ledger(blocks: int) -> None:
     ledgers, epsilons = {}, {}
     for clipping in ("ghost", "per_sample"):
         model.load_state_dict(initial)
-        dp = DPSGDConfig(enabled=True, target_epsilon=4.0, clipping=clipping)
+        dp = DPSGDConfig(enabled=True, target_epsilon=4.0, clipping=clipping, batch_size=8)
         ledger = PrivacyLedger()
         for server_round in range(2):
             _, epsilons[clipping] = train_private_round(model, data, stages=stages, cfg=cfg, dp=dp, ledger=ledger,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from fedtune.backbones import StagedModel, build_model
 from fedtune.client.privacy import LedgerStore, PrivacyBudgetExhausted, PrivacyLedger, train_private_round
 from fedtune.config import ConfigError, DPSGDConfig, TrainConfig, load_config
 from fedtune.params import first_trainable_index, trainable_stages
+from fedtune.protocol import ClientSettings
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -46,7 +48,7 @@ def private_rounds(model: StagedModel, ledger: PrivacyLedger, dp: DPSGDConfig, r
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_epsilon_over_rounds_matches_an_independent_accountant(lite0: StagedModel, accountant: str) -> None:
-    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5, accountant=accountant)
+    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5, accountant=accountant, batch_size=16)
     ledger = PrivacyLedger()
     results = private_rounds(lite0, ledger, dp, rounds=3, planned=4)
     epsilons = [epsilon for _, epsilon in results]
@@ -65,7 +67,7 @@ def test_epsilon_over_rounds_matches_an_independent_accountant(lite0: StagedMode
 
 
 def test_noise_is_calibrated_for_the_whole_plan_and_the_client_refuses_past_it(lite0: StagedModel) -> None:
-    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5)
+    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5, batch_size=16)
     ledger = PrivacyLedger()
     epsilons = [epsilon for _, epsilon in private_rounds(lite0, ledger, dp, rounds=4, planned=4)]
     assert max(epsilons) <= 3.0
@@ -76,7 +78,7 @@ def test_noise_is_calibrated_for_the_whole_plan_and_the_client_refuses_past_it(l
 
 
 def test_the_ledger_survives_a_client_restart(lite0: StagedModel, tmp_path: Path) -> None:
-    dp = DPSGDConfig(enabled=True, target_epsilon=3.0)
+    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, batch_size=16)
     uninterrupted = PrivacyLedger()
     private_rounds(lite0, uninterrupted, dp, rounds=3, planned=4)
 
@@ -104,7 +106,7 @@ def test_dp_sgd_trains_a_block_with_batchnorm_and_inplace_activations(backbone: 
         before = model.forward_stages(features, start)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     data = TensorDataset(features, torch.arange(24) % 3)
-    dp = DPSGDConfig(enabled=True, target_epsilon=8.0)
+    dp = DPSGDConfig(enabled=True, target_epsilon=8.0, batch_size=8)
     train_private_round(model, data, stages=stages, cfg=TrainConfig(lr=0.05, batch_size=8, local_epochs=1), dp=dp,
                         ledger=PrivacyLedger(), planned_rounds=1, start=start, device=CPU)
 
@@ -170,7 +172,7 @@ def test_three_examples_at_batch_size_one_never_raise_and_every_step_is_counted(
     pure noise, never an exception, and the ledger counts it (with either clipping engine)."""
     stages = trainable_stages(lite0, 0)
     cfg = TrainConfig(lr=0.01, batch_size=1, local_epochs=2)
-    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5, clipping=clipping)
+    dp = DPSGDConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5, clipping=clipping, batch_size=1)
     generator = torch.Generator().manual_seed(3)
     tiny = TensorDataset(torch.randn(3, 1280, generator=generator), torch.tensor([0, 1, 1]))
     before = {key: value.clone() for key, value in lite0.stages["head"].state_dict().items()}
@@ -204,7 +206,7 @@ def test_full_batch_dp_gd_takes_one_step_per_epoch_at_sampling_rate_one(lite0: S
 def test_a_dp_batch_size_of_its_own_sets_the_sampling_rate(tmp_path: Path) -> None:
     path = tmp_path / "dp.yaml"
     path.write_text((REPO / "configs" / "quickstart.yaml").read_text())
-    for value, expected in (("full", "full"), ("64", 64)):
+    for value, expected in (("full", "full"), ("64", 64), ("auto", "auto")):
         cfg = load_config(path, overrides=["privacy.dp_sgd.enabled=true", f"privacy.dp_sgd.batch_size={value}"])
         assert cfg.privacy.dp_sgd.batch_size == expected
     for bad in ("0", "half", "1.5"):
@@ -223,7 +225,7 @@ def test_the_noise_is_secret_unless_the_run_asks_for_reproducible_noise(lite0: S
     def head_after_a_round(reproducible: bool) -> Tensor:
         lite0.stages["head"].load_state_dict(initial)
         dp = DPSGDConfig(enabled=True, noise_multiplier=1.0, target_epsilon=None, clipping=clipping,
-                         reproducible=reproducible)
+                         reproducible=reproducible, batch_size=16)
         train_private_round(lite0, head_features(), stages=stages, cfg=TrainConfig(lr=0.01, batch_size=16), dp=dp,
                             ledger=PrivacyLedger(), planned_rounds=1, start=start, seed=7, device=CPU)
         return lite0.stages["head"][1].weight.detach().clone()
@@ -231,3 +233,26 @@ def test_the_noise_is_secret_unless_the_run_asks_for_reproducible_noise(lite0: S
     assert torch.equal(head_after_a_round(True), head_after_a_round(True))
     assert not torch.equal(head_after_a_round(False), head_after_a_round(False))
     lite0.stages["head"].load_state_dict(initial)
+
+
+def test_dp_batch_size_auto_is_the_full_batch_only_for_long_head_only_runs() -> None:
+    def resolved(*overrides: str) -> int | str:
+        cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides=["privacy.dp_sgd.enabled=true", *overrides])
+        return ClientSettings.of(cfg, num_classes=10).dp_sgd.batch_size
+
+    # The quickstart unfreezes conv_head at round 4, and its 8 rounds x 2 epochs are too few steps.
+    assert resolved() == 32
+    assert resolved("train.unfreeze=[]") == 32
+    assert resolved("train.unfreeze=[]", "train.local_epochs=4") == "full"  # 32 epochs in all
+    assert resolved("train.unfreeze=[]", "train.local_epochs=4", "train.trainable_blocks=1") == 32
+    assert resolved("train.local_epochs=4") == 32  # the block unfrozen at round 4 trains too
+    assert resolved("privacy.dp_sgd.batch_size=64") == 64
+    assert resolved("privacy.dp_sgd.batch_size=full") == "full"
+
+
+def test_a_node_refuses_settings_with_an_unresolved_dp_batch_size() -> None:
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides=["privacy.dp_sgd.enabled=true"])
+    sent = json.loads(ClientSettings.of(cfg, num_classes=10).to_message())
+    sent["dp_sgd"]["batch_size"] = "auto"
+    with pytest.raises(ConfigError, match="dp_sgd.batch_size: 'auto' must arrive resolved"):
+        ClientSettings.from_message(json.dumps(sent))

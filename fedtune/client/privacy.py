@@ -301,13 +301,14 @@ def train_private_round(
 
     The noise multiplier is calibrated once, in the first round, for planned_rounds x
     local_epochs x batches per epoch, so that the whole plan fits target_epsilon. Batches hold
-    dp.batch_size examples (all of them for "full") when it is set, cfg.batch_size otherwise.
+    dp.batch_size examples (all of them for "full"); never cfg.batch_size.
     """
     examples = size_of(data)
     if examples == 0:
         raise ValueError("no training examples on this client")
-    wanted = cfg.batch_size if dp.batch_size is None else dp.batch_size
-    batch_size = examples if wanted == "full" else min(wanted, examples)
+    if dp.batch_size == "auto":
+        raise ValueError("dp_sgd.batch_size 'auto' is resolved by the server (ExperimentConfig.dp_batch_size)")
+    batch_size = examples if dp.batch_size == "full" else min(dp.batch_size, examples)
     # The batches' draws (Poisson sampling) and the noise: amplification by sampling and the noise
     # itself assume both are secret, so by default nobody, the server included, knows their seeds.
     sampling = torch.Generator().manual_seed(seed if dp.reproducible else secrets.randbits(63))
