@@ -22,6 +22,7 @@ import argparse
 import itertools
 import statistics
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tables import write_results
@@ -81,7 +82,8 @@ def _run(cfg: ExperimentConfig, data: TensorDataset, held_out: TensorDataset, cl
 def study(config: Path, out: Path, *, epsilon: float, seeds: int) -> None:
     cfg = load_config(config, overrides=["train.trainable_blocks=0", "train.unfreeze=[]"])
     data, held_out, classes = _features(cfg)
-    batches: list[int | str] = [size for size in (cfg.train.batch_size, LARGE_BATCH) if size < len(data)] + ["full"]
+    batches: list[int | Literal["full"]] = [size for size in (cfg.train.batch_size, LARGE_BATCH) if size < len(data)]
+    batches.append("full")
     rows = []
     for lr_factor in RATE_FACTORS:
         lr = cfg.train.lr * lr_factor
@@ -92,7 +94,8 @@ def study(config: Path, out: Path, *, epsilon: float, seeds: int) -> None:
                      "accuracy (median)": statistics.median(accuracies)})
     for batch, local_epochs, lr_factor in itertools.product(batches, LOCAL_EPOCHS, RATE_FACTORS):
         lr = cfg.train.lr * lr_factor
-        dp = DPSGDConfig(enabled=True, target_epsilon=epsilon, target_delta=1e-5, batch_size=batch)
+        # Reproducible noise: public data, and figures anyone can regenerate exactly.
+        dp = DPSGDConfig(enabled=True, target_epsilon=epsilon, target_delta=1e-5, batch_size=batch, reproducible=True)
         runs = [_run(cfg, data, held_out, classes, dp=dp, local_epochs=local_epochs, lr=lr, seed=seed)
                 for seed in range(seeds)]
         ledger = runs[0][1]
