@@ -244,6 +244,11 @@ def test_adaptive_clipping_moves_the_norm_towards_the_target_quantile(size: floa
     one_round(strategy, [update] * 4, [1] * 4)
     unclipped = 0.0 if moves == "up" else 1.0
     assert strategy.clipping_norm == pytest.approx(np.exp(-0.2 * (unclipped - 0.5)), rel=1e-3)
+    # An aggregate the server then discards (non-finite: fedtune/server/round.py) and replaces with
+    # the noise alone does not count the round twice: one noisy count a round, as accounted.
+    moved = strategy.clipping_norm
+    noise_alone(strategy, server_round=1)
+    assert strategy.clipping_norm == moved
 
 
 @pytest.mark.usefixtures("server_identity")

@@ -246,6 +246,7 @@ class CentralDP(Strategy):
         self.target_clipped_quantile = central.target_clipped_quantile
         self.clip_norm_lr = central.clip_norm_lr
         self._sent: ArrayRecord | None = None
+        self._counted_in = 0  # the last round adaptive clipping counted: once a round, as accounted
 
     def __repr__(self) -> str:
         return f"CentralDP({self.clipping} clipping, noise multiplier {self.noise_multiplier:g})"
@@ -282,7 +283,7 @@ class CentralDP(Strategy):
         released = self.noise.add_to(aggregated)
         log.info("round %d: central DP noise of standard deviation %.4g added to the aggregate of %d clipped "
                  "updates (clipping norm %.4g)", server_round, self.noise.stddev, len(replies), self.clipping_norm)
-        self._adapt(unclipped=unclipped, clipped=clipped)
+        self._adapt(server_round, unclipped=unclipped, clipped=clipped)
         return released, metrics
 
     def release_noise_alone(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
@@ -291,7 +292,7 @@ class CentralDP(Strategy):
         log.info("round %d: no update to aggregate; the round releases the model plus central DP's noise "
                  "(standard deviation %.4g)", server_round, self.noise.stddev)
         released = self.noise.add_to(arrays)
-        self._adapt(unclipped=0, clipped=0)
+        self._adapt(server_round, unclipped=0, clipped=0)  # no-op if the round's aggregate was counted, then discarded
         return released
 
     def configure_evaluate(
@@ -316,13 +317,14 @@ class CentralDP(Strategy):
         })
         return scale == 1.0
 
-    def _adapt(self, *, unclipped: int, clipped: int) -> None:
+    def _adapt(self, server_round: int, *, unclipped: int, clipped: int) -> None:
         """Adaptive clipping: the norm follows the noisy fraction of updates left unclipped, over the
         expected number of clients. Each update counts +1/2 unclipped, -1/2 clipped, so that one client
         changes the count by 1/2, the sensitivity compute_adaptive_noise_params assumes (TF Privacy's
         QuantileEstimatorQuery does the same); an empty round counts nothing, with the same noise."""
-        if self.clipping != "adaptive":
+        if self.clipping != "adaptive" or self._counted_in == server_round:
             return
+        self._counted_in = server_round
         noisy_count = (unclipped - clipped) / 2 + self.randomness.noise.normal(0.0, self.clipped_count_stddev)
         unclipped_fraction = noisy_count / self.expected_clients + 0.5
         self.clipping_norm *= math.exp(-self.clip_norm_lr * (unclipped_fraction - self.target_clipped_quantile))
