@@ -364,11 +364,12 @@ class DPSGDConfig(Section):
 
 
 class CentralDPConfig(Section):
-    """User-level differential privacy added by the server (Flower's DP strategy wrappers).
+    """User-level differential privacy added by the server (fedtune/strategies/central_dp.py).
 
     Each client's whole update is clipped to clipping_norm (by the server, or by the client with
     `client`), and Gaussian noise of noise_multiplier x clipping_norm / clients_per_round is added
-    to the average. `adaptive` tunes the clipping norm towards a quantile of the update norms.
+    to their sum over clients_per_round, every round, drawn from OS entropy unless `reproducible`.
+    `adaptive` tunes the clipping norm towards a quantile of the update norms.
     With privacy.secure_aggregation only `client` can work: each client clips its own update,
     SecAgg+ sums them, and the server adds the noise to the sum.
     """
@@ -384,6 +385,10 @@ class CentralDPConfig(Section):
     # Noise on the count of clipped updates; Flower's default is clients_per_round / 20, and it
     # must exceed noise_multiplier / 2 (part of the privacy budget goes to this count).
     clipped_count_stddev: Annotated[float | None, Field(gt=0.0)] = None
+    # For tests only: the client draw and the noise follow `seed` instead of OS entropy, so that a
+    # run can be repeated. The guarantee then does not hold against anyone who knows the seed
+    # (config.json records it); privacy.json says which.
+    reproducible: bool = False
 
 
 class SecureAggregationConfig(Section):

@@ -1,10 +1,9 @@
-"""Central (user-level) DP: Flower's wrappers clip and add noise as configured; the epsilon is right."""
+"""Central (user-level) DP: clipping, noise every round from generators of its own, and the right epsilon."""
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -16,10 +15,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedtune import messages as keys
 from fedtune.accounting import user_level_epsilon
-from fedtune.config import CentralDPConfig, ConfigError, load_config
+from fedtune.config import CentralDPConfig, ConfigError, ExperimentConfig, load_config
 from fedtune.report import RunDirectory
+from fedtune.server.checkpoint import CHECKPOINT_FILE, Checkpoint
 from fedtune.simulation import simulate
-from fedtune.strategies import build_strategy
+from fedtune.strategies import build_strategy, restore_strategy_state, strategy_state
+from fedtune.strategies.central_dp import CentralDP, CentralRandomness
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 20_000  # coordinates: enough to measure the noise's standard deviation within a few percent
@@ -35,14 +36,20 @@ class _Nodes:
         return self.ids
 
 
-def central_strategy(*overrides: str):  # noqa: ANN201 - a Flower Strategy
-    cfg = load_config(REPO / "configs/quickstart.yaml", [
-        "federation.num_clients=2", "privacy.central.enabled=true", "privacy.central.clipping_norm=1.0", *overrides,
+def central_config(*overrides: str) -> ExperimentConfig:
+    return load_config(REPO / "configs/quickstart.yaml", [
+        "federation.num_clients=2", "privacy.central.enabled=true", "privacy.central.clipping_norm=1.0",
+        "privacy.central.reproducible=true", *overrides,  # the noise and the draw follow the seed: a repeatable test
     ])
-    return build_strategy(cfg)
 
 
-def one_round(strategy, updates: list[np.ndarray], num_examples: list[int]) -> np.ndarray:  # noqa: ANN001
+def central_strategy(*overrides: str) -> CentralDP:
+    strategy = build_strategy(central_config(*overrides))
+    assert isinstance(strategy, CentralDP)
+    return strategy
+
+
+def one_round(strategy: CentralDP, updates: list[np.ndarray], num_examples: list[int]) -> np.ndarray:
     """The strategy's aggregate of replies that each add `update` to an all-zero model."""
     current = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
     messages = list(strategy.configure_train(1, current, ConfigRecord({}), _Nodes(len(updates))))
@@ -65,7 +72,6 @@ def test_server_side_clipping_clips_each_update_and_averages_uniformly() -> None
     big[0] = 10.0
     small = np.zeros(SIZE)
     small[1] = 0.5
-    np.random.seed(0)
     result = one_round(central_strategy("privacy.central.noise_multiplier=1e-9"), [big, small], [1000, 10])
     assert result[0] == pytest.approx(0.5, abs=1e-6)  # (10 clipped to 1) / 2
     assert result[1] == pytest.approx(0.25, abs=1e-6)  # 0.5 / 2, unclipped
@@ -74,9 +80,8 @@ def test_server_side_clipping_clips_each_update_and_averages_uniformly() -> None
 
 @pytest.mark.usefixtures("server_identity")
 def test_server_side_noise_has_the_calibrated_standard_deviation() -> None:
-    np.random.seed(1)
     tiny = np.zeros(SIZE)
-    tiny[0] = 1e-6  # an update of norm 0 would divide by zero in Flower's clipping (fedtune rejects those)
+    tiny[0] = 1e-6
     result = one_round(central_strategy("privacy.central.noise_multiplier=0.8"), [tiny, tiny], [5, 5])
     # noise_multiplier x clipping_norm / clients = 0.8 x 1.0 / 2
     assert result.mean() == pytest.approx(0.0, abs=0.02)
@@ -88,7 +93,6 @@ def test_central_dp_draws_each_client_independently_as_it_is_accounted() -> None
     # The accountant composes the Poisson-subsampled Gaussian: each of 1,000 clients drawn with
     # probability 0.1 every round, on its own, not exactly 100 of them.
     strategy = central_strategy("federation.num_clients=1000", "federation.clients_per_round=100")
-    random.seed(0)
     nodes = _Nodes(1000)
     start = ArrayRecord({"w": Array(np.zeros(1, dtype=np.float32))})
     counts: list[int] = []
@@ -118,22 +122,16 @@ def test_the_clipped_updates_sum_is_divided_by_the_expected_count_not_the_number
     assert np.abs(result[2:]).max() < 1e-6
 
 
-def test_flowers_warning_about_fewer_replies_than_expected_is_not_shown(caplog: pytest.LogCaptureFixture) -> None:
-    # With Poisson sampling fewer replies than expected are normal, and the noise stays calibrated.
-    from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
-
-    from fedtune.strategies.central_dp import _not_the_expected_discrepancy
-
-    flower = logging.getLogger("flwr")
-    flower.removeFilter(_not_the_expected_discrepancy)
+@pytest.mark.usefixtures("server_identity")
+def test_fewer_replies_than_expected_are_not_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    # With Poisson sampling fewer replies than expected are normal, and the noise stays calibrated
+    # (Flower's wrappers warned about it: flwr/serverapp/strategy/dp_fixed_clipping.py, validate_replies).
+    strategy = central_strategy("federation.num_clients=8", "federation.clients_per_round=4")
+    strategy.strategy.sampling_rate = 1.0  # the test's one client is drawn
     with caplog.at_level(logging.INFO):
-        validate_replies([], 3)  # what Flower's wrappers call: 0 replies where 3 were expected
-    assert any("differs from the number of sampled clients" in r.getMessage() for r in caplog.records)
-    caplog.clear()
-    central_strategy()
-    with caplog.at_level(logging.INFO):
-        validate_replies([], 3)
+        one_round(strategy, [np.full(SIZE, 1e-3)], [10])
     assert not any("differs from the number of sampled clients" in r.getMessage() for r in caplog.records)
+    assert any("central DP noise of standard deviation 0.25 added" in r.getMessage() for r in caplog.records)
 
 
 def test_user_level_epsilon_matches_dp_accounting() -> None:
@@ -162,7 +160,7 @@ def test_a_central_dp_federation_reports_the_user_level_epsilon(tmp_path: Path, 
         "train.unfreeze=[]", "strategy.name=fedavg", "privacy.central.enabled=true",
         f"privacy.central.clipping={clipping}", "privacy.central.noise_multiplier=0.5",
         "privacy.central.clipping_norm=5", "privacy.central.clipped_count_stddev=1",
-        f"output.dir={tmp_path / 'runs'}",
+        "privacy.central.reproducible=true", f"output.dir={tmp_path / 'runs'}",
     ])
     outcome = simulate(cfg)
     history = RunDirectory.load_history(outcome.run_dir / "history.json")
@@ -183,3 +181,163 @@ def test_a_central_dp_federation_reports_the_user_level_epsilon(tmp_path: Path, 
     assert (outcome.run_dir / "privacy.png").is_file()
     # With 2 clients a round, noise 0.5 x 5 / 2 swamps the head: this checks the mechanics, not accuracy.
     assert all(r.central_loss is not None and np.isfinite(r.central_loss) for r in history)
+
+
+# ----- every round is the accounted mechanism, with randomness the seed does not give away ------------
+
+ZEROS = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
+
+
+def noise_alone(strategy: CentralDP, server_round: int = 1) -> np.ndarray:
+    """What a round without updates releases (an empty draw, or replies that all failed), as the model moved."""
+    return strategy.release_noise_alone(server_round, ZEROS)["w"].numpy().astype(np.float64)
+
+
+def drawn(strategy: CentralDP, server_round: int, clients: int) -> list[int]:
+    return [m.metadata.dst_node_id for m in strategy.configure_train(server_round, ZEROS, ConfigRecord({}),
+                                                                     _Nodes(clients))]
+
+
+@pytest.mark.parametrize("clipping", ["server", "client", "adaptive"])
+def test_a_round_without_updates_releases_the_model_plus_the_accounted_noise(clipping: str) -> None:
+    from scipy import stats
+
+    strategy = central_strategy("federation.num_clients=8", "federation.clients_per_round=4",
+                                f"privacy.central.clipping={clipping}", "privacy.central.noise_multiplier=0.8",
+                                "privacy.central.clipped_count_stddev=1")
+    # Adaptive clipping gives part of the budget to its count: its updates get the larger multiplier
+    # of Andrew et al. 2021, (0.8^-2 - (2 x 1)^-2)^-1/2, so that both together cost 0.8.
+    multiplier = (0.8 ** -2 - 2.0 ** -2) ** -0.5 if clipping == "adaptive" else 0.8
+    moved = noise_alone(strategy)
+    stddev = multiplier * 1.0 / 4  # noise multiplier x clipping norm / expected clients
+    assert abs(moved.mean()) < 4 * stddev / np.sqrt(SIZE)
+    assert moved.std() == pytest.approx(stddev, rel=0.03)
+    assert stats.kstest(moved / stddev, "norm").pvalue > 1e-4
+
+
+def test_adaptive_clipping_counts_an_empty_round_with_the_same_noise() -> None:
+    cfg = central_config("federation.num_clients=8", "federation.clients_per_round=4",
+                         "privacy.central.clipping=adaptive", "privacy.central.noise_multiplier=0.8",
+                         "privacy.central.clipped_count_stddev=1")
+    strategy = build_strategy(cfg)
+    assert isinstance(strategy, CentralDP)
+    twin = CentralRandomness(seed=cfg.seed)  # the generators the strategy draws from, seeded alike
+    moved = noise_alone(strategy)
+    assert np.array_equal(moved, twin.noise.normal(0.0, strategy.noise_multiplier / 4, SIZE).astype(np.float32))
+    # No update counted, each weighing +-1/2 around the half: the unclipped fraction is 1/2 plus the
+    # count's noise over the 4 expected clients, and the norm moves by exp(-0.2 (fraction - 0.5)).
+    fraction = 0.5 + twin.noise.normal(0.0, 1.0) / 4
+    assert strategy.clipping_norm == pytest.approx(np.exp(-0.2 * (fraction - 0.5)))
+
+
+@pytest.mark.usefixtures("server_identity")
+@pytest.mark.parametrize(("size", "moves"), [(10.0, "up"), (0.1, "down")])
+def test_adaptive_clipping_moves_the_norm_towards_the_target_quantile(size: float, moves: str) -> None:
+    # Four updates of norm 10 against a norm of 1, all clipped: the norm grows towards the median of
+    # the update norms; four of norm 0.1, none clipped: it shrinks. (Flower's own adaptive clipping
+    # moves it the other way: flwr/serverapp/strategy/dp_adaptive_clipping.py, _geometric_update.)
+    strategy = central_strategy("federation.num_clients=4", "federation.clients_per_round=4",
+                                "privacy.central.clipping=adaptive", "privacy.central.noise_multiplier=1e-3",
+                                "privacy.central.clipped_count_stddev=0.01")
+    update = np.zeros(SIZE)
+    update[0] = size
+    one_round(strategy, [update] * 4, [1] * 4)
+    unclipped = 0.0 if moves == "up" else 1.0
+    assert strategy.clipping_norm == pytest.approx(np.exp(-0.2 * (unclipped - 0.5)), rel=1e-3)
+    # An aggregate the server then discards (non-finite: fedtune/server/round.py) and replaces with
+    # the noise alone does not count the round twice: one noisy count a round, as accounted.
+    moved = strategy.clipping_norm
+    noise_alone(strategy, server_round=1)
+    assert strategy.clipping_norm == moved
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_by_default_the_draw_and_the_noise_do_not_follow_the_seed() -> None:
+    # The seed is in every run's config.json: noise derived from it could be regenerated and
+    # subtracted. By default both generators are seeded from OS entropy, and never saved.
+    cfg = central_config("federation.num_clients=1000", "federation.clients_per_round=500",
+                         "privacy.central.reproducible=false")
+    first, second = build_strategy(cfg), build_strategy(cfg)
+    assert isinstance(first, CentralDP) and isinstance(second, CentralDP)
+    assert drawn(first, 1, 1000) != drawn(second, 1, 1000)
+    assert not np.array_equal(noise_alone(first), noise_alone(second))
+    seeded = CentralRandomness(seed=cfg.seed)
+    assert not np.array_equal(first.randomness.noise.random(8), seeded.noise.random(8))
+    assert not np.array_equal(first.randomness.draws.random(8), seeded.draws.random(8))
+    _, scalars = strategy_state(first)
+    assert not any(key.endswith("randomness") for key in scalars)  # nothing of them goes into the checkpoint
+    assert first.randomness.state() is None
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_reproducible_draws_repeat_and_a_restored_state_continues_them() -> None:
+    cfg = central_config("federation.num_clients=8", "federation.clients_per_round=4")
+    first, second = build_strategy(cfg), build_strategy(cfg)
+    assert isinstance(first, CentralDP) and isinstance(second, CentralDP)
+    draws = [drawn(first, r, 8) for r in range(1, 6)]
+    assert draws == [drawn(second, r, 8) for r in range(1, 6)] and len({len(d) for d in draws}) > 1
+    assert np.array_equal(noise_alone(first), noise_alone(second))
+    # As a checkpoint saves it (JSON), and a resumed server, built afresh, restores it.
+    tensors, scalars = strategy_state(first)
+    resumed = build_strategy(cfg)
+    assert isinstance(resumed, CentralDP)
+    restore_strategy_state(resumed, tensors, json.loads(json.dumps(scalars)))
+    assert [drawn(resumed, r, 8) for r in range(6, 11)] == [drawn(first, r, 8) for r in range(6, 11)]
+    assert np.array_equal(noise_alone(resumed), noise_alone(first))
+    # A generator state that is not one is refused, naming it.
+    broken = json.loads(json.dumps(scalars))
+    broken["0/randomness"]["draws"] = {"bit_generator": "MT19937", "state": "x"}
+    with pytest.raises(ValueError, match="central DP's generator 'draws'"):
+        restore_strategy_state(build_strategy(cfg), tensors, broken)
+    secret = build_strategy(central_config("privacy.central.reproducible=false"))
+    with pytest.raises(ValueError, match="privacy.central.reproducible is off"):
+        restore_strategy_state(secret, tensors, scalars)
+
+
+def test_an_empty_draw_moves_the_model_and_a_resumed_run_continues_the_same_draws(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without SecAgg+: a round that draws nobody releases the model plus the noise; two runs of one
+    seed (privacy.central.reproducible) draw the same clients and the same noise, and a run killed
+    after round 2 trained and resumed from its checkpoint ends with the uninterrupted run's model."""
+    from safetensors.torch import load_file
+
+    def config(name: str) -> ExperimentConfig:
+        # Seed 391 draws 0, 2 and 1 of the 4 clients in rounds 1 to 3 (each with probability 1/2).
+        return load_config(REPO / "configs/quickstart.yaml", [
+            "seed=391", "data.image_size=32", "federation.num_clients=4", "federation.clients_per_round=2",
+            "federation.rounds=3", "train.unfreeze=[]", "privacy.central.enabled=true",
+            "privacy.central.noise_multiplier=0.5", "privacy.central.clipping_norm=5",
+            "privacy.central.reproducible=true", f"output.dir={tmp_path / name}",
+        ])
+
+    uninterrupted = simulate(config("a"))
+    history = RunDirectory.load_history(uninterrupted.run_dir / "history.json")
+    assert [r.clients_sampled for r in history[1:]] == [0, 2, 1]
+    assert all(r.clients_ok == r.clients_sampled for r in history[1:])
+    # Every round released the model plus noise: it moved, the empty draw's round included.
+    assert len({r.central_loss for r in history}) == len(history)
+    user = json.loads((uninterrupted.run_dir / "privacy.json").read_text())["user_level"]
+    assert user["randomness"].startswith("reproducible: the client draw and the noise follow the run's seed (391")
+    assert user["every_round"].startswith("every round releases the model plus the noise")
+
+    cfg = config("b")
+    append_round = RunDirectory.append_round
+
+    def crash_in_round_2(self: RunDirectory, record) -> None:  # noqa: ANN001
+        if record.round == 2:
+            raise KeyboardInterrupt("the server is killed")
+        append_round(self, record)
+
+    monkeypatch.setattr(RunDirectory, "append_round", crash_in_round_2)
+    with pytest.raises((KeyboardInterrupt, RuntimeError)):
+        simulate(cfg)
+    monkeypatch.setattr(RunDirectory, "append_round", append_round)
+    (run_dir,) = Path(cfg.output.dir).iterdir()
+    assert Checkpoint.load(run_dir / CHECKPOINT_FILE).round == 1
+    resumed = simulate(cfg)
+    assert resumed.run_dir == run_dir and resumed.rounds_completed == 3
+    replayed = RunDirectory.load_history(run_dir / "history.json")
+    assert [r.clients_sampled for r in replayed] == [r.clients_sampled for r in history]
+    final, expected = load_file(run_dir / "model.safetensors"), load_file(uninterrupted.run_dir / "model.safetensors")
+    assert final.keys() == expected.keys() and all(np.array_equal(final[k], expected[k]) for k in final)

@@ -2,9 +2,10 @@
 
 One file per run folder, `checkpoint.safetensors`, rewritten atomically after every round: the
 global model's trained part, the strategy's learned state (FedAdam's moments, the adaptive clipping
-norm), the random generators, early stopping, the privacy bookkeeping and the clients that left at
-their privacy budget. Restored, the next round starts from exactly the state the killed server had
-after its last completed round, so the run ends with the same model as an uninterrupted one.
+norm; central DP's generators, when reproducible), the random generators, early stopping, the
+privacy bookkeeping and the clients that left at their privacy budget. Restored, the next round
+starts from exactly the state the killed server had after its last completed round, so the run
+ends with the same model as an uninterrupted one (under central DP, when it is reproducible).
 
 Of the model, only the tensors of the stages trained so far are saved (the head alone, for feature
 extraction: kilobytes, where the whole backbone is megabytes rewritten, hashed and synced every
@@ -54,8 +55,9 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class RandomState:
-    """Every generator the server draws from: `random` (Flower's client sampling), numpy's global
-    generator (central-DP noise) and torch's."""
+    """The global generators the server draws from: `random` (Flower's client sampling), numpy's and
+    torch's. Central DP's own generators are part of the strategy's state (fedtune/strategies/
+    central_dp.py, CentralRandomness), saved only when reproducible."""
 
     python: list[Any]
     numpy: dict[str, Any]

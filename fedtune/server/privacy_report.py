@@ -16,6 +16,7 @@ from fedtune import messages as keys
 from fedtune.accounting import user_level_epsilon
 from fedtune.config import ExperimentConfig
 from fedtune.records import RoundRecord
+from fedtune.strategies.central_dp import split_noise
 
 
 @dataclass
@@ -74,6 +75,15 @@ class PrivacyReport:
                 figures["clipping_norm"] = clipping_norm
         return figures
 
+    def _randomness(self) -> str:
+        """Where central DP's client draw and noise came from (fedtune/strategies/central_dp.py, CentralRandomness)."""
+        if self.cfg.privacy.central.reproducible:
+            return (f"reproducible: the client draw and the noise follow the run's seed ({self.cfg.seed}, in "
+                    "config.json; privacy.central.reproducible): the guarantee does NOT hold against anyone who "
+                    "knows the seed or can read the run's checkpoint")
+        return ("secret: the client draw and the noise come from OS entropy, never from the run's seed, and are "
+                "saved nowhere")
+
     def summary(self, history: list[RoundRecord], *, name_of: Callable[[int], str] = str) -> dict[str, Any]:
         """privacy.json: the mechanisms, their parameters, and epsilon by round. Clients are keyed by
         their ids (in a simulation, their partitions), and `name_of` says who each one is (on real
@@ -106,8 +116,8 @@ class PrivacyReport:
             central = privacy.central
             sampled = self.cfg.federation.sampled_per_round
             summed_securely = privacy.secure_aggregation.enabled
-            mechanism = (f"Gaussian noise on the uniform average of client updates clipped {central.clipping}-side"
-                         + (" (adaptive clipping norm)" if central.clipping == "adaptive" else ""))
+            mechanism = (f"Gaussian noise on the sum of client updates clipped {central.clipping}-side, over "
+                         "clients_per_round" + (" (adaptive clipping norm)" if central.clipping == "adaptive" else ""))
             if summed_securely:
                 mechanism = ("Gaussian noise, added by the server, on the SecAgg+ sum of client updates each clipped "
                              "client-side and weighted 1: the server never sees a single update")
@@ -124,11 +134,23 @@ class PrivacyReport:
                 "sampling": "Poisson: each client independently with probability sampling_rate every round "
                 "(clients_per_round is the expected number); the clipped updates' sum is divided by it",
                 "accountant": "RDP of the Poisson-subsampled Gaussian, every round (an empty draw included)",
+                "every_round": "every round releases the model plus the noise, a round that drew no client or "
+                "whose replies all failed included: an unchanged model would tell that nobody was drawn",
+                "randomness": self._randomness(),
                 "rounds": [r.round for r in trained],
                 "epsilon_by_round": [r.extra.get("epsilon_user") for r in trained],
                 "noise_multiplier_by_round": self.released_noise,
                 "epsilon": self.user_level_epsilon(),
             }
+            if central.clipping == "adaptive":
+                report["user_level"]["adaptive_clipping"] = (
+                    "the noise multiplier is split between the updates and the count of updates left unclipped "
+                    "(Andrew et al. 2021), which together cost what noise_multiplier alone would; noise_stddev is "
+                    "then noise_multiplier_on_updates x the round's clipping norm (history's clipping_norm, before "
+                    "the round moved it) / clients_per_round")
+                on_updates, count_stddev = split_noise(self.cfg)
+                report["user_level"]["noise_multiplier_on_updates"] = on_updates
+                report["user_level"]["clipped_count_stddev"] = count_stddev
             if summed_securely:
                 report["user_level"]["small_draws"] = (
                     "a round that draws no client releases the noise alone; a round that draws one (too few for "

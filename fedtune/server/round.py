@@ -28,7 +28,7 @@ from fedtune.server.privacy_report import PrivacyReport
 from fedtune.server.secure_aggregation import SecureAggregationError, apply_update, secure_train_round
 from fedtune.server.transport import Traffic, Transport
 from fedtune.strategies.bound import BoundEvent, UpdateBound
-from fedtune.strategies.central_dp import SecureSumNoise
+from fedtune.strategies.central_dp import CentralDP, CentralNoise
 from fedtune.strategies.validation import MetricSpec, check_evaluate_replies, check_train_replies, specs_of
 
 log = logging.getLogger("fedtune.server")
@@ -55,6 +55,11 @@ class Server:
     bound: UpdateBound | None  # strategy.bound, where it applies
     settings: str  # ClientSettings as sent in every message
     train_metrics: dict[str, MetricSpec]  # what a train reply must report
+
+    @property
+    def central_dp(self) -> CentralDP | None:
+        """The strategy, when it is central DP's (privacy.central)."""
+        return self.strategy if isinstance(self.strategy, CentralDP) else None
 
     @property
     def at_budget(self) -> set[int]:
@@ -109,14 +114,16 @@ def play_round(server: Server, server_round: int) -> tuple[RoundRecord, TrainOut
         trained = train_securely(server, server_round, train_messages, arrays)
     elif train_messages:
         trained = train_and_aggregate(server, server_round, train_messages, arrays)
-    else:
+    else:  # central DP's Poisson sampling can draw no client
         trained = TrainOutcome()
+    if trained.aggregated is None and server.central_dp is not None:
+        # Central DP releases the model plus its noise every round, with or without an aggregate: an
+        # unchanged model would tell that nobody was drawn, which the accountant does not allow for.
+        trained.aggregated = server.central_dp.release_noise_alone(server_round, arrays)
     if trained.aggregated is not None:
         load_tensors(server.model, trained.aggregated.to_torch_state_dict(), expected_keys=list(arrays.keys()))
     elif train_messages:
         log.warning("round %d: no valid update to aggregate; the model is unchanged", server_round)
-    else:  # central DP's Poisson sampling can draw no client
-        log.info("round %d: no client was drawn; the model is unchanged", server_round)
 
     # Federated evaluation, in the rounds federation.evaluation names (every k, and the last): the
     # new model on sampled clients' own validation data. The other rounds send nothing more.
@@ -180,29 +187,21 @@ def train_and_aggregate(
 def train_securely(server: Server, server_round: int, messages: list[Message], arrays: ArrayRecord) -> TrainOutcome:
     """SecAgg+: the server learns only the sum of the sampled clients' updates (under central DP, noised).
 
-    Under central DP every round releases the model plus the noise the accountant composes,
-    whatever the draw: a draw of two clients or more is summed by SecAgg+; a draw of one has no sum
-    to hide in, so that client noises its own update (`train_alone`); a draw of none, or a round
-    that produced no update (its clients failed or refused at their budget), releases the noise
-    alone. A no-op would not be that mechanism: an unchanged model tells who was drawn, or that
-    nobody was (`SecureSumNoise.release`).
+    Under central DP a draw of two clients or more is summed by SecAgg+; a draw of one has no sum
+    to hide in, so that client noises its own update (`train_alone`); a round with no update (an
+    empty draw, or clients that failed or refused at their budget) releases the noise alone
+    (`play_round`).
     """
-    noise = SecureSumNoise.of(server.cfg) if server.cfg.privacy.central.enabled else None
+    noise = server.central_dp.noise if server.central_dp is not None else None
     if noise is None or len(messages) >= 2:
-        trained = _secure_sum(server, server_round, messages, arrays, noise) if messages else TrainOutcome()
-    elif messages:
-        trained = train_alone(server, server_round, messages[0], arrays, noise)
-    else:
-        log.info("round %d: the Poisson draw is empty; the round releases the noise alone", server_round)
-        trained = TrainOutcome()
-    if noise is not None and trained.aggregated is None:
-        nothing = [np.zeros(array.numpy().shape) for array in arrays.values()]
-        trained.aggregated = apply_update(arrays, noise.release(nothing, summed=0), server_round)
-    return trained
+        return _secure_sum(server, server_round, messages, arrays, noise) if messages else TrainOutcome()
+    if messages:
+        return train_alone(server, server_round, messages[0], arrays, noise)
+    return TrainOutcome()
 
 
 def _secure_sum(
-    server: Server, server_round: int, messages: list[Message], arrays: ArrayRecord, noise: SecureSumNoise | None
+    server: Server, server_round: int, messages: list[Message], arrays: ArrayRecord, noise: CentralNoise | None
 ) -> TrainOutcome:
     """One SecAgg+ round on the drawn clients; clients that refuse at their budget leave the run."""
     nodes = [m.metadata.dst_node_id for m in messages]
@@ -243,7 +242,7 @@ def _secure_sum(
 
 
 def train_alone(
-    server: Server, server_round: int, message: Message, arrays: ArrayRecord, noise: SecureSumNoise
+    server: Server, server_round: int, message: Message, arrays: ArrayRecord, noise: CentralNoise
 ) -> TrainOutcome:
     """Central DP under SecAgg+, a Poisson draw of one client: it adds the round's noise to its clipped
     update itself (keys.OWN_NOISE_STDDEV), and the server divides that by the expected count as it

@@ -115,7 +115,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     `grid` is Flower's, as the ServerApp gets it: every message of the run goes through one
     Transport around it (fedtune/server/transport.py), which counts each round's bytes.
     """
-    # Flower samples clients with `random` and draws central-DP noise with numpy's global generator.
+    # Flower's strategies sample clients with `random`. Central DP draws from generators of its own,
+    # never seeded from cfg.seed unless asked to (fedtune/strategies/central_dp.py, CentralRandomness).
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -320,7 +321,11 @@ def _restore(server: Server, checkpoint: Checkpoint, stopper: EarlyStopping) -> 
     except ValueError as error:
         raise CheckpointError(f"the checkpoint's model tensors do not fit this model ({error}); set "
                               "output.resume=false to start afresh") from None
-    restore_strategy_state(server.strategy, checkpoint.strategy_tensors, checkpoint.strategy_scalars)
+    try:
+        restore_strategy_state(server.strategy, checkpoint.strategy_tensors, checkpoint.strategy_scalars)
+    except ValueError as error:  # e.g. central DP's generators (fedtune/strategies/central_dp.py)
+        raise CheckpointError(f"the checkpoint's strategy state does not fit this run ({error}); set "
+                              "output.resume=false to start afresh") from None
     checkpoint.random_state.restore()
     stopper.restore(checkpoint.early_stopping)
     server.transport.departed = set(checkpoint.at_budget)

@@ -10,7 +10,7 @@ protocol returns their average weighted by num-examples, and it is added to the 
 
 Under central DP (`noise`), every update counts the same: each client sends its clipped update
 with weight 1 (and the workflow's max_weight is 1, so SecAgg+ scales it by exactly 1), the
-protocol returns their mean, and `SecureSumNoise` (fedtune/strategies/central_dp.py) turns it back
+protocol returns their mean, and `CentralNoise` (fedtune/strategies/central_dp.py) turns it back
 into their sum over the expected count, with the noise. The quantisation error this adds is
 bounded in fedtune/config.py (`ExperimentConfig.secure_quantization_to_noise`).
 
@@ -57,7 +57,7 @@ from fedtune.text import concise_reason, printable
 
 if TYPE_CHECKING:
     from fedtune.config import SecureAggregationConfig
-    from fedtune.strategies.central_dp import SecureSumNoise
+    from fedtune.strategies.central_dp import CentralNoise
 
 log = logging.getLogger("fedtune.server")
 
@@ -110,7 +110,7 @@ def secure_train_round(
     timeout: float | None,
     metric_specs: Mapping[str, MetricSpec] = WEIGHT_ONLY,
     name_of: Callable[[int], str] = lambda node: f"node {node}",
-    noise: SecureSumNoise | None = None,
+    noise: CentralNoise | None = None,
 ) -> tuple[ArrayRecord, MetricRecord | None, SecureRoundReport]:
     """Train `arrays` on `node_ids` under SecAgg+; the num-examples-weighted average of what they trained,
     or with `noise` (central DP: `config` carries the clipping norm) the update `noise` releases.

@@ -16,7 +16,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedtune.config import ExperimentConfig
 from fedtune.strategies import robust  # noqa: F401 - registers the Byzantine-robust strategies
-from fedtune.strategies.central_dp import UniformFedAvg, with_central_dp
+from fedtune.strategies.central_dp import CentralDP, CentralRandomness, UniformFedAvg
 from fedtune.strategies.registry import STRATEGIES, build_strategy, fit_sampling_to, register, sampling
 
 __all__ = ["STRATEGIES", "PartialFedAdam", "PartialFedYogi", "build_strategy", "fit_sampling_to",
@@ -71,9 +71,10 @@ class PartialFedYogi(_PartialUpdatesMixin, FedYogi):
 def _fedavg(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
     if cfg.privacy.central.enabled:
         federation = cfg.federation
+        randomness = CentralRandomness.of(cfg)
         poisson = UniformFedAvg(sampling_rate=federation.sampled_per_round / federation.num_clients,
-                                expected_clients=federation.sampled_per_round, **sampling(cfg))
-        return with_central_dp(poisson, cfg)
+                                expected_clients=federation.sampled_per_round, draws=randomness.draws, **sampling(cfg))
+        return CentralDP(poisson, cfg, randomness)
     return FedAvg(**sampling(cfg))
 
 
@@ -108,6 +109,7 @@ def _fedyogi(cfg: ExperimentConfig, buffer_keys: frozenset[str]) -> Strategy:
 # What a strategy learns across rounds, by attribute: a server that resumes a run restores it.
 _MOMENTS = ("m_t", "v_t")  # FedAdam's and FedYogi's first and second moments, per tensor
 _SCALARS = ("clipping_norm",)  # central DP's clipping norm: adaptive clipping moves it every round
+_GENERATORS = "randomness"  # central DP's draw and noise, saved only when reproducible (CentralRandomness)
 
 
 def _layers(strategy: Strategy) -> list[Strategy]:
@@ -131,6 +133,8 @@ def strategy_state(strategy: Strategy) -> tuple[dict[str, np.ndarray], dict[str,
         for name in _SCALARS:
             if hasattr(layer, name):
                 scalars[f"{depth}/{name}"] = float(getattr(layer, name))
+        if isinstance(layer, CentralDP) and (generators := layer.randomness.state()) is not None:
+            scalars[f"{depth}/{_GENERATORS}"] = generators
     return tensors, scalars
 
 
@@ -146,5 +150,7 @@ def restore_strategy_state(strategy: Strategy, tensors: dict[str, np.ndarray], s
                                   if key.startswith(prefix)})
         elif name in _SCALARS:
             setattr(layer, name, float(value))
+        elif name == _GENERATORS and isinstance(layer, CentralDP):
+            layer.randomness.restore(value)
         else:
             raise ValueError(f"checkpoint holds unknown strategy state {path!r}")
