@@ -10,6 +10,10 @@ larger one, and the full batch: DP-GD), local epochs and learning rate in the gr
 split scores it. Medians over seeds. The same features and code path as a federation with one
 client, without its messaging, so a grid of a hundred runs takes minutes.
 
+With `--normalise NORM` every feature vector is first scaled to that L2 norm (feature
+normalisation, as in Tramèr & Boneh 2021; a fixed function of each example, so the guarantee is
+unchanged): it measures whether fedtune should offer it.
+
 What it decides: the DP batch and step count that `benchmarks/privacy.py table` sets beside the
 defaults. The grid is tuned on the held-out split, so its best row is optimistic: choosing
 hyper-parameters on private data spends privacy that no single run accounts for. Here the data
@@ -79,9 +83,18 @@ def _run(cfg: ExperimentConfig, data: TensorDataset, held_out: TensorDataset, cl
     return evaluate(model, held_out, start=start, device=CPU).accuracy, ledger
 
 
-def study(config: Path, out: Path, *, epsilon: float, seeds: int) -> None:
+def _scaled_to_norm(features: TensorDataset, norm: float) -> TensorDataset:
+    """Each feature vector scaled to L2 norm `norm`: a fixed function of each example, so DP-SGD on it
+    gives the same guarantee."""
+    vectors, labels = features.tensors
+    return TensorDataset(norm * vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12), labels)
+
+
+def study(config: Path, out: Path, *, epsilon: float, seeds: int, normalise: float | None) -> None:
     cfg = load_config(config, overrides=["train.trainable_blocks=0", "train.unfreeze=[]"])
     data, held_out, classes = _features(cfg)
+    if normalise is not None:
+        data, held_out = _scaled_to_norm(data, normalise), _scaled_to_norm(held_out, normalise)
     batches: list[int | Literal["full"]] = [size for size in (cfg.train.batch_size, LARGE_BATCH) if size < len(data)]
     batches.append("full")
     rows = []
@@ -107,7 +120,8 @@ def study(config: Path, out: Path, *, epsilon: float, seeds: int) -> None:
         print(rows[-1], flush=True)
     note = (f"{config.name}: one client with all {len(data)} training examples (validation split set aside), "
             f"{cfg.federation.rounds} rounds, head only, epsilon {epsilon:g} (delta 1e-5, RDP), median of {seeds} "
-            f"seeds, accuracy on the {len(held_out)} held-out examples after the last round.")
+            f"seeds, accuracy on the {len(held_out)} held-out examples after the last round."
+            + ("" if normalise is None else f" Every feature vector scaled to L2 norm {normalise:g}."))
     print(write_results(out, rows, note))
 
 
@@ -117,8 +131,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--normalise", type=float, metavar="NORM",
+                        help="scale every feature vector to this L2 norm (feature normalisation)")
     args = parser.parse_args()
-    study(args.config, args.out, epsilon=args.epsilon, seeds=args.seeds)
+    study(args.config, args.out, epsilon=args.epsilon, seeds=args.seeds, normalise=args.normalise)
 
 
 if __name__ == "__main__":
