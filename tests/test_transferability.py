@@ -1,0 +1,106 @@
+"""LogME and H-score from sufficient statistics: against direct computations on the raw data, and
+federated sums equal to the pooled statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedtune.transferability import FeatureStatistics, h_score, logme, logme_by_class
+
+
+def _task(seed: int, *, n: int = 120, dims: int = 6, classes: int = 3, signal: float = 2.0) -> tuple:
+    """Features whose class shifts their mean by `signal` along a few directions, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    centres = rng.normal(size=(classes, dims)) * signal
+    return centres[labels] + rng.normal(size=(n, dims)), labels
+
+
+def _direct_evidence(features: np.ndarray, target: np.ndarray, alpha: float, beta: float) -> float:
+    """log p(y | F, alpha, beta) / N of Bayesian linear regression y = F w + noise, w ~ N(0, I / alpha),
+    noise ~ N(0, I / beta), written out on the raw data (Bishop, PRML eq. 3.86)."""
+    n, dims = features.shape
+    precision = alpha * np.eye(dims) + beta * features.T @ features
+    mean = beta * np.linalg.solve(precision, features.T @ target)
+    residual = float(np.sum((target - features @ mean) ** 2))
+    log_det = np.linalg.slogdet(precision)[1]
+    evidence = (dims / 2 * math.log(alpha) + n / 2 * math.log(beta) - beta / 2 * residual
+                - alpha / 2 * float(mean @ mean) - log_det / 2 - n / 2 * math.log(2 * math.pi))
+    return evidence / n
+
+
+@pytest.mark.parametrize("shape", [(120, 6), (8, 20)])  # more examples than dimensions, and fewer
+def test_logme_from_statistics_is_the_evidence_of_the_raw_data_at_its_maximum(shape: tuple[int, int]) -> None:
+    n, dims = shape
+    features, labels = _task(0, n=n, dims=dims)
+    fits = logme_by_class(FeatureStatistics.of(features, labels, num_classes=3))
+    for k, fit in enumerate(fits):
+        target = (labels == k).astype(np.float64)
+        assert fit.evidence == pytest.approx(_direct_evidence(features, target, fit.alpha, fit.beta), rel=1e-9)
+        # Evidence maximisation: moving either precision away lowers the evidence. With fewer examples
+        # than dimensions the features fit every label exactly and the evidence keeps rising with
+        # the noise precision beta: the iteration stops at its tolerance, so only alpha is checked.
+        for factor in (0.8, 1.25):
+            assert _direct_evidence(features, target, fit.alpha * factor, fit.beta) < fit.evidence
+            if n > dims:
+                assert _direct_evidence(features, target, fit.alpha, fit.beta * factor) < fit.evidence
+    assert logme(FeatureStatistics.of(features, labels, num_classes=3)) == pytest.approx(
+        np.mean([fit.evidence for fit in fits]))
+
+
+def test_h_score_from_statistics_equals_its_definition_on_the_raw_data() -> None:
+    features, labels = _task(1)
+    covariance = np.cov(features, rowvar=False, bias=True)
+    conditional = np.stack([features[labels == k].mean(0) for k in labels])  # E[f | y] of each example
+    between = np.cov(conditional, rowvar=False, bias=True)
+    expected = float(np.trace(np.linalg.pinv(covariance) @ between))
+    assert h_score(FeatureStatistics.of(features, labels, num_classes=3)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_federation_of_clients_scores_exactly_as_the_pooled_data() -> None:
+    features, labels = _task(2, n=300, dims=10, classes=4)
+    pooled = FeatureStatistics.of(features, labels, num_classes=4)
+    # Three clients of unequal sizes, one of them holding a single class (label skew).
+    order = np.argsort(labels, kind="stable")
+    parts = np.split(order, [40, 190])
+    federated = sum((FeatureStatistics.of(features[p], labels[p], num_classes=4) for p in parts[1:]),
+                    FeatureStatistics.of(features[parts[0]], labels[parts[0]], num_classes=4))
+    np.testing.assert_allclose(federated.gram, pooled.gram, rtol=1e-12)
+    assert logme(federated) == pytest.approx(logme(pooled), abs=1e-6)
+    assert h_score(federated) == pytest.approx(h_score(pooled), abs=1e-6)
+
+
+def test_features_that_carry_the_label_score_above_features_that_do_not() -> None:
+    informative, labels = _task(3, signal=3.0)
+    noise = np.random.default_rng(4).normal(size=informative.shape)
+    good = FeatureStatistics.of(informative, labels, num_classes=3)
+    useless = FeatureStatistics.of(noise, labels, num_classes=3)
+    assert logme(good) > logme(useless)
+    assert h_score(good) > h_score(useless)
+    assert h_score(good) <= 3 - 1 + 1e-9  # at most classes - 1
+
+
+@pytest.mark.parametrize(("features", "labels", "problem"), [
+    (np.ones((4, 3)), np.array([0, 1, 2, 3]), r"labels must lie in \[0, 3\)"),
+    (np.ones((4, 3)), np.array([0, 1, -1, 2]), r"labels must lie in \[0, 3\)"),
+    (np.ones((4, 3)), np.array([0, 1]), "features must be N x D and labels N"),
+    (np.full((2, 3), np.nan), np.array([0, 1]), "gram holds a NaN or infinite value"),
+])
+def test_statistics_of_impossible_data_are_refused(features: np.ndarray, labels: np.ndarray, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        FeatureStatistics.of(features, labels, num_classes=3)
+
+
+def test_statistics_of_different_shapes_do_not_pool_and_too_few_examples_are_refused() -> None:
+    one = FeatureStatistics.of(np.ones((3, 2)), np.array([0, 1, 1]), num_classes=2)
+    other = FeatureStatistics.of(np.ones((3, 4)), np.array([0, 1, 1]), num_classes=2)
+    with pytest.raises(ValueError, match="cannot pool statistics"):
+        one + other
+    single = FeatureStatistics.of(np.ones((1, 2)), np.array([0]), num_classes=2)
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        logme(single)
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        h_score(single)
