@@ -47,11 +47,11 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-from flwr.supercore.run import Run
 
 from fedtune import messages as keys
 from fedtune.config import SECAGG_MODULUS
 from fedtune.protocol import encode_secure_fit_config
+from fedtune.server.transport import ForwardingGrid
 from fedtune.strategies.validation import WEIGHT_ONLY, MetricSpec, UnusableReply, parse_metric_values
 from fedtune.text import concise_reason, printable
 
@@ -233,34 +233,15 @@ def apply_update(arrays: ArrayRecord, update: Sequence[NDArray], server_round: i
     return ArrayRecord(out)
 
 
-class _ReasonsBySender(Grid):
+class _ReasonsBySender(ForwardingGrid):
     """The round's grid, noting the reason of each error reply by its sender.
 
-    Flower's workflow keeps the errors (`WorkflowState.failures`) but not who sent them. A Grid
-    around the one it is handed is its supported extension point (as fedtune/server/transport.py).
+    Flower's workflow keeps the errors (`WorkflowState.failures`) but not who sent them.
     """
 
     def __init__(self, grid: Grid) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.reasons: dict[int, str] = {}  # node -> its error reply's reason, as cut for the log
-
-    def set_run(self, run: Run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._noted(self._grid.pull_messages(message_ids))

@@ -75,7 +75,39 @@ class Traffic:
         return self.sent - self.backbone_seeded + self.backbone_presumed
 
 
-class Transport(Grid):
+class ForwardingGrid(Grid):
+    """A Grid around another that forwards every call to it: a subclass overrides what it watches.
+    A Grid around the one Flower hands over is Flower's supported extension point."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class Transport(ForwardingGrid):
     """Flower's grid, metering every message and reply, pulling replies promptly, without nodes that left the run.
 
     - Metering: `push_messages` counts each message Flower accepted, `pull_messages` each reply, into
@@ -92,7 +124,7 @@ class Transport(Grid):
     """
 
     def __init__(self, grid: Grid, *, interval: float | None = None, virtual_clients: int | None = None) -> None:
-        self._grid = grid
+        super().__init__(grid)
         if interval is None:
             interval = IN_MEMORY_PULL_INTERVAL if isinstance(grid, InMemoryGrid) else PULL_INTERVAL
         self._interval = interval
@@ -104,18 +136,6 @@ class Transport(Grid):
         """A fresh count of everything that crosses from now on (the previous count is kept by whoever holds it)."""
         self.traffic = Traffic()
         return self.traffic
-
-    def set_run(self, run: Run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def connected_node_ids(self) -> list[int]:
         """Every node connected to the SuperLink (every virtual client), those that left the run included."""
