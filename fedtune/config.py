@@ -74,6 +74,9 @@ class ModelConfig(Section):
     # anything else: a path to a .safetensors file or a plain torch state dict.
     weights: Annotated[str, Field(max_length=MAX_PATH_CHARS)] = "imagenet"
     head_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # A block after which the backbone ends (an earlier cut point; `fedtune select` ranks them):
+    # the head reads that block's average-pooled output. null: the whole backbone.
+    cut: Annotated[str | None, Field(max_length=MAX_NAME_CHARS, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = None
 
     @model_validator(mode="after")
     def _backbone_known(self) -> ModelConfig:

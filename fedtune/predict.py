@@ -39,7 +39,7 @@ def load_saved(path: str | Path) -> SavedRun:
     try:
         image_size = int(meta["image_size"]) if meta.get("image_size") else None
         model = build_model(meta["backbone"], num_classes=len(classes), weights="none",
-                            head_dropout=float(meta.get("head_dropout", 0.0)))
+                            head_dropout=float(meta.get("head_dropout", 0.0)), cut=meta.get("cut") or None)
         model.load_state_dict(tensors)
     except (ValueError, RuntimeError) as error:  # RuntimeError: tensors of another model or class count
         problem = " ".join(str(error).split())[:300]

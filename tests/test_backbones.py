@@ -17,6 +17,8 @@ from fedtune.backbones import (
     build_model,
     preprocessing_for,
 )
+from fedtune.config import ConfigError, load_config
+from fedtune.server.preflight import PreflightError, preflight
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/hymenoptera_data"
 IMAGENET_ANT, IMAGENET_BEE = 310, 309
@@ -30,6 +32,8 @@ EXPECTED_BLOCKS = {
     "convnext_tiny": [f"features_{i}" for i in range(8)] + ["pre_logits"],
     "vit_b_16": ["embed", *[f"encoder_{i}" for i in range(12)], "encoder_norm"],
     "efficientnet_lite0": ["stem", *[f"blocks_{i}" for i in range(7)], "conv_head"],
+    "efficientnet_lite1": ["stem", *[f"blocks_{i}" for i in range(7)], "conv_head"],
+    "efficientnet_lite2": ["stem", *[f"blocks_{i}" for i in range(7)], "conv_head"],
 }
 # vit_b_16's position embeddings fix its input at 224 px; the others take any size >= 32.
 INPUT_SIZE = {"vit_b_16": 224}
@@ -88,6 +92,43 @@ def test_forward_stages_composes_to_forward() -> None:
         model.stage_index("nope")
 
 
+@pytest.mark.parametrize(("name", "cut", "features"), [
+    ("efficientnet_lite0", "blocks_5", 192), ("resnet18", "layer3", 256), ("mobilenet_v3_small", "pre_logits", 1024),
+])
+def test_cut_model_ends_after_the_block_and_reuses_its_weights(name: str, cut: str, features: int) -> None:
+    torch.manual_seed(0)
+    whole = build_model(name, num_classes=3, weights="none").eval()
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3, weights="none", cut=cut).eval()
+    x = torch.randn(2, 3, 48, 48)
+
+    stop = whole.stage_index(cut) + 1
+    assert list(model.stages)[:stop] == list(whole.stages)[:stop]
+    assert model.block_names[-1] == cut
+    assert model.stages["head"][1].in_features == features
+    with torch.no_grad():
+        below = whole.forward_stages(x, stop=stop)
+        pooled = below.mean(dim=(2, 3)) if below.dim() == 4 else below
+        assert torch.allclose(model.forward_stages(x, stop=-1), pooled, atol=1e-6)
+        assert model(x).shape == (2, 3)
+
+
+def test_a_cut_that_is_not_a_block_is_refused_naming_the_blocks() -> None:
+    with pytest.raises(ValueError, match=r"model.cut: 'pool' is not a block .*blocks: stem, blocks_0"):
+        build_model("efficientnet_lite0", num_classes=2, weights="none", cut="pool")
+    with pytest.raises(ValueError, match=r"model.cut: the output of 'encoder_3' has shape \(1, 197, 768\)"):
+        build_model("vit_b_16", num_classes=2, weights="none", cut="encoder_3")
+
+
+def test_a_bad_cut_stops_the_run_before_it_starts(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs/quickstart.yaml", ["model.cut=conv_hed", f"output.dir={tmp_path}"])
+    with pytest.raises(PreflightError, match=r"^model\.cut: 'conv_hed' is not a block of this backbone"):
+        preflight(cfg, simulation=True)
+    with pytest.raises(ConfigError, match=r"model\.cut"):
+        load_config(repo / "configs/quickstart.yaml", ["model.cut=../x"])
+
+
 def test_staged_model_requires_head_last() -> None:
     with pytest.raises(ValueError, match="must be named 'head'"):
         StagedModel([("head", nn.Identity()), ("pool", nn.Identity())])
@@ -132,9 +173,11 @@ def _photos(label: str, count: int = 10) -> list[Path]:
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"ants/bees photos not found at {DATA}")
-def test_lite0_offline_weights_recognise_ants_and_bees() -> None:
-    model = imagenet_model("efficientnet_lite0")
-    transform = preprocessing_for("efficientnet_lite0").transform()
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_offline_weights_recognise_ants_and_bees(name: str) -> None:
+    # Real ImageNet weights, not a random or foreign file: the 1000-class head knows these insects.
+    model = imagenet_model(name)
+    transform = preprocessing_for(name).transform()
     rates = {}
     for label, imagenet_class in (("ants", IMAGENET_ANT), ("bees", IMAGENET_BEE)):
         paths = _photos(label)
@@ -143,7 +186,7 @@ def test_lite0_offline_weights_recognise_ants_and_bees() -> None:
             top5 = model(batch).topk(5, dim=1).indices
         rates[label] = (top5 == imagenet_class).any(dim=1).float().mean().item()
 
-    print(f"Lite0 top-5 hit rate on {len(paths)} photos each: {rates}")
+    print(f"{name} top-5 hit rate on {len(paths)} photos each: {rates}")
     assert rates["ants"] >= 0.6 and rates["bees"] >= 0.6
 
 

@@ -69,11 +69,12 @@ class Architecture:
     backbone: str
     num_classes: int
     head_dropout: float
+    cut: str | None = None
 
     def build(self) -> StagedModel:
         # Built locally without weights: they come from the cache, never from a hub.
         return build_model(self.backbone, num_classes=self.num_classes, weights="none",
-                           head_dropout=self.head_dropout)
+                           head_dropout=self.head_dropout, cut=self.cut)
 
 
 def _hook_registries(module: nn.Module) -> tuple[tuple[str, int], ...]:

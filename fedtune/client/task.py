@@ -223,7 +223,8 @@ def restored_model(
     tensors do not fit the model its settings describe.
     """
     stages = list(stages)
-    architecture = Architecture(settings.model.backbone, settings.num_classes, settings.model.head_dropout)
+    architecture = Architecture(settings.model.backbone, settings.num_classes, settings.model.head_dropout,
+                                settings.model.cut)
     try:
         with resident.lease(cache, model_hash, architecture, stages=stages, device=device) as model:
             check_stages_of(stages, model.stages, backbone=settings.model.backbone)

@@ -115,9 +115,10 @@ def _model(cfg: ExperimentConfig, *, num_classes: int) -> StagedModel:
     weights = "none" if cfg.model.weights in ("imagenet", "none") else cfg.model.weights
     try:
         return build_model(cfg.model.backbone, num_classes=num_classes, weights=weights,
-                           head_dropout=cfg.model.head_dropout)
+                           head_dropout=cfg.model.head_dropout, cut=cfg.model.cut)
     except (ValueError, FileNotFoundError) as error:
-        raise PreflightError(f"model.weights: {error}") from None
+        message = str(error)  # a bad cut names itself (model.cut: ...)
+        raise PreflightError(message if message.startswith("model.cut") else f"model.weights: {message}") from None
 
 
 def _check_resumable(cfg: ExperimentConfig) -> None:

@@ -133,7 +133,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     test_set = test_set.with_transform(preprocessing.transform(augment=False))
     num_classes = len(test_set.classes)
     model = build_model(
-        cfg.model.backbone, num_classes=num_classes, weights=cfg.model.weights, head_dropout=cfg.model.head_dropout
+        cfg.model.backbone, num_classes=num_classes, weights=cfg.model.weights, head_dropout=cfg.model.head_dropout,
+        cut=cfg.model.cut,
     )
     check_model_fits(cfg, model)  # fails early, naming the key, if trainable_blocks or lr_multipliers do not fit
     check_monitoring(cfg)  # output.mlflow: MLflow installed, and able to open that kind of store
@@ -354,6 +355,7 @@ def _finish(
         "num_classes": str(len(classes)),
         CLASS_NAMES: encode_class_names(classes),
         "head_dropout": str(cfg.model.head_dropout),
+        "cut": cfg.model.cut or "",
         "image_size": str(cfg.data.image_size or ""),
         "data_source": cfg.data.source,
         "initial_model_hash": model_hash,
