@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from dp_accounting import dp_event, rdp
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from interruptions import crash_in_round
 
 from fedtune import messages as keys
 from fedtune.accounting import user_level_epsilon
 from fedtune.config import CentralDPConfig, ConfigError, ExperimentConfig, load_config
 from fedtune.report import RunDirectory
-from fedtune.server.checkpoint import CHECKPOINT_FILE, Checkpoint
 from fedtune.simulation import simulate
 from fedtune.strategies import build_strategy, restore_strategy_state, strategy_state
 from fedtune.strategies.central_dp import CentralDP, CentralRandomness
@@ -322,19 +322,7 @@ def test_an_empty_draw_moves_the_model_and_a_resumed_run_continues_the_same_draw
     assert user["every_round"].startswith("every round releases the model plus the noise")
 
     cfg = config("b")
-    append_round = RunDirectory.append_round
-
-    def crash_in_round_2(self: RunDirectory, record) -> None:  # noqa: ANN001
-        if record.round == 2:
-            raise KeyboardInterrupt("the server is killed")
-        append_round(self, record)
-
-    monkeypatch.setattr(RunDirectory, "append_round", crash_in_round_2)
-    with pytest.raises((KeyboardInterrupt, RuntimeError)):
-        simulate(cfg)
-    monkeypatch.setattr(RunDirectory, "append_round", append_round)
-    (run_dir,) = Path(cfg.output.dir).iterdir()
-    assert Checkpoint.load(run_dir / CHECKPOINT_FILE).round == 1
+    run_dir = crash_in_round(monkeypatch, cfg, crashed_round=2)
     resumed = simulate(cfg)
     assert resumed.run_dir == run_dir and resumed.rounds_completed == 3
     replayed = RunDirectory.load_history(run_dir / "history.json")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from interruptions import crash_in_round
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
@@ -190,19 +191,7 @@ def test_a_crashed_run_resumes_and_ends_with_the_uninterrupted_model(
     uninterrupted = simulate(_config(tmp_path / "a", *private))
 
     cfg = _config(tmp_path / "b", *private)
-    append_round = RunDirectory.append_round
-
-    def crash_in_round_2(self: RunDirectory, record) -> None:  # noqa: ANN001
-        if record.round == 2:
-            raise KeyboardInterrupt("the server is killed")
-        append_round(self, record)
-
-    monkeypatch.setattr(RunDirectory, "append_round", crash_in_round_2)
-    with pytest.raises((KeyboardInterrupt, RuntimeError)):
-        simulate(cfg)
-    monkeypatch.setattr(RunDirectory, "append_round", append_round)
-    (run_dir,) = Path(cfg.output.dir).iterdir()
-    assert Checkpoint.load(run_dir / CHECKPOINT_FILE).round == 1
+    run_dir = crash_in_round(monkeypatch, cfg, crashed_round=2)
 
     resumed = simulate(cfg)
 
