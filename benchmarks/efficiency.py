@@ -173,6 +173,7 @@ def study(config: Path, out: Path, *, fractions: list[float], overrides: list[st
             "rounds to target": reached if reached is not None else "not reached",
             "training GFLOPs": run["flops"]["total"] / 1e9,
             "frozen part's share": run["flops"]["frozen"] / run["flops"]["total"],
+            "round seconds": sum(r.seconds for r in rounds if r.round > 0),
             "wall seconds": run["wall_seconds"],
         })
     rounds_run = max(r.round for run in runs.values() for r in run["rounds"])
@@ -181,8 +182,9 @@ def study(config: Path, out: Path, *, fractions: list[float], overrides: list[st
             f"({reference:.3f}) = {target:.3f}, on the server's held-out set. Forward FLOPs of one example: "
             f"frozen part {flops.frozen / 1e6:.2f} M, trainable part {flops.trainable / 1e6:.4f} M "
             "(FlopCounterMode); training GFLOPs: F_frozen x n_i (cached features; every epoch with augmentation) "
-            "+ 3 x F_trainable x s_i x E x R, summed over clients (benchmarks/efficiency.py). Wall seconds on 2 shared "
-            "CPU cores, round 0 to the end.")
+            "+ 3 x F_trainable x s_i x E x R, summed over clients (benchmarks/efficiency.py). Seconds on 2 CPU cores "
+            "shared with other work: round seconds are rounds 1 to the end (round 1 sends the backbone and computes "
+            "the frozen features); wall seconds also count round 0 and starting the simulation's nodes.")
     print(write_results(out, rows, note, raw={
         "target": target, "target_share": TARGET_SHARE, "reference_accuracy": reference,
         "forward_flops_per_example": {"frozen": flops.frozen, "trainable": flops.trainable},
@@ -200,9 +202,23 @@ def _pays(rows: list[dict], target: float, weights: str, setting: str) -> dict |
                  and r["setting"] == setting and (r["final accuracy"] or 0.0) >= target), None)
 
 
+def _where_pretraining_pays(rows: list[dict], target: float) -> str:
+    """The smallest fraction at which each federated start reaches the target, and its training compute."""
+    lines = []
+    for weights in ("pretrained", "scratch"):
+        run = _pays(rows, target, weights, "federated")
+        if run is None:
+            lines.append(f"{weights}, federated: below the target at every fraction")
+        else:
+            lines.append(f"{weights}, federated: reaches the target from {run['fraction']:.0%} of the data "
+                         f"({run['examples per client (min-median-max)']} examples a client), "
+                         f"{run['training GFLOPs']:.3g} GFLOPs of training")
+    return "\n".join(lines)
+
+
 def _figure(rows: list[dict], fractions: list[float], *, target: float, title: str) -> Figure:
     """Final accuracy against the fraction (log axis), one line per (weights, setting), and where pretraining pays."""
-    figure = Figure(figsize=(8.5, 5.2), layout="constrained")
+    figure = Figure(figsize=(10, 5.6), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     for weights, setting in VARIANTS:
@@ -212,25 +228,28 @@ def _figure(rows: list[dict], fractions: list[float], *, target: float, title: s
                 linestyle=LINES[setting], marker="o" if setting == "federated" else "s", label=f"{weights}, {setting}")
     ax.axhline(target, color="grey", linestyle=":", linewidth=1,
                label=f"target: {TARGET_SHARE:g} x centralised pretrained, all data")
+    # below the axes, where it hides no point
+    ax.text(0.0, -0.14, _where_pretraining_pays(rows, target), transform=ax.transAxes, va="top", fontsize=8,
+            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "grey"})
     pays = _pays(rows, target, "pretrained", "federated")
-    scratch = _pays(rows, target, "scratch", "federated")
     if pays is not None:
-        without = ("scratch, federated: never, even on all the data" if scratch is None else
-                   f"scratch, federated: at {scratch['fraction']:.0%}, {scratch['training GFLOPs']:.3g} GFLOPs")
-        ax.annotate(f"pretrained, federated reaches the target at {pays['fraction']:.0%} of the data\n"
-                    f"({pays['examples per client (min-median-max)']} examples per client, "
-                    f"{pays['training GFLOPs']:.3g} GFLOPs of training)\n{without}",
-                    xy=(pays["fraction"], pays["final accuracy"]), xytext=(0.02, 0.04), textcoords="axes fraction",
-                    fontsize=8, arrowprops={"arrowstyle": "->", "color": "grey"})
+        ax.annotate("", xy=(pays["fraction"], pays["final accuracy"]), xytext=(pays["fraction"], target * 0.8),
+                    arrowprops={"arrowstyle": "->", "color": COLOURS["pretrained"]})
     ax.set_xscale("log")
     ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
     ax.xaxis.set_minor_formatter(NullFormatter())
+    # what a fraction means for a federated client: its examples (the median client's)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(fractions, [next(r["examples per client (min-median-max)"].split("-")[1] for r in rows
+                                    if r["fraction"] == f and r["setting"] == "federated") for f in fractions])
+    top.xaxis.set_minor_formatter(NullFormatter())
+    top.set_xlabel("examples the median federated client trains on", fontsize=8)
     ax.set_xlabel("fraction of each client's training data (log scale)")
     ax.set_ylabel("final accuracy (server's held-out set)")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"Data efficiency, head only: {title}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return figure
 
 
