@@ -75,6 +75,7 @@ VARIANTS: dict[tuple[str, str], list[str]] = {
 }
 COLOURS = {"pretrained": "tab:blue", "scratch": "tab:orange"}
 LINES = {"federated": "-", "centralised": "--"}
+FROZEN_SHARE = "frozen part's share"  # of the training FLOPs
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def study(config: Path, out: Path, *, fractions: list[float], overrides: list[st
             "best accuracy": max(r.central_accuracy or 0.0 for r in rounds if r.round > 0),
             "rounds to target": reached if reached is not None else "not reached",
             "training GFLOPs": run["flops"]["total"] / 1e9,
-            "frozen part's share": run["flops"]["frozen"] / run["flops"]["total"],
+            FROZEN_SHARE: run["flops"]["frozen"] / run["flops"]["total"],
             "round seconds": sum(r.seconds for r in rounds if r.round > 0),
             "wall seconds": run["wall_seconds"],
         })
@@ -192,7 +193,7 @@ def study(config: Path, out: Path, *, fractions: list[float], overrides: list[st
                               for (f, w, s), run in runs.items()},
         "examples_per_client": {f"{f:g} {w} {s}": run["examples"] for (f, w, s), run in runs.items()},
     }))
-    figure = _figure(rows, fractions, target=target, title=config.stem)
+    figure = _figure(rows, fractions, target=target, title=config.stem, augmented=base.data.augment)
     replace_atomically(out / "efficiency.png", partial(figure.savefig, format="png", dpi=120))
 
 
@@ -202,21 +203,37 @@ def _pays(rows: list[dict], target: float, weights: str, setting: str) -> dict |
                  and r["setting"] == setting and (r["final accuracy"] or 0.0) >= target), None)
 
 
-def _where_pretraining_pays(rows: list[dict], target: float) -> str:
-    """The smallest fraction at which each federated start reaches the target, and its training compute."""
-    lines = []
+def _where_pretraining_pays(rows: list[dict], target: float, *, augmented: bool) -> str:
+    """What pretraining gains at the smallest and the largest fraction, the smallest fraction at which each
+    federated start reaches the target, and the training compute."""
+    def run(fraction: float, weights: str, setting: str) -> dict:
+        return next(r for r in rows if (r["fraction"], r["weights"], r["setting"]) == (fraction, weights, setting))
+
+    def gain(fraction: float, setting: str) -> float:
+        pretrained, scratch = run(fraction, "pretrained", setting), run(fraction, "scratch", setting)
+        return 100 * ((pretrained["final accuracy"] or 0.0) - (scratch["final accuracy"] or 0.0))
+
+    ends = (min(r["fraction"] for r in rows), max(r["fraction"] for r in rows))
+    gains = [f"{setting} " + ", ".join(f"{gain(f, setting):+.0f} at {f:.0%}" for f in ends)
+             for setting in ("federated", "centralised")]
+    lines = [f"pretraining's gain in final accuracy (points): {'; '.join(gains)}"]
     for weights in ("pretrained", "scratch"):
-        run = _pays(rows, target, weights, "federated")
-        if run is None:
+        reached = _pays(rows, target, weights, "federated")
+        if reached is None:
             lines.append(f"{weights}, federated: below the target at every fraction")
         else:
-            lines.append(f"{weights}, federated: reaches the target from {run['fraction']:.0%} of the data "
-                         f"({run['examples per client (min-median-max)']} examples a client), "
-                         f"{run['training GFLOPs']:.3g} GFLOPs of training")
+            lines.append(f"{weights}, federated: at the target from {reached['fraction']:.0%} of the data "
+                         f"({reached['examples per client (min-median-max)']} examples a client, min-median-max), "
+                         f"{reached['training GFLOPs']:.3g} GFLOPs of training")
+    federated = [run(f, "pretrained", "federated") for f in ends]
+    lines.append(f"training compute, the same for either start: {federated[0]['training GFLOPs']:.3g} GFLOPs at "
+                 f"{ends[0]:.0%}, {federated[1]['training GFLOPs']:.3g} at {ends[1]:.0%} (federated), "
+                 f"{federated[1][FROZEN_SHARE]:.0%} of it the frozen part's forward passes, "
+                 f"{'every epoch (augmentation)' if augmented else 'once per example (cached)'}")
     return "\n".join(lines)
 
 
-def _figure(rows: list[dict], fractions: list[float], *, target: float, title: str) -> Figure:
+def _figure(rows: list[dict], fractions: list[float], *, target: float, title: str, augmented: bool) -> Figure:
     """Final accuracy against the fraction (log axis), one line per (weights, setting), and where pretraining pays."""
     figure = Figure(figsize=(10, 5.6), layout="constrained")
     FigureCanvasAgg(figure)
@@ -229,7 +246,8 @@ def _figure(rows: list[dict], fractions: list[float], *, target: float, title: s
     ax.axhline(target, color="grey", linestyle=":", linewidth=1,
                label=f"target: {TARGET_SHARE:g} x centralised pretrained, all data")
     # below the axes, where it hides no point
-    ax.text(0.0, -0.14, _where_pretraining_pays(rows, target), transform=ax.transAxes, va="top", fontsize=8,
+    caption = _where_pretraining_pays(rows, target, augmented=augmented)
+    ax.text(0.0, -0.14, caption, transform=ax.transAxes, va="top", fontsize=8,
             bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "grey"})
     pays = _pays(rows, target, "pretrained", "federated")
     if pays is not None:
