@@ -228,7 +228,7 @@ def _where_pretraining_pays(rows: list[dict], target: float, *, augmented: bool)
     federated = [run(f, "pretrained", "federated") for f in ends]
     lines.append(f"training compute, the same for either start: {federated[0]['training GFLOPs']:.3g} GFLOPs at "
                  f"{ends[0]:.0%}, {federated[1]['training GFLOPs']:.3g} at {ends[1]:.0%} (federated), "
-                 f"{federated[1][FROZEN_SHARE]:.0%} of it the frozen part's forward passes, "
+                 f"{federated[1][FROZEN_SHARE]:.1%} of it the frozen part's forward passes, "
                  f"{'every epoch (augmentation)' if augmented else 'once per example (cached)'}")
     return "\n".join(lines)
 
