@@ -112,6 +112,10 @@ class DataConfig(Section):
     partition: PartitionConfig = PartitionConfig()
     # Fraction of each client's examples kept aside for its local validation.
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    # Fraction of each client's training split it trains on (the data-efficiency study,
+    # benchmarks/efficiency.py): a seeded, nested, class-stratified subsample of ceil(fraction x n)
+    # examples, so at least one; the partition and the validation split stay as they are.
+    train_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
     @model_validator(mode="after")
     def _source_known(self) -> DataConfig:

@@ -21,7 +21,14 @@ from fedtune.backbones import StagedModel, preprocessing_for
 from fedtune.client.cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, FeatureCache, ModelCache, default_cache_root
 from fedtune.client.resident import RESIDENT, Architecture, NotThisArchitecture, ResidentModels
 from fedtune.config import MAX_DP_SCALE, DataConfig
-from fedtune.data import ResidentSplit, fingerprint, resident_partitioning, resident_split, split_validation
+from fedtune.data import (
+    ResidentSplit,
+    fingerprint,
+    resident_partitioning,
+    resident_split,
+    split_validation,
+    training_subset,
+)
 from fedtune.engine import extract_features
 from fedtune.params import first_trainable_index, load_tensors, travelling_keys
 from fedtune.protocol import (
@@ -251,7 +258,10 @@ class LocalData:
 
 
 def local_data(settings: ClientSettings, node: NodeIdentity) -> LocalData:
-    """This node's training data (its partition, or its own dataset whole), with a local validation part held out."""
+    """This node's training data (its partition, or its own dataset whole), with a local validation part held out.
+
+    It trains on data.train_fraction of what is left (fedtune.data.training_subset): all of it by default.
+    """
     data = settings.data
     root, download = node.data_location(data)
     # Read and partitioned once per run in this process, not per message: a simulation's actor
@@ -266,6 +276,9 @@ def local_data(settings: ClientSettings, node: NodeIdentity) -> LocalData:
     train_idx, val_idx = split_validation(
         mine, loaded.labels, fraction=data.val_fraction, seed=settings.seed + node.partition_id
     )
+    # After the validation split, so data.train_fraction changes only what this client trains on.
+    train_idx = training_subset(train_idx, loaded.labels, fraction=data.train_fraction,
+                                seed=settings.seed + node.partition_id)
     pre = preprocessing_for(settings.model.backbone).at_size(data.image_size)
     augmented = full.with_transform(pre.transform(augment=data.augment))
     plain = full.with_transform(pre.transform(augment=False))

@@ -1,4 +1,5 @@
-"""Partitioners (iid, Dirichlet, shards) for up to millions of clients, each client's validation split, a fingerprint.
+"""Partitioners (iid, Dirichlet, shards) for up to millions of clients, each client's validation split and
+training subsample, a fingerprint.
 
 Every partitioner decides an owner for each example, with vectorised numpy: time and memory grow
 with examples + partitions (+ classes x partitions for Dirichlet's draw, drawn a slice at a time),
@@ -400,6 +401,38 @@ def split_validation(
         order = rng.permutation(chosen)
         val, train = order[:n_val], order[n_val:]
     return sorted(int(i) for i in train), sorted(int(i) for i in val)
+
+
+def training_subset(
+    indices: Sequence[int] | np.ndarray, labels: Sequence[int] | np.ndarray, *, fraction: float, seed: int
+) -> list[int]:
+    """The ceil(fraction x n) examples of a client's n training examples it trains on (at least one).
+
+    Nested and stratified: the seed alone (never the fraction) puts the examples in one order that
+    interleaves the classes in proportion (a class's j-th example, in a seeded shuffle of that
+    class, at (j + u) / its count, u a seeded offset per class), and a fraction keeps a prefix of
+    it. So a smaller fraction keeps a subset of a larger one's examples, which makes the points of
+    a data-efficiency curve comparable, and each class keeps its share give or take one example.
+    The order does not depend on the order of `indices`; `labels` are the whole dataset's. Sorted.
+    """
+    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise ValueError(f"training fraction must be in (0, 1], got {fraction}")
+    chosen = np.unique(np.asarray(indices, dtype=np.int64))
+    n = len(chosen)
+    if n and (chosen[0] < 0 or chosen[-1] >= len(labels)):
+        raise ValueError(f"indices must lie in [0, {len(labels)}) (labels are the whole dataset's, indexed by them)")
+    # rounded first: 0.1 x 30 is 3.0000000000000004 in floating point, and must keep 3
+    keep = max(1, math.ceil(round(fraction * n, 9)))
+    if keep >= n:
+        return [int(i) for i in chosen]
+    y = np.asarray(labels, dtype=np.int64)[chosen]
+    rng = np.random.default_rng(seed)
+    place = np.empty(n)
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        place[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    kept = chosen[np.argsort(place, kind="stable")[:keep]]
+    return sorted(int(i) for i in kept)
 
 
 def fingerprint(dataset: ImageDataset, indices: Sequence[int]) -> str:
