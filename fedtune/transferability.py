@@ -76,6 +76,21 @@ class FeatureStatistics:
     def count(self) -> int:
         return int(round(float(self.class_counts.sum())))
 
+    def centred(self) -> FeatureStatistics:
+        """The statistics of the same features less their mean (over all classes): F_c = F - 1 mu^T.
+
+        Computed from the sums alone: F_c^T F_c = F^T F - N mu mu^T, and each class's sum less
+        its count times mu. Applied to the federation's pooled statistics, the mean is the
+        federation's, so no client needs to know it.
+        """
+        n = self.count
+        if n < 1:
+            raise ValueError("cannot centre the statistics of no examples")
+        mean = self.class_sums.sum(0) / n
+        return FeatureStatistics(gram=self.gram - n * np.outer(mean, mean),
+                                 class_sums=self.class_sums - self.class_counts[:, None] * mean,
+                                 class_counts=self.class_counts)
+
 
 @dataclass(frozen=True)
 class EvidenceFit:

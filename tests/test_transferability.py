@@ -136,3 +136,20 @@ def test_shrunk_h_score_tells_features_apart_where_the_plain_score_saturates() -
     constant = FeatureStatistics.of(np.ones((4, 3)), np.array([0, 1, 0, 1]), num_classes=2)
     with pytest.raises(ValueError, match="do not vary"):
         shrunk_h_score(constant)
+
+
+def test_centred_statistics_are_the_statistics_of_the_centred_features_and_pool_like_them() -> None:
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 3, 50)
+    features = rng.normal(loc=4.0, size=(50, 6)) + labels[:, None]  # a large common mean, as after a ReLU
+    direct = FeatureStatistics.of(features - features.mean(0), labels, num_classes=3)
+
+    pooled = FeatureStatistics.of(features[:20], labels[:20], num_classes=3) + FeatureStatistics.of(
+        features[20:], labels[20:], num_classes=3)
+    centred = pooled.centred()
+
+    np.testing.assert_allclose(centred.gram, direct.gram, atol=1e-9)
+    np.testing.assert_allclose(centred.class_sums, direct.class_sums, atol=1e-9)
+    assert logme(centred) == pytest.approx(logme(direct), abs=1e-9)
+    with pytest.raises(ValueError, match="no examples"):
+        FeatureStatistics.of(np.zeros((0, 2)), np.zeros(0, dtype=int), num_classes=2).centred()
