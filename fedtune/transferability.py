@@ -16,7 +16,8 @@ examples gives away much of them (with N <= D, F^T F determines F up to a rotati
   feature sum) and y^T y (its count).
 - H-score (Bao et al. 2019, "An Information-Theoretic Approach to Transferability in Task Transfer
   Learning"): tr(cov(f)^-1 cov(E[f | y])), the share of the features' variance that the class
-  explains.
+  explains; and its shrunk form (Ibrahim et al. 2022), which stays meaningful with fewer examples
+  than feature dimensions.
 """
 
 from __future__ import annotations
@@ -136,18 +137,45 @@ def h_score(stats: FeatureStatistics) -> float:
 
     With fewer examples than feature dimensions the empirical covariance is singular, and the score
     saturates at classes - 1 whatever the features (ants/bees' 244 Lite0 features of 1280
-    dimensions score exactly 1.0): a shrunk covariance (Ibrahim et al. 2022) is needed there.
+    dimensions score exactly 1.0): `shrunk_h_score` is meant for that case.
     """
+    covariance, between = _covariances(stats, "H-score")
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    keep = eigenvalues > _RELATIVE_RANK_CUTOFF * max(float(eigenvalues.max()), 0.0)
+    inverse = (eigenvectors[:, keep] / eigenvalues[keep]) @ eigenvectors[:, keep].T
+    return float(np.trace(inverse @ between))
+
+
+def shrunk_h_score(stats: FeatureStatistics) -> float:
+    """H-score with a shrunk covariance (Ibrahim et al. 2022, "Newer is not always better"):
+    tr(cov_a(f)^-1 (1 - a) cov(E[f | y])), cov_a = (1 - a) cov + a (tr cov / D) I.
+
+    The shrinkage a is the Oracle Approximating Shrinkage of Chen et al. 2010 (as scikit-learn's
+    `OAS` computes it), which needs only tr(cov) and tr(cov^2): from the statistics alone, where
+    Ledoit-Wolf would need fourth moments of the features. Unlike the plain score it does not
+    saturate when there are fewer examples than dimensions.
+    """
+    covariance, between = _covariances(stats, "shrunk H-score")
+    n, dims = stats.count, len(covariance)
+    alpha = float(np.mean(covariance**2))
+    mu = float(np.trace(covariance)) / dims
+    if mu <= 0:
+        raise ValueError("shrunk H-score: the features do not vary (zero covariance)")
+    denominator = (n + 1) * (alpha - mu**2 / dims)
+    shrinkage = 1.0 if denominator == 0 else min((alpha + mu**2) / denominator, 1.0)
+    shrunk = (1.0 - shrinkage) * covariance + shrinkage * mu * np.eye(dims)
+    return float(np.trace(np.linalg.solve(shrunk, (1.0 - shrinkage) * between)))
+
+
+def _covariances(stats: FeatureStatistics, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The features' covariance (normalised by N) and the covariance of the class means E[f | y]."""
     n = stats.count
     if n < 2:
-        raise ValueError("H-score needs at least 2 examples")
+        raise ValueError(f"{what} needs at least 2 examples")
     mean = stats.class_sums.sum(0) / n
     covariance = stats.gram / n - np.outer(mean, mean)
     present = stats.class_counts > 0
     class_means = stats.class_sums[present] / stats.class_counts[present, None]
     centred = class_means - mean
     between = (centred.T * (stats.class_counts[present] / n)) @ centred
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    keep = eigenvalues > _RELATIVE_RANK_CUTOFF * max(float(eigenvalues.max()), 0.0)
-    inverse = (eigenvectors[:, keep] / eigenvalues[keep]) @ eigenvectors[:, keep].T
-    return float(np.trace(inverse @ between))
+    return covariance, between

@@ -7,8 +7,9 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.covariance import OAS
 
-from fedtune.transferability import FeatureStatistics, h_score, logme, logme_by_class
+from fedtune.transferability import FeatureStatistics, h_score, logme, logme_by_class, shrunk_h_score
 
 
 def _task(seed: int, *, n: int = 120, dims: int = 6, classes: int = 3, signal: float = 2.0) -> tuple:
@@ -104,3 +105,34 @@ def test_statistics_of_different_shapes_do_not_pool_and_too_few_examples_are_ref
         logme(single)
     with pytest.raises(ValueError, match="at least 2 examples"):
         h_score(single)
+
+
+def test_shrunk_h_score_equals_its_definition_with_scikit_learns_oas() -> None:
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 40)
+    features = rng.normal(size=(40, 60)) + labels[:, None] * rng.normal(size=60)  # N < D
+    oas = OAS(store_precision=False).fit(features)
+    class_means = np.stack([features[labels == k].mean(0) for k in range(3)])
+    centred = class_means - features.mean(0)
+    shares = np.bincount(labels, minlength=3) / len(labels)
+    between = (centred.T * shares) @ centred
+    expected = np.trace(np.linalg.inv(oas.covariance_) @ ((1 - oas.shrinkage_) * between))
+
+    stats = FeatureStatistics.of(features, labels, num_classes=3)
+    assert shrunk_h_score(stats) == pytest.approx(expected, rel=1e-9)
+    halves = [FeatureStatistics.of(features[part], labels[part], num_classes=3)
+              for part in (slice(0, 13), slice(13, 40))]
+    assert shrunk_h_score(halves[0] + halves[1]) == pytest.approx(shrunk_h_score(stats), abs=1e-6)
+
+
+def test_shrunk_h_score_tells_features_apart_where_the_plain_score_saturates() -> None:
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 2, 30)
+    useless = FeatureStatistics.of(rng.normal(size=(30, 100)), labels, num_classes=2)
+    good = FeatureStatistics.of(rng.normal(size=(30, 100)) + 3 * labels[:, None], labels, num_classes=2)
+
+    assert h_score(useless) == pytest.approx(1.0) and h_score(good) == pytest.approx(1.0)  # N < D: saturated
+    assert shrunk_h_score(good) > 5 * shrunk_h_score(useless)
+    constant = FeatureStatistics.of(np.ones((4, 3)), np.array([0, 1, 0, 1]), num_classes=2)
+    with pytest.raises(ValueError, match="do not vary"):
+        shrunk_h_score(constant)
