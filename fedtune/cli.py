@@ -137,6 +137,81 @@ def simulate(
 
 
 @cli.command()
+def select(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    candidates: Annotated[
+        list[str] | None,
+        typer.Option("--candidates", help="Backbones to rank, as BACKBONE[@CUT][:WEIGHTS]: efficientnet_lite0 "
+                                          "(ImageNet weights), efficientnet_lite0:none (random init), "
+                                          "efficientnet_lite0@blocks_5 (cut after blocks_5), resnet18:FILE (a "
+                                          "weights file). Give several after one --candidates, or repeat it. 'all': "
+                                          "every registered backbone with ImageNet weights (a connected machine). "
+                                          "Default: the three Lite backbones, Lite0 from random init and Lite0 cut "
+                                          "after blocks_5.", show_default=False),
+    ] = None,
+    write: Annotated[
+        Path | None, typer.Option("--write", help="Write CONFIG with the chosen backbone (model.backbone, weights, "
+                                                  "cut) to this file: a ready experiment.", show_default=False)
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --write replace an existing file.")] = False,
+) -> None:
+    """Rank candidate backbones on the federation's data before any training (LogME, H-score).
+
+    Each client computes, for each candidate, sums of its frozen features of its training split
+    against its labels (the Gram matrix F^T F, each class's feature sum and count) and sends only
+    those; the server adds them up and scores the whole federation: LogME ranks (You et al. 2021),
+    the H-score and its shrunk form stand beside it. The sums are not the features, but from a client
+    with few examples they reveal much of them (the Gram matrix determines its features up to a
+    rotation when it has no more examples than dimensions). With privacy.secure_aggregation the server
+    sees only the federation's sums. Writes selection.json, selection.csv and selection.png to a
+    folder under output.dir, prints the ranking and the seconds and bytes spent. The chosen
+    candidate's features stay in the clients' caches for the run that follows.
+    """
+    from fedtune.candidates import DEFAULT_CANDIDATES, parse_candidates
+    from fedtune.config import ConfigError
+
+    try:
+        # `--candidates a b c` reaches typer as one option then arguments it does not expect; the
+        # option is repeatable, and each value may hold several candidates separated by spaces.
+        ranked = parse_candidates([item for value in (candidates or DEFAULT_CANDIDATES) for item in value.split()])
+    except ValueError as error:
+        _fail(f"--candidates: {error}")
+        return
+    cfg = _prepare(config, set_, simulation=True)
+    if write is not None and write.exists() and not force:
+        _fail(f"--write: {write} exists; pass --force to replace it")
+    from fedtune.server.preflight import PreflightError, preflight_model
+
+    for candidate in ranked:  # before Ray starts: a cut that is no block, a missing weights file
+        try:
+            preflight_model(candidate.configure(cfg))
+        except (ConfigError, PreflightError) as error:
+            _fail(f"--candidates: {candidate.label}: {error}")
+    from fedtune.selection import chosen_config_text, print_table, write_chosen_config
+    from fedtune.simulation import select as run
+
+    try:
+        selection, folder = run(cfg, ranked)
+    except (FileNotFoundError, ValueError, RuntimeError, ConnectionError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    print_table(selection)
+    typer.echo(f"results: {folder}")
+    if write is not None:
+        chosen = next(c for c in ranked if c.label == selection.chosen.candidate)
+        try:
+            text = chosen_config_text(config, set_ or [], chosen, note=f" (LogME {selection.chosen.logme:.4f}, "
+                                                                       f"{folder / 'selection.json'})")
+            write_chosen_config(write, text, force=force)
+        except FileExistsError:
+            _fail(f"--write: {write} exists; pass --force to replace it")
+        except (ConfigError, OSError) as error:
+            _fail(f"--write: {error}")
+        typer.echo(f"config: {write} (model {chosen.label})")
+
+
+@cli.command()
 def predict(
     model: Annotated[Path, typer.Argument(help="A run directory, or its model.safetensors.", show_default=False)],
     images: Annotated[

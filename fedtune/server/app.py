@@ -16,8 +16,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
+from fedtune.candidates import Candidate
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.logs import setup_logging
+from fedtune.selection import Selection
 from fedtune.server.run import (
     RunOutcome,
     node_count_mismatch,
@@ -25,6 +27,7 @@ from fedtune.server.run import (
     run_federation,
     simulation_pool,
 )
+from fedtune.server.selection import run_selection
 
 log = logging.getLogger("fedtune.server")
 
@@ -86,5 +89,18 @@ def simulation_server_app(cfg: ExperimentConfig, outcomes: list[RunOutcome]) -> 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         outcomes.append(run_federation(grid, cfg))
+
+    return app
+
+
+def selection_server_app(cfg: ExperimentConfig, candidates: list[Candidate],
+                         outcomes: list[tuple[Selection, Path]]) -> ServerApp:
+    """The ServerApp of `fedtune select` in a simulation: ranks `candidates` (fedtune/server/selection.py)
+    and appends the selection and its folder to `outcomes`."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        outcomes.append(run_selection(grid, cfg, candidates))
 
     return app

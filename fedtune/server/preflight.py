@@ -45,6 +45,12 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool) -> None:
     _check_resumable(cfg)
 
 
+def preflight_model(cfg: ExperimentConfig) -> None:
+    """The model check of `preflight` alone (a `fedtune select` candidate: the rest is its experiment's):
+    it builds (a cut that is a block, a readable weights file) and the training settings fit it."""
+    check_model_fits(cfg, _model(cfg, num_classes=2))
+
+
 def check_model_fits(cfg: ExperimentConfig, model: StagedModel) -> None:
     """trainable_blocks (now and in every unfreeze step) and lr_multipliers' stages exist in the model."""
     blocks = model.block_names

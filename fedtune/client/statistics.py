@@ -1,0 +1,158 @@
+"""A client's answer to `fedtune select`: each candidate's frozen features of its training split, reduced to sums.
+
+The features never leave the node: only FeatureStatistics (fedtune/transferability.py) of them do,
+in the form fedtune/statistics_protocol.py gives them. Candidates that share a model (a backbone and
+the same backbone cut earlier) are computed in one forward pass. The features a candidate's head
+reads (the output of the stage below its head) go into the node's feature cache under the key
+head-only fine-tuning uses (fedtune/client/task.py, model_inputs), so the candidate chosen starts
+its first round with its training features already computed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own convention
+from flwr.app import ArrayRecord, Context, Message
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from fedtune import messages as keys
+from fedtune.backbones import HEAD, StagedModel
+from fedtune.client.cache import FeatureCache
+from fedtune.client.resident import ResidentModels
+from fedtune.client.task import FEATURE_BATCH, NodeIdentity, feature_key, local_data, restored_model
+from fedtune.engine import resolve_device
+from fedtune.protocol import RefusedMessage, excerpt
+from fedtune.statistics_protocol import StatisticsRequest, parse_statistics_query, statistics_record, statistics_reply
+
+# Models kept between statistics queries, apart from those training keeps (fedtune/client/resident.py):
+# a simulation's worker answers for many clients in turn, each query naming every candidate's model.
+# Four covers the default candidates (Lite0, Lite1, Lite2, a random Lite0; the cut one shares Lite0's).
+STATISTICS_MODELS = ResidentModels(capacity=4)
+
+
+def answer_statistics_query(msg: Message, context: Context) -> Message:
+    """The statistics of every candidate the query names, on this node's training split.
+
+    Raises RefusedMessage for a query not of its exact form (a stage the model lacks, or whose
+    output is not a feature vector or map), ModelNotCached if a candidate's model is not here.
+    """
+    query = parse_statistics_query(msg.content)
+    requests = query.requests
+    node = NodeIdentity.from_node_config(dict(context.node_config)).playing(query.virtual,
+                                                                            requests[0].settings.num_clients)
+    records: dict[int, ArrayRecord] = {}
+    seconds = [0.0] * len(requests)
+    examples = 0
+    for model_hash, indices in _by_model(requests).items():
+        started = time.perf_counter()
+        settings = requests[indices[0]].settings
+        models = node.model_cache()
+        device = resolve_device(settings.train.device)
+        with restored_model(settings, model_hash=model_hash, trainable={}, stages=[], cache=models, device=device,
+                            resident=STATISTICS_MODELS) as model:
+            stops = [_stop_after(model, requests[index].stage, backbone=settings.model.backbone) for index in indices]
+            data = local_data(settings, node)
+            outputs = _stage_outputs(model, data.train, stops, device=device, cache=node.feature_cache(),
+                                     key=lambda stop: feature_key(model_hash, stop, data.train_identity),
+                                     in_use=[models.path(model_hash)])
+        shared = (time.perf_counter() - started) / len(indices)  # one pass, split evenly between its candidates
+        for index, stop in zip(indices, stops, strict=True):
+            started = time.perf_counter()
+            features, labels = outputs[stop]
+            records[index] = statistics_record(features.numpy(), labels.numpy(),
+                                               num_classes=requests[index].settings.num_classes)
+            seconds[index] = shared + time.perf_counter() - started
+            examples = len(labels)
+    ordered = [records[index] for index in range(len(requests))]
+    return Message(statistics_reply(ordered, num_examples=examples, seconds=seconds), reply_to=msg)
+
+
+def _by_model(requests: Iterable[StatisticsRequest]) -> dict[str, list[int]]:
+    """The requests' indices grouped by model, in the order each model first appears. The requests
+    of one model must describe it alike (architecture, data): the model is restored once for all."""
+    groups: dict[str, list[int]] = {}
+    described: dict[str, tuple[object, object]] = {}
+    for index, request in enumerate(requests):
+        description = (request.settings.model, request.settings.data)
+        if described.setdefault(request.model_hash, description) != description:
+            raise RefusedMessage(keys.STATISTICS_MODELS, f"names the model {request.model_hash[:12]} twice, with "
+                                                         "different model or data settings")
+        groups.setdefault(request.model_hash, []).append(index)
+    return groups
+
+
+def _stop_after(model: StagedModel, stage: str, *, backbone: str) -> int:
+    """The number of stages up to and including `stage`: its output is the feature. Never the head."""
+    names = list(model.stages)
+    if stage not in names or stage == HEAD:
+        raise RefusedMessage(keys.STATISTICS_STAGES, f"{excerpt(stage)} is not a stage below the head of {backbone} "
+                                                     f"(its stages: {', '.join(names)})")
+    return names.index(stage) + 1
+
+
+def _stage_outputs(
+    model: StagedModel,
+    dataset: Dataset,
+    stops: list[int],
+    *,
+    device: torch.device,
+    cache: FeatureCache,
+    key: Callable[[int], tuple[str, str, str]],
+    in_use: list[Path],
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """(features N x D, labels) of the stages below each stop, feature maps average-pooled, in one pass.
+
+    The head's input (stop = the head's index) is read from the feature cache, or computed and cached.
+    """
+    head = model.stage_index(HEAD)
+    outputs: dict[int, tuple[Tensor, Tensor]] = {}
+    if head in stops:
+        cached = cache.get(*key(head))
+        if cached is not None:
+            outputs[head] = (cached.tensors[0], cached.tensors[1])
+    missing = sorted(set(stops) - set(outputs))
+    if missing:
+        outputs |= _forward(model, dataset, missing, device=device)
+        if head in missing:
+            cache.put(TensorDataset(*outputs[head]), *key(head), in_use=in_use)
+    return outputs
+
+
+@torch.no_grad()
+def _forward(model: StagedModel, dataset: Dataset, stops: list[int], *, device: torch.device
+             ) -> dict[int, tuple[Tensor, Tensor]]:
+    """One pass of the data through the stages below the highest stop, keeping each stop's output.
+
+    Batched as fedtune/engine.py's extract_features, so a cached entry is the same either way.
+    """
+    model.eval()
+    stages = list(model.stages.items())[: max(stops)]
+    features: dict[int, list[Tensor]] = {stop: [] for stop in stops}
+    labels = []
+    for images, targets in DataLoader(dataset, batch_size=FEATURE_BATCH, shuffle=False):
+        x = images.to(device)
+        for index, (name, stage) in enumerate(stages, start=1):
+            x = stage(x)
+            if index in features:
+                features[index].append(_as_vectors(x, name).cpu())
+        labels.append(torch.as_tensor(targets))
+    if not labels:
+        raise ValueError("this node has no training examples to compute statistics on")
+    label_tensor = torch.cat(labels)
+    return {stop: (torch.cat(parts), label_tensor) for stop, parts in features.items()}
+
+
+def _as_vectors(output: Tensor, stage: str) -> Tensor:
+    """A stage's output as one vector per example: features as they are, a feature map average-pooled
+    (as a cut backbone's `pool` stage does: fedtune/backbones.py, cut_model)."""
+    if output.dim() == 2:
+        return output
+    if output.dim() == 4:
+        return F.adaptive_avg_pool2d(output, 1).flatten(1)
+    raise RefusedMessage(keys.STATISTICS_STAGES, f"the output of {excerpt(stage)} has shape {tuple(output.shape)}: "
+                                                 "neither features (N, D) nor a feature map (N, C, H, W)")

@@ -1,0 +1,154 @@
+"""The feature-statistics exchange of `fedtune select`: the server's query (written, and parsed by a client), the reply.
+
+One message per node (message type `query.statistics`) asks for every candidate at once: for
+candidate i, the client settings of its config (backbone, weights, cut, data), the hash of the
+model it computes features with (already in the node's cache: fedtune/server/delivery.py sent it),
+and the stage whose output is the feature (average-pooled when it is a feature map). A node refuses
+anything not of its exact form with a RefusedMessage naming the field (fedtune/protocol.py).
+
+The reply holds, for candidate i, an ArrayRecord `fedtune.statistics.<i>` of float64 arrays: the
+class sums (K x D), the class counts (K) and either the Gram matrix F^T F (D x D) or, when it is
+smaller, a factor G of it (R x D, R <= N examples, G^T G = F^T F), and one MetricRecord holding
+num-examples and the client's compute seconds per candidate. The factor is a function of the Gram
+matrix alone (`gram_factor`), so it tells the server nothing the Gram matrix would not. The server
+parses a reply with the worst case in mind (fedtune/server/statistics.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedtune import messages as keys
+from fedtune.candidates import MAX_CANDIDATES
+from fedtune.protocol import (
+    STAGE_NAME_FORM,
+    ClientSettings,
+    RefusedMessage,
+    VirtualClient,
+    excerpt,
+    parse_model_hash,
+    parse_settings,
+    parse_virtual_client,
+)
+from fedtune.transferability import FeatureStatistics
+
+QUERY_KEYS = frozenset({keys.STATISTICS_SETTINGS, keys.STATISTICS_MODELS, keys.STATISTICS_STAGES,
+                        keys.VIRTUAL_PARTITION, keys.VIRTUAL_CLIENTS})
+MESSAGE_TYPE = f"query.{keys.STATISTICS}"
+# Eigenvalues of F F^T below this share of the largest are zero (rounding): their rows of the factor are left out.
+_FACTOR_RANK_CUTOFF = 1e-13
+
+
+@dataclass(frozen=True)
+class StatisticsRequest:
+    """One candidate, as the server asks for it."""
+
+    settings: ClientSettings
+    model_hash: str
+    stage: str
+
+
+@dataclass(frozen=True)
+class StatisticsQuery:
+    requests: tuple[StatisticsRequest, ...]
+    virtual: VirtualClient | None = None
+
+
+def statistics_query(requests: Sequence[StatisticsRequest]) -> RecordDict:
+    """The content of the query the server sends every node."""
+    return RecordDict({keys.CONFIG: ConfigRecord({
+        keys.STATISTICS_SETTINGS: [request.settings.to_message() for request in requests],
+        keys.STATISTICS_MODELS: [request.model_hash for request in requests],
+        keys.STATISTICS_STAGES: [request.stage for request in requests],
+    })})
+
+
+def _string_list(config: ConfigRecord, key: str) -> list[str]:
+    if key not in config:
+        raise RefusedMessage(key, "missing")
+    value = config[key]
+    if not isinstance(value, list) or not value:
+        raise RefusedMessage(key, f"must be a non-empty list, got {excerpt(value)}")
+    if len(value) > MAX_CANDIDATES:
+        raise RefusedMessage(key, f"asks for {len(value)} candidates, more than {MAX_CANDIDATES}")
+    strings = [item for item in value if isinstance(item, str)]
+    if len(strings) != len(value):
+        raise RefusedMessage(key, "must hold strings only")
+    return strings
+
+
+def parse_statistics_query(content: RecordDict) -> StatisticsQuery:
+    """The server's statistics query, each value of its exact form, or RefusedMessage naming the field."""
+    if set(content.array_records) or set(content.metric_records) or set(content.config_records) != {keys.CONFIG}:
+        raise RefusedMessage("content", f"must hold exactly one config record {keys.CONFIG!r} and nothing else")
+    config = content.config_records[keys.CONFIG]
+    unknown = sorted(set(config) - QUERY_KEYS)
+    if unknown:
+        raise RefusedMessage(keys.CONFIG, f"unknown key {excerpt(unknown[0])}")
+    settings = _string_list(config, keys.STATISTICS_SETTINGS)
+    models = _string_list(config, keys.STATISTICS_MODELS)
+    stages = _string_list(config, keys.STATISTICS_STAGES)
+    if not len(settings) == len(models) == len(stages):
+        raise RefusedMessage(keys.STATISTICS_STAGES, f"{len(settings)} settings, {len(models)} models and "
+                                                     f"{len(stages)} stages: one of each per candidate")
+    for stage in stages:
+        if not STAGE_NAME_FORM.fullmatch(stage):
+            raise RefusedMessage(keys.STATISTICS_STAGES, f"{excerpt(stage)} is not a stage name")
+    requests = []
+    for text, model_hash, stage in zip(settings, models, stages, strict=True):
+        parsed = parse_settings(text)
+        if parsed.data.augment:
+            raise RefusedMessage(keys.STATISTICS_SETTINGS, "data.augment: statistics are of the images as they are, "
+                                                           "never of random crops")
+        requests.append(StatisticsRequest(parsed, parse_model_hash(model_hash, field=keys.STATISTICS_MODELS), stage))
+    first = requests[0].settings
+    for request in requests[1:]:
+        # One federation: every candidate reads the same data, with the same classes and clients.
+        if (request.settings.num_clients, request.settings.num_classes, request.settings.seed,
+                request.settings.data.source) != (first.num_clients, first.num_classes, first.seed,
+                                                  first.data.source):
+            raise RefusedMessage(keys.STATISTICS_SETTINGS, "the candidates' settings disagree on the federation "
+                                                           "(clients, classes, seed or data source)")
+    return StatisticsQuery(tuple(requests), parse_virtual_client(config))
+
+
+def gram_factor(features: np.ndarray) -> np.ndarray:
+    """G (R x D) with G^T G = F^T F, for F of N x D: the rows u_k^T F for the eigenvectors u_k of F F^T
+    with a non-zero eigenvalue, each row's sign set so that its largest entry is positive.
+
+    Row k is s_k v_k^T (F = U S V^T), so G is a function of F^T F alone (its eigenvalues and
+    eigenvectors, signs fixed by the rule), up to the basis of an eigenspace whose eigenvalue repeats.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    eigenvalues, eigenvectors = np.linalg.eigh(f @ f.T)
+    keep = eigenvalues > _FACTOR_RANK_CUTOFF * max(float(eigenvalues.max(initial=0.0)), 0.0)
+    rows = eigenvectors[:, keep].T @ f
+    largest = rows[np.arange(len(rows)), np.abs(rows).argmax(axis=1)] if len(rows) else np.zeros(0)
+    rows *= np.where(largest < 0, -1.0, 1.0)[:, None]
+    return rows[::-1].copy()  # largest eigenvalue first
+
+
+def statistics_record(features: np.ndarray, labels: np.ndarray, *, num_classes: int) -> ArrayRecord:
+    """One candidate's statistics as they travel: the Gram matrix, or its factor when that is smaller."""
+    stats = FeatureStatistics.of(features, labels, num_classes=num_classes)
+    count, dims = np.shape(features)
+    gram = (keys.GRAM_FACTOR, gram_factor(features)) if count < dims else (keys.GRAM, stats.gram)
+    return ArrayRecord({
+        gram[0]: Array(np.ascontiguousarray(gram[1])),
+        keys.CLASS_SUMS: Array(np.ascontiguousarray(stats.class_sums)),
+        keys.CLASS_COUNTS: Array(np.ascontiguousarray(stats.class_counts)),
+    })
+
+
+def statistics_reply(records: Sequence[ArrayRecord], *, num_examples: int, seconds: Sequence[float]) -> RecordDict:
+    """The reply's content: candidate i's record under `fedtune.statistics.<i>`, and the metrics."""
+    content = RecordDict({f"{keys.STATISTICS_RECORD}{index}": record for index, record in enumerate(records)})
+    content[keys.METRICS] = MetricRecord({
+        keys.NUM_EXAMPLES: num_examples,
+        **{f"{keys.STATISTICS_SECONDS}{index}": float(value) for index, value in enumerate(seconds)},
+    })
+    return content
