@@ -100,7 +100,10 @@ def parse_statistics_query(content: RecordDict) -> StatisticsQuery:
             raise RefusedMessage(keys.STATISTICS_STAGES, f"{excerpt(stage)} is not a stage name")
     requests = []
     for text, model_hash, stage in zip(settings, models, stages, strict=True):
-        parsed = parse_settings(text)
+        try:
+            parsed = parse_settings(text)
+        except RefusedMessage as error:
+            raise RefusedMessage(keys.STATISTICS_SETTINGS, error.problem) from None
         if parsed.data.augment:
             raise RefusedMessage(keys.STATISTICS_SETTINGS, "data.augment: statistics are of the images as they are, "
                                                            "never of random crops")

@@ -50,6 +50,15 @@ _F64 = np.dtype(np.float64)
 
 
 @dataclass(frozen=True)
+class StatisticsShape:
+    """What one candidate's statistics must be: `dims` features, `classes` classes."""
+
+    label: str
+    dims: int
+    classes: int
+
+
+@dataclass(frozen=True)
 class PreparedCandidate:
     """A candidate as the server holds it: its config, its model, and what the clients are asked."""
 
@@ -65,6 +74,10 @@ class PreparedCandidate:
     @property
     def label(self) -> str:
         return self.candidate.label
+
+    @property
+    def shape(self) -> StatisticsShape:
+        return StatisticsShape(self.label, self.feature_dim, self.num_classes)
 
 
 def _head_inputs(model: StagedModel) -> int:
@@ -209,7 +222,7 @@ def parse_statistics_record(record: ArrayRecord, *, dims: int, classes: int, num
     return FeatureStatistics(gram=gram, class_sums=sums, class_counts=counts)
 
 
-def parse_statistics_reply(content: RecordDict, candidates: Sequence[PreparedCandidate]) -> ClientStatistics:
+def parse_statistics_reply(content: RecordDict, candidates: Sequence[StatisticsShape]) -> ClientStatistics:
     """A client's whole reply: exactly one record per candidate and the metrics, each of its exact form."""
     if content.config_records:
         raise UnusableReply("a statistics reply carries no config records")
@@ -222,7 +235,7 @@ def parse_statistics_reply(content: RecordDict, candidates: Sequence[PreparedCan
     for index, candidate in enumerate(candidates):
         try:
             stats = parse_statistics_record(content.array_records[f"{keys.STATISTICS_RECORD}{index}"],
-                                            dims=candidate.feature_dim, classes=candidate.num_classes,
+                                            dims=candidate.dims, classes=candidate.classes,
                                             num_examples=num_examples)
         except UnusableReply as problem:
             raise UnusableReply(f"candidate {candidate.label}: {problem}") from None
@@ -336,7 +349,7 @@ def collect_statistics(
             log.warning("%s sent no statistics: %s", name_of(client), collection.failed[client])
             continue
         try:
-            parsed = parse_statistics_reply(reply.content, candidates)
+            parsed = parse_statistics_reply(reply.content, [candidate.shape for candidate in candidates])
         except UnusableReply as problem:
             collection.refused[client] = str(problem)
             log.warning("refused the statistics of %s: %s", name_of(client), problem)
