@@ -57,3 +57,7 @@ GRAM_FACTOR = "gram-factor"  # R x D, in place of the gram when smaller: G with 
 CLASS_SUMS = "class-sums"  # K x D
 CLASS_COUNTS = "class-counts"  # K
 STATISTICS_SECONDS = "seconds."  # + the candidate's index: reply metric, the client's compute seconds for it
+# Under SecAgg+ only (fedtune/statistics_protocol.py, secure_vectors): the public bounds that make
+# each client's statistics integers in a public range before they are masked.
+STATISTICS_NORMS = "fedtune.statistics.norms"  # list: each candidate's feature norm bound (longer ones are clipped)
+STATISTICS_MAX_EXAMPLES = "fedtune.statistics.max-examples"  # a client with more examples refuses

@@ -16,6 +16,7 @@ parses a reply with the worst case in mind (fedtune/server/statistics.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,11 @@ from fedtune.protocol import (
 from fedtune.transferability import FeatureStatistics
 
 QUERY_KEYS = frozenset({keys.STATISTICS_SETTINGS, keys.STATISTICS_MODELS, keys.STATISTICS_STAGES,
-                        keys.VIRTUAL_PARTITION, keys.VIRTUAL_CLIENTS})
+                        keys.VIRTUAL_PARTITION, keys.VIRTUAL_CLIENTS,
+                        # under SecAgg+: the public bounds, and the round Flower's legacy layout numbers
+                        keys.STATISTICS_NORMS, keys.STATISTICS_MAX_EXAMPLES, keys.SERVER_ROUND})
+MAX_EXAMPLES = 2**31  # of one client
+_MAX_NORM = 1e12  # a feature norm bound beyond any real feature's
 MESSAGE_TYPE = f"query.{keys.STATISTICS}"
 # Eigenvalues of F F^T below this share of the largest are zero (rounding): their rows of the factor are left out.
 _FACTOR_RANK_CUTOFF = 1e-13
@@ -53,18 +58,47 @@ class StatisticsRequest:
 
 
 @dataclass(frozen=True)
+class SecureBounds:
+    """Under SecAgg+: each candidate's public feature norm bound, and the most examples a client may hold."""
+
+    norms: tuple[float, ...]
+    max_examples: int
+
+
+@dataclass(frozen=True)
 class StatisticsQuery:
     requests: tuple[StatisticsRequest, ...]
     virtual: VirtualClient | None = None
+    secure: SecureBounds | None = None
 
 
-def statistics_query(requests: Sequence[StatisticsRequest]) -> RecordDict:
-    """The content of the query the server sends every node."""
-    return RecordDict({keys.CONFIG: ConfigRecord({
+def statistics_query(requests: Sequence[StatisticsRequest], *, secure: SecureBounds | None = None) -> RecordDict:
+    """The content of the query the server sends every node (under SecAgg+, with the public bounds)."""
+    config = ConfigRecord({
         keys.STATISTICS_SETTINGS: [request.settings.to_message() for request in requests],
         keys.STATISTICS_MODELS: [request.model_hash for request in requests],
         keys.STATISTICS_STAGES: [request.stage for request in requests],
-    })})
+    })
+    if secure is not None:
+        config[keys.STATISTICS_NORMS] = [float(norm) for norm in secure.norms]
+        config[keys.STATISTICS_MAX_EXAMPLES] = secure.max_examples
+    return RecordDict({keys.CONFIG: config})
+
+
+def _secure_bounds(config: ConfigRecord, candidates: int) -> SecureBounds | None:
+    if keys.STATISTICS_NORMS not in config and keys.STATISTICS_MAX_EXAMPLES not in config:
+        return None
+    value = config.get(keys.STATISTICS_NORMS)
+    norms = [n for n in value if type(n) is float and math.isfinite(n) and 0 < n <= _MAX_NORM] \
+        if isinstance(value, list) else []
+    if not (isinstance(value, list) and len(value) == candidates == len(norms)):
+        raise RefusedMessage(keys.STATISTICS_NORMS, f"must be {candidates} numbers in (0, {_MAX_NORM:g}], one per "
+                                                    f"candidate, got {excerpt(value)}")
+    most = config.get(keys.STATISTICS_MAX_EXAMPLES)
+    if type(most) is not int or not 1 <= most <= MAX_EXAMPLES:
+        raise RefusedMessage(keys.STATISTICS_MAX_EXAMPLES, f"must be an integer in [1, {MAX_EXAMPLES}], got "
+                                                           f"{excerpt(most)}")
+    return SecureBounds(tuple(norms), most)
 
 
 def _string_list(config: ConfigRecord, key: str) -> list[str]:
@@ -116,7 +150,7 @@ def parse_statistics_query(content: RecordDict) -> StatisticsQuery:
                                                   first.data.source):
             raise RefusedMessage(keys.STATISTICS_SETTINGS, "the candidates' settings disagree on the federation "
                                                            "(clients, classes, seed or data source)")
-    return StatisticsQuery(tuple(requests), parse_virtual_client(config))
+    return StatisticsQuery(tuple(requests), parse_virtual_client(config), _secure_bounds(config, len(requests)))
 
 
 def gram_factor(features: np.ndarray) -> np.ndarray:
@@ -155,3 +189,65 @@ def statistics_reply(records: Sequence[ArrayRecord], *, num_examples: int, secon
         **{f"{keys.STATISTICS_SECONDS}{index}": float(value) for index, value in enumerate(seconds)},
     })
     return content
+
+
+# --- under SecAgg+ ---------------------------------------------------------------------------------
+# SecAgg+ sums integers: each client's statistics are scaled into [-1, 1] by public bounds, then
+# Flower quantises them (stochastic rounding to 2 / quantization_range steps) and masks them. With
+# every feature vector clipped to the candidate's norm bound R and at most M examples per client,
+# |F^T F| <= M R^2 entrywise, |class sums| <= M R, counts <= M: dividing by these puts every entry
+# in [-1, 1]. The Gram matrix travels as its upper triangle (it is symmetric).
+
+SECURE_PARTS = ("gram-triangle", "class-sums", "class-counts", "clipped")
+
+
+def secure_layout(dims: int, classes: int) -> dict[str, tuple[int, ...]]:
+    """The arrays one candidate's statistics travel as under SecAgg+, and their shapes."""
+    return {"gram-triangle": (dims * (dims + 1) // 2,), "class-sums": (classes, dims), "class-counts": (classes,),
+            "clipped": (1,)}
+
+
+def clip_to_norm(features: np.ndarray, norm: float) -> tuple[np.ndarray, int]:
+    """Each feature vector scaled down to the norm bound if longer; and how many were."""
+    f = np.asarray(features, dtype=np.float64)
+    lengths = np.linalg.norm(f, axis=1)
+    longer = lengths > norm
+    scale = np.where(longer, norm / np.maximum(lengths, 1e-300), 1.0)
+    return f * scale[:, None], int(longer.sum())
+
+
+def secure_vectors(features: np.ndarray, labels: np.ndarray, *, num_classes: int, norm: float, max_examples: int
+                   ) -> dict[str, np.ndarray]:
+    """One candidate's statistics scaled into [-1, 1] by the public bounds (features clipped to `norm`)."""
+    if len(features) > max_examples:
+        raise RefusedMessage(keys.STATISTICS_MAX_EXAMPLES, f"this client holds {len(features)} examples, more than "
+                                                           f"the {max_examples} the sums are scaled for")
+    clipped, count = clip_to_norm(features, norm)
+    stats = FeatureStatistics.of(clipped, labels, num_classes=num_classes)
+    upper = np.triu_indices(len(stats.gram))
+    return {
+        "gram-triangle": stats.gram[upper] / (max_examples * norm**2),
+        "class-sums": stats.class_sums / (max_examples * norm),
+        "class-counts": stats.class_counts / max_examples,
+        "clipped": np.array([count / max_examples]),
+    }
+
+
+def from_secure_sums(parts: dict[str, np.ndarray], *, dims: int, norm: float, max_examples: int
+                     ) -> tuple[FeatureStatistics, int]:
+    """The federation's statistics from the sums of `secure_vectors` over its clients, and how many of
+    their features were clipped. Counts are rounded to whole numbers (quantisation leaves them within
+    a small fraction of one); a count that is not is an error."""
+    counts = parts["class-counts"] * max_examples
+    clipped = float(parts["clipped"][0]) * max_examples
+    for name, value in (("class counts", counts), ("clipped features", np.array([clipped]))):
+        if np.abs(value - np.rint(value)).max(initial=0.0) > 0.25:
+            raise ValueError(f"secure aggregation: the summed {name} are not whole numbers ({value.tolist()[:5]}): "
+                             "quantisation cannot explain that")
+    gram = np.zeros((dims, dims))
+    upper = np.triu_indices(dims)
+    gram[upper] = parts["gram-triangle"] * max_examples * norm**2
+    gram = gram + np.triu(gram, 1).T
+    stats = FeatureStatistics(gram=gram, class_sums=parts["class-sums"] * max_examples * norm,
+                              class_counts=np.clip(np.rint(counts), 0, None))
+    return stats, int(round(clipped))

@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Context, Message
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -27,7 +28,14 @@ from fedtune.client.resident import ResidentModels
 from fedtune.client.task import FEATURE_BATCH, NodeIdentity, feature_key, local_data, restored_model
 from fedtune.engine import resolve_device
 from fedtune.protocol import RefusedMessage, excerpt
-from fedtune.statistics_protocol import StatisticsRequest, parse_statistics_query, statistics_record, statistics_reply
+from fedtune.statistics_protocol import (
+    StatisticsQuery,
+    StatisticsRequest,
+    parse_statistics_query,
+    secure_vectors,
+    statistics_record,
+    statistics_reply,
+)
 
 # Models kept between statistics queries, apart from those training keeps (fedtune/client/resident.py):
 # a simulation's worker answers for many clients in turn, each query naming every candidate's model.
@@ -42,12 +50,38 @@ def answer_statistics_query(msg: Message, context: Context) -> Message:
     output is not a feature vector or map), ModelNotCached if a candidate's model is not here.
     """
     query = parse_statistics_query(msg.content)
+    if query.secure is not None:
+        raise RefusedMessage(keys.STATISTICS_NORMS, "secure aggregation's bounds in a plain query: the statistics "
+                                                    "would go to the server unmasked")
+    records, seconds, examples = [], [], 0
+    for request, (features, labels, shared) in zip(query.requests, _features(query, context), strict=True):
+        started = time.perf_counter()
+        records.append(statistics_record(features.numpy(), labels.numpy(), num_classes=request.settings.num_classes))
+        seconds.append(shared + time.perf_counter() - started)
+        examples = len(labels)
+    return Message(statistics_reply(records, num_examples=examples, seconds=seconds), reply_to=msg)
+
+
+def secure_statistics(query: StatisticsQuery, context: Context) -> dict[str, np.ndarray]:
+    """Under SecAgg+: every candidate's statistics scaled into [-1, 1] by the query's public bounds,
+    keyed `<candidate index>.<part>` (fedtune/statistics_protocol.py, secure_vectors)."""
+    if query.secure is None:
+        raise RefusedMessage(keys.STATISTICS_NORMS, "missing: under secure aggregation the sums need public bounds")
+    vectors: dict[str, np.ndarray] = {}
+    for index, (request, (features, labels, _)) in enumerate(zip(query.requests, _features(query, context),
+                                                                  strict=True)):
+        parts = secure_vectors(features.numpy(), labels.numpy(), num_classes=request.settings.num_classes,
+                               norm=query.secure.norms[index], max_examples=query.secure.max_examples)
+        vectors |= {f"{index}.{name}": value for name, value in parts.items()}
+    return vectors
+
+
+def _features(query: StatisticsQuery, context: Context) -> list[tuple[Tensor, Tensor, float]]:
+    """Per request: (features N x D, labels, the seconds of its share of the forward pass)."""
     requests = query.requests
     node = NodeIdentity.from_node_config(dict(context.node_config)).playing(query.virtual,
                                                                             requests[0].settings.num_clients)
-    records: dict[int, ArrayRecord] = {}
-    seconds = [0.0] * len(requests)
-    examples = 0
+    found: dict[int, tuple[Tensor, Tensor, float]] = {}
     for model_hash, indices in _by_model(requests).items():
         started = time.perf_counter()
         settings = requests[indices[0]].settings
@@ -62,14 +96,8 @@ def answer_statistics_query(msg: Message, context: Context) -> Message:
                                      in_use=[models.path(model_hash)])
         shared = (time.perf_counter() - started) / len(indices)  # one pass, split evenly between its candidates
         for index, stop in zip(indices, stops, strict=True):
-            started = time.perf_counter()
-            features, labels = outputs[stop]
-            records[index] = statistics_record(features.numpy(), labels.numpy(),
-                                               num_classes=requests[index].settings.num_classes)
-            seconds[index] = shared + time.perf_counter() - started
-            examples = len(labels)
-    ordered = [records[index] for index in range(len(requests))]
-    return Message(statistics_reply(ordered, num_examples=examples, seconds=seconds), reply_to=msg)
+            found[index] = (*outputs[stop], shared)
+    return [found[index] for index in range(len(requests))]
 
 
 def _by_model(requests: Iterable[StatisticsRequest]) -> dict[str, list[int]]:

@@ -13,6 +13,7 @@ import random
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,12 +22,22 @@ from flwr.serverapp import Grid
 from fedtune.candidates import Candidate
 from fedtune.config import ExperimentConfig
 from fedtune.data import load_split
+from fedtune.engine import resolve_device
 from fedtune.report import RunDirectory
 from fedtune.selection import Selection, score
 from fedtune.server.delivery import ModelDelivery
 from fedtune.server.run import plays_virtual_clients, simulation_pool, wait_for_nodes
-from fedtune.server.statistics import collect_statistics, prepare_candidates
+from fedtune.server.statistics import (
+    Collection,
+    PreparedCandidate,
+    collect_statistics,
+    collect_statistics_securely,
+    prepare_candidates,
+    quantization_for,
+    secure_bounds,
+)
 from fedtune.server.transport import Transport
+from fedtune.statistics_protocol import SecureBounds
 
 log = logging.getLogger("fedtune.server")
 
@@ -44,8 +55,9 @@ def run_selection(grid: Grid, cfg: ExperimentConfig, candidates: list[Candidate]
         warming = list(range(min(len(simulation_pool(grid, cfg)), cfg.federation.num_clients)))
         pinged = ModelDelivery.ping(transport, warming)
     # Everything that can fail on bad input (data, weights, a cut that is no block) fails before the folder exists.
-    classes = load_split(cfg.data.source, "test", root=cfg.data.root, download=cfg.data.download, seed=cfg.seed,
-                         bad_images=cfg.data.bad_images).classes
+    test_set = load_split(cfg.data.source, "test", root=cfg.data.root, download=cfg.data.download, seed=cfg.seed,
+                          bad_images=cfg.data.bad_images)
+    classes = test_set.classes
     configs = [(candidate, candidate.configure(cfg)) for candidate in candidates]
     run_key = f"{cfg.name}-select-{secrets.token_hex(6)}"  # scopes the data each worker keeps loaded
     prepared = prepare_candidates(configs, num_classes=len(classes), run_key=run_key,
@@ -58,18 +70,51 @@ def run_selection(grid: Grid, cfg: ExperimentConfig, candidates: list[Candidate]
 
     started = time.monotonic()
     clients = transport.get_node_ids()
-    collection = collect_statistics(transport, prepared, clients=clients, timeout=cfg.federation.round_timeout,
-                                    warming=warming, pinged=pinged, name_of=prepared[0].delivery.name_of)
+    secure = cfg.privacy.secure_aggregation
+    report: dict[str, Any] = {}
+    if secure.enabled:
+        # Public bounds from the server's own data, then one secure sum of every client's statistics.
+        bounds = secure_bounds(prepared, test_set, max_examples=int(secure.max_weight),
+                               device=resolve_device(cfg.train.device))
+        collection = collect_statistics_securely(transport, prepared, clients=clients, secure=secure, bounds=bounds,
+                                                 timeout=cfg.federation.round_timeout,
+                                                 name_of=prepared[0].delivery.name_of)
+        report = _secure_report(prepared, bounds, collection, clients=len(collection.used))
+    else:
+        collection = collect_statistics(transport, prepared, clients=clients, timeout=cfg.federation.round_timeout,
+                                        warming=warming, pinged=pinged, name_of=prepared[0].delivery.name_of)
     sums = collection.sums()
     scores = [score(candidate.candidate, stats, feature_dim=candidate.feature_dim, seconds=cost.seconds,
                     bytes_sent=cost.bytes_sent, bytes_received=cost.bytes_received)
               for candidate, stats, cost in zip(prepared, sums, collection.cost_by_candidate, strict=True)]
     selection = Selection(
-        name=cfg.name, scores=scores, clients=len(clients), clients_used=sorted(collection.per_client),
+        name=cfg.name, scores=scores, clients=len(clients), clients_used=collection.used,
         clients_refused=collection.refused, clients_failed=collection.failed,
         seconds=time.monotonic() - started, bytes_sent=collection.cost.bytes_sent,
-        bytes_received=collection.cost.bytes_received,
+        bytes_received=collection.cost.bytes_received, secure_aggregation=secure.enabled, secure=report,
     )
     selection.write(run_dir.path)
     log.info("selection: %s; results: %s", selection.summary(), run_dir.path)
     return selection, run_dir.path
+
+
+def _secure_report(candidates: list[PreparedCandidate], bounds: SecureBounds, collection: Collection, *,
+                   clients: int) -> dict[str, Any]:
+    """What SecAgg+ did to the sums: the public bounds, the features clipped, and how far quantisation can
+    move an entry (each client's value is rounded stochastically to a step of 2 / levels, in units of the
+    bound: the sum's error has mean zero and is at most clients x step)."""
+    levels = quantization_for(clients)
+    step = 2 / levels
+    return {
+        "quantization_levels": levels,
+        "max_examples_per_client": bounds.max_examples,
+        "candidates": {
+            candidate.label: {
+                "feature_norm_bound": norm,
+                "features_clipped": clipped,
+                "largest_error_gram_entry": clients * step * bounds.max_examples * norm**2,
+                "largest_error_class_sum": clients * step * bounds.max_examples * norm,
+            }
+            for candidate, norm, clipped in zip(candidates, bounds.norms, collection.clipped, strict=True)
+        },
+    }

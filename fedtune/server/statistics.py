@@ -14,7 +14,6 @@ the candidates implies is refused, logged naming the client and the problem, and
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,14 +26,23 @@ from torch import nn
 from fedtune import messages as keys
 from fedtune.backbones import HEAD, StagedModel, build_model, preprocessing_for
 from fedtune.candidates import Candidate
-from fedtune.config import ExperimentConfig
+from fedtune.config import SECAGG_MODULUS, ExperimentConfig, SecureAggregationConfig
 from fedtune.data import ImageDataset
 from fedtune.engine import extract_features
 from fedtune.params import state_hash
 from fedtune.protocol import ClientSettings, says_model_missing
 from fedtune.server.delivery import ModelDelivery
+from fedtune.server.secure_aggregation import SecureAggregationError, secure_train_round
 from fedtune.server.transport import Transport, payload_bytes
-from fedtune.statistics_protocol import MESSAGE_TYPE, StatisticsRequest, statistics_query
+from fedtune.statistics_protocol import (
+    MESSAGE_TYPE,
+    SECURE_PARTS,
+    SecureBounds,
+    StatisticsRequest,
+    from_secure_sums,
+    secure_layout,
+    statistics_query,
+)
 from fedtune.strategies.validation import TensorSpec, UnusableReply, decode_tensor
 from fedtune.text import concise_reason
 from fedtune.transferability import FeatureStatistics
@@ -271,9 +279,21 @@ class Collection:
     failed: dict[int, str] = field(default_factory=dict)  # client -> the error it replied, or none in time
     cost_by_candidate: list[Cost] = field(default_factory=list)
     cost: Cost = field(default_factory=Cost)
+    # Under SecAgg+: the sums alone (per_client stays empty), the clients in them, and per candidate
+    # how many of their features were clipped to its public norm bound.
+    secure_sums: list[FeatureStatistics] | None = None
+    secure_clients: list[int] = field(default_factory=list)
+    clipped: list[int] = field(default_factory=list)
+
+    @property
+    def used(self) -> list[int]:
+        """The clients whose statistics are in the sums."""
+        return sorted(self.secure_clients if self.secure_sums is not None else self.per_client)
 
     def sums(self) -> list[FeatureStatistics]:
         """Per candidate, the statistics of the pooled data of the clients used (in a fixed order)."""
+        if self.secure_sums is not None:
+            return list(self.secure_sums)
         if not self.per_client:
             raise RuntimeError("no client sent usable statistics: " + " | ".join(
                 sorted({*self.failed.values(), *self.refused.values()}) or ["no replies"]))
@@ -375,16 +395,101 @@ def collect_statistics(
     return collection
 
 
-def reference_statistics(candidate: PreparedCandidate, test_set: ImageDataset, *, device: torch.device
-                         ) -> FeatureStatistics:
-    """The candidate's statistics on the server's own held-out split, through the server's copy of its
-    model (the features its head reads), with the candidate's own preprocessing."""
+def reference_features(candidate: PreparedCandidate, test_set: ImageDataset, *, device: torch.device
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate's features (N x D, float64) and labels of the server's own held-out split, through
+    the server's copy of its model (what its head reads), with the candidate's own preprocessing."""
     cfg = candidate.cfg
     images = test_set.with_transform(preprocessing_for(cfg.model.backbone).at_size(cfg.data.image_size)
                                      .transform(augment=False))
     model = candidate.model.to(device)
-    features = extract_features(model, images, stop=model.stage_index(HEAD), batch_size=64, device=device)
-    vectors, labels = features.tensors
-    if vectors.dim() != 2 or math.prod(vectors.shape[1:]) != candidate.feature_dim:
+    vectors, labels = extract_features(model, images, stop=model.stage_index(HEAD), batch_size=64,
+                                       device=device).tensors
+    if vectors.dim() != 2 or vectors.shape[1] != candidate.feature_dim:
         raise RuntimeError(f"{candidate.label}: the head's input has shape {tuple(vectors.shape)}")
-    return FeatureStatistics.of(vectors.double().numpy(), labels.numpy(), num_classes=candidate.num_classes)
+    return vectors.double().numpy(), labels.numpy()
+
+
+def reference_statistics(candidate: PreparedCandidate, test_set: ImageDataset, *, device: torch.device
+                         ) -> FeatureStatistics:
+    """The candidate's statistics on the server's own held-out split (`reference_features`)."""
+    features, labels = reference_features(candidate, test_set, device=device)
+    return FeatureStatistics.of(features, labels, num_classes=candidate.num_classes)
+
+
+# --- under SecAgg+ -------------------------------------------------------------------------------------
+
+# The public norm bound of a candidate's features: this many times the longest feature vector of the
+# server's own held-out split. Clients clip longer ones (and the sums say how many they clipped).
+NORM_MARGIN = 2.0
+
+
+def secure_bounds(candidates: Sequence[PreparedCandidate], test_set: ImageDataset, *, max_examples: int,
+                  device: torch.device) -> SecureBounds:
+    """Public bounds for SecAgg+, from the server's own data: each candidate's norm bound, NORM_MARGIN x
+    the longest of its reference features, and the most examples a client may hold."""
+    norms = []
+    for candidate in candidates:
+        features, _ = reference_features(candidate, test_set, device=device)
+        longest = float(np.linalg.norm(features, axis=1).max(initial=0.0))
+        if longest <= 0:
+            raise RuntimeError(f"{candidate.label}: every feature of the server's held-out split is zero")
+        norms.append(NORM_MARGIN * longest)
+    return SecureBounds(tuple(norms), max_examples)
+
+
+def quantization_for(clients: int) -> int:
+    """SecAgg+'s quantisation levels for the statistics: the most the modular sum of `clients` values
+    leaves room for, within the int32 Flower quantises to (flwr/common/secure_aggregation/quantization.py)."""
+    return min(2**31 - 1, (SECAGG_MODULUS - 1) // clients)
+
+
+def collect_statistics_securely(
+    transport: Transport,
+    candidates: Sequence[PreparedCandidate],
+    *,
+    clients: list[int],
+    secure: SecureAggregationConfig,
+    bounds: SecureBounds,
+    timeout: float,
+    name_of: Callable[[int], str] = lambda node: f"client {node}",
+) -> Collection:
+    """The sums of every client's statistics of every candidate, through SecAgg+: the server sees no
+    client's own. Each client sends its statistics scaled into [-1, 1] by `bounds`
+    (fedtune/statistics_protocol.py, secure_vectors) as the masked update of one secure round with
+    weight 1 (fedtune/server/secure_aggregation.py); the mean that round returns, times the clients in
+    it, is the sum. Quantisation adds an error of at most clients x 2 / quantization levels per entry
+    (scaled), mean zero."""
+    collection = Collection(list(candidates), cost_by_candidate=[Cost() for _ in candidates])
+    _deliver(transport, candidates, clients, collection, warming=None, pinged=[])
+    started, traffic = time.monotonic(), transport.start_count()
+    layout = {f"{index}.{name}": shape for index, candidate in enumerate(candidates)
+              for name, shape in secure_layout(candidate.feature_dim, candidate.num_classes).items()}
+    zeros = ArrayRecord({name: Array(np.zeros(shape)) for name, shape in layout.items()})
+    query = statistics_query([candidate.request for candidate in candidates], secure=bounds)
+    settings = secure.model_copy(update={"clipping_range": 1.0, "max_weight": 1.0,
+                                         "quantization_range": quantization_for(len(clients))})
+    try:
+        mean, _, report = secure_train_round(transport, server_round=1, node_ids=clients, arrays=zeros,
+                                             config=query.config_records[keys.CONFIG], settings=settings,
+                                             timeout=timeout, name_of=name_of)
+    except SecureAggregationError as error:
+        raise RuntimeError(f"secure aggregation of the statistics halted: {error}") from None
+    count = len(report.completed)
+    sums, clipped = [], []
+    for index, candidate in enumerate(candidates):
+        parts = {name: mean[f"{index}.{name}"].numpy() * count for name in SECURE_PARTS}
+        stats, clipped_here = from_secure_sums(parts, dims=candidate.feature_dim, norm=bounds.norms[index],
+                                               max_examples=bounds.max_examples)
+        sums.append(stats)
+        clipped.append(clipped_here)
+    collection.secure_sums, collection.secure_clients, collection.clipped = sums, report.completed, clipped
+    collection.failed = {node: report.reasons.get(node, f"dropped out at '{stage}'")
+                         for node, stage in report.dropped.items()}
+    seconds = time.monotonic() - started
+    for cost in collection.cost_by_candidate:  # one masked vector holds every candidate: shared evenly
+        cost.add(seconds / len(candidates), traffic.sent // len(candidates), traffic.received // len(candidates))
+    collection.cost.add(seconds, traffic.sent, traffic.received)
+    log.info("statistics of %d candidates summed securely over %d of %d clients", len(candidates), count,
+             len(clients))
+    return collection
