@@ -36,6 +36,8 @@ from fedtune.server.statistics import StatisticsShape, parse_statistics_reply
 from fedtune.statistics_protocol import (
     MESSAGE_TYPE,
     StatisticsRequest,
+    from_secure_sums,
+    secure_vectors,
     statistics_query,
     statistics_record,
     statistics_reply,
@@ -412,6 +414,14 @@ HOSTILE_QUERIES: list[tuple[str, dict[str, object], str, str]] = [
     ("settings of another version", {keys.STATISTICS_SETTINGS: [json.dumps(settings() | {"version": 99})]},
      keys.STATISTICS_SETTINGS, "different fedtune releases"),
     ("an unknown key", {"fedtune.other": 1}, keys.CONFIG, "unknown key 'fedtune.other'"),
+    ("secure bounds in a plain query", {keys.STATISTICS_NORMS: [1.0], keys.STATISTICS_MAX_EXAMPLES: 100},
+     keys.STATISTICS_NORMS, "would go to the server unmasked"),
+    ("secure bounds of the wrong count", {keys.STATISTICS_NORMS: [1.0, 2.0], keys.STATISTICS_MAX_EXAMPLES: 100},
+     keys.STATISTICS_NORMS, "must be 1 numbers"),
+    ("an infinite norm bound", {keys.STATISTICS_NORMS: [float("inf")], keys.STATISTICS_MAX_EXAMPLES: 100},
+     keys.STATISTICS_NORMS, "must be 1 numbers"),
+    ("a bool for the examples", {keys.STATISTICS_NORMS: [1.0], keys.STATISTICS_MAX_EXAMPLES: True},
+     keys.STATISTICS_MAX_EXAMPLES, "must be an integer"),
 ]
 
 
@@ -439,3 +449,68 @@ def test_a_request_round_trips_through_the_query(holding: Node) -> None:
     request = StatisticsRequest(ClientSettings.model_validate(settings()), global_model().model_hash, _below_head())
     message = Message(statistics_query([request]), dst_node_id=1, message_type=MESSAGE_TYPE)
     assert not holding.send(message).has_error()
+
+
+# --- under SecAgg+ ------------------------------------------------------------------------------------
+
+
+def test_secure_sums_of_quantised_statistics_are_the_plain_sums_within_the_stated_bound() -> None:
+    # Flower's own quantisation, as SecAgg+ applies it (the masks cancel exactly in the modular sum).
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from fedtune.server.statistics import quantization_for
+
+    rng = np.random.default_rng(1)
+    clients, dims, classes, most = 3, 40, 4, 200
+    parts = [(np.abs(rng.normal(size=(n, dims))) * 3, rng.integers(0, classes, n)) for n in (50, 120, 7)]
+    norm = 2.0 * max(float(np.linalg.norm(f, axis=1).max()) for f, _ in parts)
+    levels = quantization_for(clients)
+    summed: dict[str, np.ndarray] = {}
+    for features, labels in parts:
+        vectors = secure_vectors(features, labels, num_classes=classes, norm=norm, max_examples=most)
+        for name, value in vectors.items():
+            quantised = quantize([value], 1.0, levels)[0].astype(np.int64)
+            summed[name] = summed.get(name, 0) + quantised
+    # What SecAgg+'s unmasking computes: dequantise the sum, shifted back by the clients' offsets.
+    sums = {name: dequantize([value], 1.0, levels)[0] - (clients - 1) for name, value in summed.items()}
+    secure, clipped = from_secure_sums(sums, dims=dims, norm=norm, max_examples=most)
+    plain = FeatureStatistics.of(np.vstack([f for f, _ in parts]), np.concatenate([y for _, y in parts]),
+                                 num_classes=classes)
+    assert clipped == 0
+    np.testing.assert_array_equal(secure.class_counts, plain.class_counts)
+    bound = clients * 2 / levels * most * norm**2
+    assert np.abs(secure.gram - plain.gram).max() <= bound
+    assert secure.gram.max() > 1e4 * bound  # the bound is small beside the entries
+    assert logme(secure) == pytest.approx(logme(plain), abs=1e-4)
+
+
+def test_a_client_refuses_more_examples_than_the_sums_are_scaled_for() -> None:
+    from fedtune.protocol import RefusedMessage
+
+    with pytest.raises(RefusedMessage, match="holds 11 examples, more than the 10"):
+        secure_vectors(np.ones((11, 3)), np.zeros(11, dtype=int), num_classes=2, norm=5.0, max_examples=10)
+
+
+def test_longer_features_are_clipped_to_the_bound_and_counted() -> None:
+    features = np.array([[3.0, 4.0], [0.3, 0.4]])
+    vectors = secure_vectors(features, np.array([0, 1]), num_classes=2, norm=1.0, max_examples=10)
+    assert vectors["clipped"][0] * 10 == 1
+    assert vectors["gram-triangle"][0] * 10 == pytest.approx(0.6**2 + 0.3**2)
+
+
+def test_select_under_secure_aggregation_scores_the_sums_alone(tmp_path: Path) -> None:
+    from fedtune.simulation import select
+
+    overrides = [*SMALL, f"output.dir={tmp_path / 'runs'}", "privacy.secure_aggregation.enabled=true"]
+    cfg = load_config(QUICKSTART, overrides)
+    candidate = Candidate.parse("efficientnet_lite0@blocks_5")
+
+    selection, folder = select(cfg, [candidate])
+
+    assert selection.secure_aggregation and len(selection.clients_used) == 3 and not selection.clients_refused
+    pooled = _pooled_here(candidate.configure(cfg), [0, 1, 2])
+    assert selection.scores[0].examples == pooled.count
+    assert selection.scores[0].logme == pytest.approx(logme(pooled), abs=1e-3)
+    report = json.loads((folder / SELECTION_JSON).read_text())["secure"]
+    assert report["candidates"][candidate.label]["features_clipped"] == 0
+    assert report["quantization_levels"] == (2**32 - 1) // 3
