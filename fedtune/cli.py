@@ -14,6 +14,7 @@ from fedtune.atomic import write_text_atomically
 from fedtune.logs import Verbosity, setup_logging
 
 if TYPE_CHECKING:
+    from fedtune.candidates import Candidate
     from fedtune.config import ExperimentConfig
 
 # Every fedtune import that pulls in torch, Flower or the server sits inside the command that needs
@@ -136,6 +137,30 @@ def simulate(
     # No closing "results:" line: the table's last column and the run's log line name each run's folder.
 
 
+def _candidates(values: list[str], cfg: ExperimentConfig, *, option: str = "--candidates") -> list[Candidate]:
+    """The candidates asked for, each checked against the experiment before anything starts (a cut that is
+    no block, a missing weights file, training settings its model cannot follow)."""
+    from fedtune.candidates import parse_candidates
+    from fedtune.config import ConfigError
+    from fedtune.server.preflight import PreflightError, preflight_model
+
+    try:
+        # `--candidates a b c` reaches typer as one option then arguments it does not expect; the
+        # option is repeatable, and each value may hold several candidates separated by spaces.
+        parsed = parse_candidates([item for value in values for item in value.split()])
+    except ValueError as error:
+        _fail(f"{option}: {error}")
+        raise  # unreachable: _fail exits
+    for candidate in parsed:
+        if "'" in candidate.label:  # it travels in a quoted TOML string of the run config on real nodes
+            _fail(f"{option}: {candidate.label}: a quote (') in a candidate is not supported")
+        try:
+            preflight_model(candidate.configure(cfg))
+        except (ConfigError, PreflightError) as error:
+            _fail(f"{option}: {candidate.label}: {error}")
+    return parsed
+
+
 @cli.command()
 def select(
     config: ConfigArg,
@@ -168,26 +193,13 @@ def select(
     folder under output.dir, prints the ranking and the seconds and bytes spent. The chosen
     candidate's features stay in the clients' caches for the run that follows.
     """
-    from fedtune.candidates import DEFAULT_CANDIDATES, parse_candidates
+    from fedtune.candidates import DEFAULT_CANDIDATES
     from fedtune.config import ConfigError
 
-    try:
-        # `--candidates a b c` reaches typer as one option then arguments it does not expect; the
-        # option is repeatable, and each value may hold several candidates separated by spaces.
-        ranked = parse_candidates([item for value in (candidates or DEFAULT_CANDIDATES) for item in value.split()])
-    except ValueError as error:
-        _fail(f"--candidates: {error}")
-        return
     cfg = _prepare(config, set_, simulation=True)
+    ranked = _candidates(candidates or list(DEFAULT_CANDIDATES), cfg)
     if write is not None and write.exists() and not force:
         _fail(f"--write: {write} exists; pass --force to replace it")
-    from fedtune.server.preflight import PreflightError, preflight_model
-
-    for candidate in ranked:  # before Ray starts: a cut that is no block, a missing weights file
-        try:
-            preflight_model(candidate.configure(cfg))
-        except (ConfigError, PreflightError) as error:
-            _fail(f"--candidates: {candidate.label}: {error}")
     from fedtune.selection import chosen_config_text, print_table, write_chosen_config
     from fedtune.simulation import select as run
 
@@ -295,17 +307,26 @@ def server(
         typer.Option(help="Only SuperNodes with these public keys may join: a file, one key per line, or a folder "
                           "of *.pub files (fedtune keygen)."),
     ] = None,
+    select: Annotated[
+        list[str] | None,
+        typer.Option("--select", help="Instead of training, rank these candidate backbones on the connected "
+                                      "clients, as `fedtune select --candidates` does in a simulation "
+                                      "(BACKBONE[@CUT][:WEIGHTS], several separated by spaces or the option "
+                                      "repeated); the selection's folder is written under output.dir here.",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Run the server node: start Flower's SuperLink, run CONFIG on the clients that connect, then stop.
 
     Exits with the code of that run: 0 when it completed, 1 when it failed or was stopped.
     """
-    _prepare(config, set_, simulation=False)  # a bad experiment fails here, before anything starts
+    cfg = _prepare(config, set_, simulation=False)  # a bad experiment fails here, before anything starts
+    candidates = _candidates(select, cfg, option="--select") if select else None
     from fedtune.nodes import NodeError, serve
 
     try:
         code = serve(config, set_ or [], host=host, port=port, certs=certs, insecure=insecure, state_dir=state_dir,
-                     authorized_keys=authorized_keys)
+                     authorized_keys=authorized_keys, select=[c.label for c in candidates] if candidates else None)
     except NodeError as error:
         _fail(str(error))
         return

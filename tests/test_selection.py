@@ -514,3 +514,34 @@ def test_select_under_secure_aggregation_scores_the_sums_alone(tmp_path: Path) -
     report = json.loads((folder / SELECTION_JSON).read_text())["secure"]
     assert report["candidates"][candidate.label]["features_clipped"] == 0
     assert report["quantization_levels"] == (2**32 - 1) // 3
+
+
+# --- on real nodes --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_server_select_ranks_on_real_nodes_over_tls(tmp_path: Path) -> None:
+    from real_nodes import FEDTUNE, LoopbackFederation, make_certs, sets, wait_until_listening
+
+    nodes = LoopbackFederation(tmp_path, make_certs(tmp_path / "certs"), num_clients=2)
+    runs = tmp_path / "runs"
+    try:
+        for partition in range(2):
+            nodes.start_client(partition)
+        server = nodes._start(
+            [*FEDTUNE, "server", str(QUICKSTART), "--host", "127.0.0.1", "--port", str(nodes.port), "--certs",
+             str(nodes.certs), "--state-dir", str(tmp_path / "state"), "--authorized-keys", str(nodes.authorized),
+             "--select", "efficientnet_lite0@blocks_3 efficientnet_lite0@blocks_5:none",
+             *sets("federation.num_clients=2", "data.image_size=32", "train.unfreeze=[]", f"output.dir={runs}")],
+            "server.log")
+        wait_until_listening(nodes.port, server)
+        assert nodes.wait(server, 900) == 0, nodes.log("server.log")[-3000:]
+    finally:
+        nodes.stop()
+    (folder,) = runs.glob("quickstart-select-*")
+    selection = json.loads((folder / SELECTION_JSON).read_text())
+    assert len(selection["clients_used"]) == 2 and not selection["clients_refused"]
+    assert {s["candidate"] for s in selection["scores"]} == {"efficientnet_lite0@blocks_3",
+                                                             "efficientnet_lite0@blocks_5:none"}
+    for partition in range(2):  # each node cached both models on its own disk
+        assert len(list((nodes.cache(partition) / "models").glob("*.safetensors"))) == 2

@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
-from fedtune.candidates import Candidate
+from fedtune.candidates import Candidate, parse_candidates
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.logs import setup_logging
 from fedtune.selection import Selection
@@ -73,6 +73,10 @@ def server_app(app_root: Path) -> ServerApp:
                         "`flwr run`, set RAY_ADDRESS in the environment the local SuperLink starts from "
                         "(deploy/README.md)")
         check_simulated_node_count(grid, cfg)
+        select = str(context.run_config.get("select", "")).split()
+        if select:  # `fedtune server --select`: rank these candidates instead of training
+            run_selection(grid, cfg, parse_candidates(select))
+            return
         run_federation(grid, cfg)  # which sends everything through its transport (fedtune/server/transport.py)
 
     return app
