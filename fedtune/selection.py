@@ -75,6 +75,11 @@ class Selection:
     secure_aggregation: bool = False
     # Under SecAgg+: how the sums were made public-range integers, and how far they may be off.
     secure: dict[str, Any] = field(default_factory=dict)
+    # Of `seconds`: the server's scoring of the sums.
+    scoring_seconds: float = 0.0
+    # Before `seconds`, in a simulation: the workers starting and every model put in their machine's
+    # shared cache (a run's round 1 does not count its warm-up either).
+    warm_up_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self.scores.sort(key=lambda s: -s.logme)
@@ -130,10 +135,12 @@ class Selection:
     def summary(self) -> str:
         """The closing line: who was used, and the seconds and bytes spent."""
         left_out = len(self.clients_refused) + len(self.clients_failed)
+        warm = f" (after {self.warm_up_seconds:.1f} s warming the simulation's workers up)" \
+            if self.warm_up_seconds else ""
         return (f"chosen: {self.chosen.candidate} (LogME {self.chosen.logme:.4f}); statistics from "
                 f"{len(self.clients_used)} of {self.clients} clients ({len(self.clients_refused)} refused, "
                 f"{len(self.clients_failed)} failed{', left out' if left_out else ''}); spent "
-                f"{self.seconds:.1f} s, sent {format_bytes(self.bytes_sent)}, received "
+                f"{self.seconds:.1f} s{warm}, sent {format_bytes(self.bytes_sent)}, received "
                 f"{format_bytes(self.bytes_received)}")
 
 

@@ -26,6 +26,11 @@ shares remove its masks. A client learns the round's train config, and so whethe
 its privacy budget, only at the 'collect masked vectors' stage: Flower's setup stage carries the
 protocol's settings alone (flwr/server/workflow/secure_aggregation/secaggplus_workflow.py:364),
 so that is where it refuses.
+
+`fedtune select` under SecAgg+ rides the same legacy exchange: its train config is a statistics
+query (fedtune/statistics_protocol.py), and the "update" is the client's feature statistics scaled
+into [-1, 1] by the query's public bounds (fedtune/client/statistics.py, secure_statistics), with
+weight 1, so that the server learns only their sum.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ in the form fedtune/statistics_protocol.py gives them. Candidates that share a m
 the same backbone cut earlier) are computed in one forward pass. The features a candidate's head
 reads (the output of the stage below its head) go into the node's feature cache under the key
 head-only fine-tuning uses (fedtune/client/task.py, model_inputs), so the candidate chosen starts
-its first round with its training features already computed.
+its first round with its training features already computed. Under SecAgg+ the same features are
+scaled into a public range and masked instead (`secure_statistics`, called from
+fedtune/client/secure_aggregation.py).
 """
 
 from __future__ import annotations

@@ -307,18 +307,30 @@ class Collection:
         return totals
 
 
-def _deliver(transport: Transport, candidates: Sequence[PreparedCandidate], clients: list[int], collection: Collection,
-             *, warming: list[int] | None, pinged: list[str]) -> None:
-    """Each distinct model to every client that lacks it; its cost split between the candidates that use it."""
+def _users(candidates: Sequence[PreparedCandidate]) -> list[list[int]]:
+    """The candidates' indices grouped by the model (delivery) they compute with."""
     users: dict[int, list[int]] = {}
     for index, candidate in enumerate(candidates):
         users.setdefault(id(candidate.delivery), []).append(index)
-    for indices in users.values():
+    return list(users.values())
+
+
+def warm_up(transport: Transport, candidates: Sequence[PreparedCandidate], workers: list[int], *,
+            pinged: Sequence[str]) -> None:
+    """In a simulation, before the selection starts: the workers have answered their warm-up query
+    (`pinged`: ModelDelivery.ping), and their machine's shared cache holds every candidate's model
+    (ModelDelivery.warm_up), as a run's does before its round 1. The bytes real nodes would receive
+    are counted when the clients are sent their first message (ModelDelivery.ensure_models)."""
+    for number, indices in enumerate(_users(candidates)):
+        candidates[indices[0]].delivery.warm_up(transport, workers, pinged=list(pinged) if number == 0 else [])
+
+
+def _deliver(transport: Transport, candidates: Sequence[PreparedCandidate], clients: list[int],
+             collection: Collection) -> None:
+    """Each distinct model to every client that lacks it; its cost split between the candidates that use it."""
+    for indices in _users(candidates):
         delivery = candidates[indices[0]].delivery
         started, traffic = time.monotonic(), transport.start_count()
-        if warming is not None:  # a simulation: the virtual clients' machine caches it once
-            delivery.warm_up(transport, warming, pinged=pinged)
-            pinged = []
         delivery.ensure_models(transport, clients)
         seconds = time.monotonic() - started
         for index in indices:
@@ -333,17 +345,12 @@ def collect_statistics(
     *,
     clients: list[int],
     timeout: float,
-    warming: list[int] | None = None,
-    pinged: Sequence[str] = (),
     name_of: Callable[[int], str] = lambda node: f"client {node}",
 ) -> Collection:
     """Every client's statistics of every candidate, parsed; their cost in seconds and bytes.
-
-    `warming`: in a simulation, the clients whose workers seed their machine's shared cache with each
-    model (ModelDelivery.warm_up), `pinged` the warm-up queries already sent to them.
-    """
+    (In a simulation, `warm_up` first.)"""
     collection = Collection(list(candidates), cost_by_candidate=[Cost() for _ in candidates])
-    _deliver(transport, candidates, clients, collection, warming=warming, pinged=list(pinged))
+    _deliver(transport, candidates, clients, collection)
     started, traffic = time.monotonic(), transport.start_count()
     query = statistics_query([candidate.request for candidate in candidates])
     replies = transport.send_and_receive(
@@ -461,7 +468,7 @@ def collect_statistics_securely(
     it, is the sum. Quantisation adds an error of at most clients x 2 / quantization levels per entry
     (scaled), mean zero."""
     collection = Collection(list(candidates), cost_by_candidate=[Cost() for _ in candidates])
-    _deliver(transport, candidates, clients, collection, warming=None, pinged=[])
+    _deliver(transport, candidates, clients, collection)
     started, traffic = time.monotonic(), transport.start_count()
     layout = {f"{index}.{name}": shape for index, candidate in enumerate(candidates)
               for name, shape in secure_layout(candidate.feature_dim, candidate.num_classes).items()}
