@@ -390,6 +390,23 @@ def test_a_node_answers_a_statistics_query_with_what_the_server_accepts(holding:
     np.testing.assert_allclose(parsed.statistics[0].gram, expected.gram, rtol=1e-9, atol=1e-9 * expected.gram.max())
 
 
+def test_two_models_decode_the_images_once_and_each_gets_its_own_features(holding: Node) -> None:
+    other = global_model(seed=1)
+    assert not holding.send(query(other, with_backbone=True)).has_error()
+    models = [global_model().model_hash, other.model_hash]
+    reply = holding.send(_query(requests=2, **{keys.STATISTICS_MODELS: models}))
+    assert not reply.has_error(), reply.error.reason
+    shape = StatisticsShape(BACKBONE, global_model().model.stages[HEAD][-1].in_features, NUM_CLASSES)
+    parsed = parse_statistics_reply(reply.content, [shape, shape])
+    node = NodeIdentity(partition_id=0, num_partitions=10, cache_root=holding.cache, simulated=False)
+    data = local_data(ClientSettings.model_validate(settings()), node)
+    for model, stats in zip((global_model(), other), parsed.statistics, strict=True):
+        features, labels = extract_features(model.model, data.train, stop=model.model.stage_index(HEAD),
+                                            batch_size=64, device=torch.device("cpu")).tensors
+        expected = FeatureStatistics.of(features.double().numpy(), labels.numpy(), num_classes=NUM_CLASSES)
+        np.testing.assert_allclose(stats.gram, expected.gram, rtol=1e-9, atol=1e-9 * expected.gram.max())
+
+
 def test_a_query_of_two_stages_of_one_model_runs_one_pass(holding: Node) -> None:
     stages = [name for name in global_model().model.stages if name.startswith("features")]
     reply = holding.send(_query(requests=2, **{keys.STATISTICS_STAGES: [stages[3], _below_head()]}))

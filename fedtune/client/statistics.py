@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from flwr.app import Context, Message
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from fedtune import messages as keys
 from fedtune.backbones import HEAD, StagedModel
 from fedtune.client.cache import FeatureCache
 from fedtune.client.resident import ResidentModels
 from fedtune.client.task import FEATURE_BATCH, NodeIdentity, feature_key, local_data, restored_model
+from fedtune.data import ImageDataset
 from fedtune.engine import resolve_device
 from fedtune.protocol import RefusedMessage, excerpt
 from fedtune.statistics_protocol import (
@@ -84,6 +85,7 @@ def _features(query: StatisticsQuery, context: Context) -> list[tuple[Tensor, Te
     node = NodeIdentity.from_node_config(dict(context.node_config)).playing(query.virtual,
                                                                             requests[0].settings.num_clients)
     found: dict[int, tuple[Tensor, Tensor, float]] = {}
+    decoded = _DecodedOnce()
     for model_hash, indices in _by_model(requests).items():
         started = time.perf_counter()
         settings = requests[indices[0]].settings
@@ -93,13 +95,64 @@ def _features(query: StatisticsQuery, context: Context) -> list[tuple[Tensor, Te
                             resident=STATISTICS_MODELS) as model:
             stops = [_stop_after(model, requests[index].stage, backbone=settings.model.backbone) for index in indices]
             data = local_data(settings, node)
-            outputs = _stage_outputs(model, data.train, stops, device=device, cache=node.feature_cache(),
+            outputs = _stage_outputs(model, decoded.images(data.train), stops, device=device,
+                                     cache=node.feature_cache(),
                                      key=lambda stop: feature_key(model_hash, stop, data.train_identity),
                                      in_use=[models.path(model_hash)])
         shared = (time.perf_counter() - started) / len(indices)  # one pass, split evenly between its candidates
         for index, stop in zip(indices, stops, strict=True):
             found[index] = (*outputs[stop], shared)
     return [found[index] for index in range(len(requests))]
+
+
+# Decoded training images a statistics query keeps in memory for its candidates (each with its own
+# preprocessing); a client with more streams them from its store for each candidate instead.
+DECODED_BUDGET_BYTES = 512 * 1024**2
+
+
+class _DecodedOnce:
+    """A client's training images decoded once per query, then handed to each candidate's preprocessing:
+    a JPEG decode costs as much as a small backbone's forward pass. The pixels, and so the features
+    (and their cache entries), are those of the client's own data set."""
+
+    def __init__(self, budget: int = DECODED_BUDGET_BYTES) -> None:
+        self.budget = budget
+        self._key: tuple[str, tuple[int, ...]] | None = None
+        self._items: list[tuple[Tensor, int]] | None = None
+
+    def images(self, train: Dataset) -> Dataset:
+        if not (isinstance(train, Subset) and isinstance(train.dataset, ImageDataset)):
+            return train
+        key = (train.dataset.identity, tuple(int(i) for i in train.indices))
+        if key != self._key:
+            self._key, self._items = key, self._decode(train.dataset.with_transform(None), key[1])
+        if self._items is None:  # past the budget: streamed
+            return train
+        return _Transformed(self._items, train.dataset.transform)
+
+    def _decode(self, plain: ImageDataset, indices: tuple[int, ...]) -> list[tuple[Tensor, int]] | None:
+        items, size = [], 0
+        for index in indices:
+            image, label = plain[index]
+            size += image.numel() * image.element_size()
+            if size > self.budget:
+                return None
+            items.append((image, label))
+        return items
+
+
+class _Transformed(Dataset):
+    """Decoded (image, label) pairs through a transform."""
+
+    def __init__(self, items: list[tuple[Tensor, int]], transform: Callable[[Tensor], Tensor] | None) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.items[index]
+        return (self.transform(image) if self.transform is not None else image), label
 
 
 def _by_model(requests: Iterable[StatisticsRequest]) -> dict[str, list[int]]:
