@@ -48,14 +48,18 @@ class CandidateScore:
     seconds: float
     bytes_sent: int
     bytes_received: int
+    # Of `seconds`' work: the clients' own compute for this candidate, summed over clients as they
+    # reported it (a forward pass shared by candidates of one model is split evenly); 0 under SecAgg+.
+    client_seconds: float = 0.0
 
 
 def score(candidate: Candidate, stats: FeatureStatistics, *, feature_dim: int, seconds: float, bytes_sent: int,
-          bytes_received: int) -> CandidateScore:
+          bytes_received: int, client_seconds: float = 0.0) -> CandidateScore:
     return CandidateScore(
         candidate=candidate.label, backbone=candidate.backbone, weights=candidate.weights, cut=candidate.cut,
         feature_dim=feature_dim, examples=stats.count, logme=logme(stats), h_score=h_score(stats),
         shrunk_h_score=shrunk_h_score(stats), seconds=seconds, bytes_sent=bytes_sent, bytes_received=bytes_received,
+        client_seconds=client_seconds,
     )
 
 

@@ -113,7 +113,8 @@ def _select(transport: Transport, cfg: ExperimentConfig, prepared: list[Prepared
     sums = collection.sums()
     scoring = time.monotonic()
     scores = [score(candidate.candidate, stats, feature_dim=candidate.feature_dim, seconds=cost.seconds,
-                    bytes_sent=cost.bytes_sent, bytes_received=cost.bytes_received)
+                    bytes_sent=cost.bytes_sent, bytes_received=cost.bytes_received,
+                    client_seconds=cost.client_seconds)
               for candidate, stats, cost in zip(prepared, sums, collection.cost_by_candidate, strict=True)]
     return Selection(
         name=cfg.name, scores=scores, clients=len(clients), clients_used=collection.used,

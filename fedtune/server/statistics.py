@@ -262,6 +262,7 @@ class Cost:
     seconds: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    client_seconds: float = 0.0  # the clients' own compute, as they reported it (summed over clients)
 
     def add(self, seconds: float, sent: int, received: int) -> None:
         self.seconds += seconds
@@ -396,6 +397,7 @@ def collect_statistics(
     for index, cost in enumerate(collection.cost_by_candidate):
         share = compute_by_candidate[index] / total_compute if sum(compute_by_candidate) else 1 / len(candidates)
         cost.add(seconds * share, traffic.sent // len(candidates), received_by_candidate[index])
+        cost.client_seconds += compute_by_candidate[index]
     collection.cost.add(seconds, traffic.sent, traffic.received)
     log.info("statistics of %d candidates from %d of %d clients (%d refused, %d failed)", len(candidates),
              len(collection.per_client), len(clients), len(collection.refused), len(collection.failed))
