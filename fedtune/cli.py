@@ -167,7 +167,8 @@ def select(
     set_: SetOpt = None,
     candidates: Annotated[
         list[str] | None,
-        typer.Option("--candidates", help="Backbones to rank, as BACKBONE[@CUT][:WEIGHTS]: efficientnet_lite0 "
+        typer.Option("--candidates", help="Backbones to rank, each BACKBONE, BACKBONE@CUT, BACKBONE:WEIGHTS or "
+                                          "BACKBONE@CUT:WEIGHTS: efficientnet_lite0 "
                                           "(ImageNet weights), efficientnet_lite0:none (random init), "
                                           "efficientnet_lite0@blocks_5 (cut after blocks_5), resnet18:FILE (a "
                                           "weights file). Give several after one --candidates, or repeat it. 'all': "
@@ -311,8 +312,9 @@ def server(
         list[str] | None,
         typer.Option("--select", help="Instead of training, rank these candidate backbones on the connected "
                                       "clients, as `fedtune select --candidates` does in a simulation "
-                                      "(BACKBONE[@CUT][:WEIGHTS], several separated by spaces or the option "
-                                      "repeated); the selection's folder is written under output.dir here.",
+                                      "(BACKBONE, BACKBONE@CUT, BACKBONE:WEIGHTS or BACKBONE@CUT:WEIGHTS, "
+                                      "several separated by spaces or the option repeated); the selection's "
+                                      "folder is written under output.dir here.",
                      show_default=False),
     ] = None,
 ) -> None:
