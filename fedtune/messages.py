@@ -61,3 +61,4 @@ STATISTICS_SECONDS = "seconds."  # + the candidate's index: reply metric, the cl
 # each client's statistics integers in a public range before they are masked.
 STATISTICS_NORMS = "fedtune.statistics.norms"  # list: each candidate's feature norm bound (longer ones are clipped)
 STATISTICS_MAX_EXAMPLES = "fedtune.statistics.max-examples"  # a client with more examples refuses
+STATISTICS_LEVELS = "fedtune.statistics.levels"  # SecAgg+'s quantisation levels (a power of two), to split values by

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -86,7 +87,8 @@ class Selection:
     warm_up_seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        self.scores.sort(key=lambda s: -s.logme)
+        # Best LogME first; a score that is not a number (degenerate statistics) last.
+        self.scores.sort(key=lambda s: (math.isnan(s.logme), 0.0 if math.isnan(s.logme) else -s.logme))
 
     @property
     def chosen(self) -> CandidateScore:

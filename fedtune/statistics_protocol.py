@@ -40,8 +40,10 @@ from fedtune.transferability import FeatureStatistics
 QUERY_KEYS = frozenset({keys.STATISTICS_SETTINGS, keys.STATISTICS_MODELS, keys.STATISTICS_STAGES,
                         keys.VIRTUAL_PARTITION, keys.VIRTUAL_CLIENTS,
                         # under SecAgg+: the public bounds, and the round Flower's legacy layout numbers
-                        keys.STATISTICS_NORMS, keys.STATISTICS_MAX_EXAMPLES, keys.SERVER_ROUND})
+                        keys.STATISTICS_NORMS, keys.STATISTICS_MAX_EXAMPLES, keys.STATISTICS_LEVELS,
+                        keys.SERVER_ROUND})
 MAX_EXAMPLES = 2**31  # of one client
+MAX_LEVELS = 2**30  # SecAgg+'s quantisation levels: Flower quantises to int32
 _MAX_NORM = 1e12  # a feature norm bound beyond any real feature's
 MESSAGE_TYPE = f"query.{keys.STATISTICS}"
 # Eigenvalues of F F^T below this share of the largest are zero (rounding): their rows of the factor are left out.
@@ -59,10 +61,12 @@ class StatisticsRequest:
 
 @dataclass(frozen=True)
 class SecureBounds:
-    """Under SecAgg+: each candidate's public feature norm bound, and the most examples a client may hold."""
+    """Under SecAgg+: each candidate's public feature norm bound, the most examples a client may hold,
+    and SecAgg+'s quantisation levels (a power of two: `two_digits`)."""
 
     norms: tuple[float, ...]
     max_examples: int
+    levels: int
 
 
 @dataclass(frozen=True)
@@ -82,11 +86,12 @@ def statistics_query(requests: Sequence[StatisticsRequest], *, secure: SecureBou
     if secure is not None:
         config[keys.STATISTICS_NORMS] = [float(norm) for norm in secure.norms]
         config[keys.STATISTICS_MAX_EXAMPLES] = secure.max_examples
+        config[keys.STATISTICS_LEVELS] = secure.levels
     return RecordDict({keys.CONFIG: config})
 
 
 def _secure_bounds(config: ConfigRecord, candidates: int) -> SecureBounds | None:
-    if keys.STATISTICS_NORMS not in config and keys.STATISTICS_MAX_EXAMPLES not in config:
+    if not {keys.STATISTICS_NORMS, keys.STATISTICS_MAX_EXAMPLES, keys.STATISTICS_LEVELS} & set(config):
         return None
     value = config.get(keys.STATISTICS_NORMS)
     norms = [n for n in value if type(n) is float and math.isfinite(n) and 0 < n <= _MAX_NORM] \
@@ -98,7 +103,11 @@ def _secure_bounds(config: ConfigRecord, candidates: int) -> SecureBounds | None
     if type(most) is not int or not 1 <= most <= MAX_EXAMPLES:
         raise RefusedMessage(keys.STATISTICS_MAX_EXAMPLES, f"must be an integer in [1, {MAX_EXAMPLES}], got "
                                                            f"{excerpt(most)}")
-    return SecureBounds(tuple(norms), most)
+    levels = config.get(keys.STATISTICS_LEVELS)
+    if type(levels) is not int or not 2 <= levels <= MAX_LEVELS or levels & (levels - 1):
+        raise RefusedMessage(keys.STATISTICS_LEVELS, f"must be a power of two in [2, {MAX_LEVELS}], got "
+                                                     f"{excerpt(levels)}")
+    return SecureBounds(tuple(norms), most, levels)
 
 
 def _string_list(config: ConfigRecord, key: str) -> list[str]:
@@ -193,18 +202,40 @@ def statistics_reply(records: Sequence[ArrayRecord], *, num_examples: int, secon
 
 # --- under SecAgg+ ---------------------------------------------------------------------------------
 # SecAgg+ sums integers: each client's statistics are scaled into [-1, 1] by public bounds, then
-# Flower quantises them (stochastic rounding to 2 / quantization_range steps) and masks them. With
-# every feature vector clipped to the candidate's norm bound R and at most M examples per client,
+# Flower quantises them (stochastic rounding to steps of 2 / levels) and masks them. With every
+# feature vector clipped to the candidate's norm bound R and at most M examples per client,
 # |F^T F| <= M R^2 entrywise, |class sums| <= M R, counts <= M: dividing by these puts every entry
-# in [-1, 1]. The Gram matrix travels as its upper triangle (it is symmetric).
+# in [-1, 1]. The Gram matrix travels as its upper triangle (it is symmetric). Each scaled value
+# travels as two digits (`two_digits`), so that the sum is exact to about clients x 4 / levels^2.
 
 SECURE_PARTS = ("gram-triangle", "class-sums", "class-counts", "clipped")
+DIGITS = ("hi", "lo")
 
 
 def secure_layout(dims: int, classes: int) -> dict[str, tuple[int, ...]]:
-    """The arrays one candidate's statistics travel as under SecAgg+, and their shapes."""
-    return {"gram-triangle": (dims * (dims + 1) // 2,), "class-sums": (classes, dims), "class-counts": (classes,),
-            "clipped": (1,)}
+    """The arrays one candidate's statistics travel as under SecAgg+ (`<part>.<digit>`), and their shapes."""
+    shapes = {"gram-triangle": (dims * (dims + 1) // 2,), "class-sums": (classes, dims), "class-counts": (classes,),
+              "clipped": (1,)}
+    return {f"{part}.{digit}": shapes[part] for part in SECURE_PARTS for digit in DIGITS}
+
+
+def two_digits(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Values in [-1, 1] as (hi, lo): hi on SecAgg+'s quantisation grid, lo the remainder in grid steps.
+
+    With `levels` a power of two, hi = 2 k / levels - 1 is exact in floating point and Flower's
+    quantisation maps it to k exactly (its stochastic rounding rounds nothing), and lo in [0, 1]
+    quantises with an error of one step: values = hi + lo x 2 / levels, summed over clients to
+    within clients x 4 / levels^2, where one quantised value would be off by up to clients x 2 / levels.
+    """
+    scaled = (np.clip(values, -1.0, 1.0) + 1.0) * (levels / 2)
+    steps = np.floor(scaled)
+    hi = steps * (2 / levels) - 1.0
+    return hi, np.clip(scaled - steps, 0.0, 1.0)
+
+
+def from_two_digits(hi: np.ndarray, lo: np.ndarray, levels: int) -> np.ndarray:
+    """The (summed) values from their (summed) digits."""
+    return hi + lo * (2 / levels)
 
 
 def clip_to_norm(features: np.ndarray, norm: float) -> tuple[np.ndarray, int]:
@@ -216,28 +247,34 @@ def clip_to_norm(features: np.ndarray, norm: float) -> tuple[np.ndarray, int]:
     return f * scale[:, None], int(longer.sum())
 
 
-def secure_vectors(features: np.ndarray, labels: np.ndarray, *, num_classes: int, norm: float, max_examples: int
-                   ) -> dict[str, np.ndarray]:
-    """One candidate's statistics scaled into [-1, 1] by the public bounds (features clipped to `norm`)."""
+def secure_vectors(features: np.ndarray, labels: np.ndarray, *, num_classes: int, norm: float, max_examples: int,
+                   levels: int) -> dict[str, np.ndarray]:
+    """One candidate's statistics scaled into [-1, 1] by the public bounds (features clipped to `norm`),
+    each part as its two digits (`secure_layout`)."""
     if len(features) > max_examples:
         raise RefusedMessage(keys.STATISTICS_MAX_EXAMPLES, f"this client holds {len(features)} examples, more than "
                                                            f"the {max_examples} the sums are scaled for")
     clipped, count = clip_to_norm(features, norm)
     stats = FeatureStatistics.of(clipped, labels, num_classes=num_classes)
     upper = np.triu_indices(len(stats.gram))
-    return {
+    scaled = {
         "gram-triangle": stats.gram[upper] / (max_examples * norm**2),
         "class-sums": stats.class_sums / (max_examples * norm),
         "class-counts": stats.class_counts / max_examples,
         "clipped": np.array([count / max_examples]),
     }
+    vectors = {}
+    for part, values in scaled.items():
+        vectors[f"{part}.hi"], vectors[f"{part}.lo"] = two_digits(values, levels)
+    return vectors
 
 
-def from_secure_sums(parts: dict[str, np.ndarray], *, dims: int, norm: float, max_examples: int
+def from_secure_sums(sums: dict[str, np.ndarray], *, dims: int, norm: float, max_examples: int, levels: int
                      ) -> tuple[FeatureStatistics, int]:
-    """The federation's statistics from the sums of `secure_vectors` over its clients, and how many of
-    their features were clipped. Counts are rounded to whole numbers (quantisation leaves them within
-    a small fraction of one); a count that is not is an error."""
+    """The federation's statistics from the sums over its clients of `secure_vectors`, and how many of
+    their features were clipped. Counts are rounded to whole numbers (the sums leave them within a
+    tiny fraction of one); a count that is not near one is an error."""
+    parts = {part: from_two_digits(sums[f"{part}.hi"], sums[f"{part}.lo"], levels) for part in SECURE_PARTS}
     counts = parts["class-counts"] * max_examples
     clipped = float(parts["clipped"][0]) * max_examples
     for name, value in (("class counts", counts), ("clipped features", np.array([clipped]))):
@@ -245,8 +282,7 @@ def from_secure_sums(parts: dict[str, np.ndarray], *, dims: int, norm: float, ma
             raise ValueError(f"secure aggregation: the summed {name} are not whole numbers ({value.tolist()[:5]}): "
                              "quantisation cannot explain that")
     gram = np.zeros((dims, dims))
-    upper = np.triu_indices(dims)
-    gram[upper] = parts["gram-triangle"] * max_examples * norm**2
+    gram[np.triu_indices(dims)] = parts["gram-triangle"] * max_examples * norm**2
     gram = gram + np.triu(gram, 1).T
     stats = FeatureStatistics(gram=gram, class_sums=parts["class-sums"] * max_examples * norm,
                               class_counts=np.clip(np.rint(counts), 0, None))

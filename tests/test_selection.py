@@ -37,10 +37,12 @@ from fedtune.statistics_protocol import (
     MESSAGE_TYPE,
     StatisticsRequest,
     from_secure_sums,
+    from_two_digits,
     secure_vectors,
     statistics_query,
     statistics_record,
     statistics_reply,
+    two_digits,
 )
 from fedtune.strategies.validation import UnusableReply
 from fedtune.transferability import FeatureStatistics, logme
@@ -431,8 +433,11 @@ HOSTILE_QUERIES: list[tuple[str, dict[str, object], str, str]] = [
     ("settings of another version", {keys.STATISTICS_SETTINGS: [json.dumps(settings() | {"version": 99})]},
      keys.STATISTICS_SETTINGS, "different fedtune releases"),
     ("an unknown key", {"fedtune.other": 1}, keys.CONFIG, "unknown key 'fedtune.other'"),
-    ("secure bounds in a plain query", {keys.STATISTICS_NORMS: [1.0], keys.STATISTICS_MAX_EXAMPLES: 100},
+    ("secure bounds in a plain query", {keys.STATISTICS_NORMS: [1.0], keys.STATISTICS_MAX_EXAMPLES: 100,
+                                        keys.STATISTICS_LEVELS: 2**20},
      keys.STATISTICS_NORMS, "would go to the server unmasked"),
+    ("levels not a power of two", {keys.STATISTICS_NORMS: [1.0], keys.STATISTICS_MAX_EXAMPLES: 100,
+                                   keys.STATISTICS_LEVELS: 1000}, keys.STATISTICS_LEVELS, "a power of two"),
     ("secure bounds of the wrong count", {keys.STATISTICS_NORMS: [1.0, 2.0], keys.STATISTICS_MAX_EXAMPLES: 100},
      keys.STATISTICS_NORMS, "must be 1 numbers"),
     ("an infinite norm bound", {keys.STATISTICS_NORMS: [float("inf")], keys.STATISTICS_MAX_EXAMPLES: 100},
@@ -477,42 +482,62 @@ def test_secure_sums_of_quantised_statistics_are_the_plain_sums_within_the_state
 
     from fedtune.server.statistics import quantization_for
 
+    np.random.seed(0)  # Flower's stochastic rounding draws from numpy's global generator
     rng = np.random.default_rng(1)
     clients, dims, classes, most = 3, 40, 4, 200
     parts = [(np.abs(rng.normal(size=(n, dims))) * 3, rng.integers(0, classes, n)) for n in (50, 120, 7)]
     norm = 2.0 * max(float(np.linalg.norm(f, axis=1).max()) for f, _ in parts)
     levels = quantization_for(clients)
+    assert levels == 2**30
     summed: dict[str, np.ndarray] = {}
     for features, labels in parts:
-        vectors = secure_vectors(features, labels, num_classes=classes, norm=norm, max_examples=most)
+        vectors = secure_vectors(features, labels, num_classes=classes, norm=norm, max_examples=most, levels=levels)
         for name, value in vectors.items():
             quantised = quantize([value], 1.0, levels)[0].astype(np.int64)
             summed[name] = summed.get(name, 0) + quantised
     # What SecAgg+'s unmasking computes: dequantise the sum, shifted back by the clients' offsets.
     sums = {name: dequantize([value], 1.0, levels)[0] - (clients - 1) for name, value in summed.items()}
-    secure, clipped = from_secure_sums(sums, dims=dims, norm=norm, max_examples=most)
+    secure, clipped = from_secure_sums(sums, dims=dims, norm=norm, max_examples=most, levels=levels)
     plain = FeatureStatistics.of(np.vstack([f for f, _ in parts]), np.concatenate([y for _, y in parts]),
                                  num_classes=classes)
     assert clipped == 0
     np.testing.assert_array_equal(secure.class_counts, plain.class_counts)
-    bound = clients * 2 / levels * most * norm**2
+    # Two digits: the error is that of the second digit's rounding, plus floating-point rounding.
+    bound = clients * 4 / levels**2 * most * norm**2 + 1e-12 * np.abs(plain.gram).max()
     assert np.abs(secure.gram - plain.gram).max() <= bound
-    assert secure.gram.max() > 1e4 * bound  # the bound is small beside the entries
-    assert logme(secure) == pytest.approx(logme(plain), abs=1e-4)
+    # One quantised value per entry would have been off by up to this much:
+    assert bound < 1e-6 * clients * 2 / levels * most * norm**2
+    assert logme(secure) == pytest.approx(logme(plain), abs=1e-9)
+
+
+def test_the_first_digit_goes_through_flowers_quantisation_exactly() -> None:
+    from flwr.common.secure_aggregation.quantization import quantize
+
+    levels = 2**28
+    values = np.random.default_rng(0).uniform(-1, 1, 100_000)
+    hi, lo = two_digits(values, levels)
+    assert ((lo >= 0) & (lo <= 1)).all()
+    np.testing.assert_allclose(from_two_digits(hi, lo, levels), values, rtol=0, atol=1e-15)
+    steps = (hi + 1) * (levels / 2)
+    for _ in range(3):  # stochastic rounding draws nothing for a value on the grid
+        np.testing.assert_array_equal(quantize([hi], 1.0, levels)[0], steps.astype(np.int64))
 
 
 def test_a_client_refuses_more_examples_than_the_sums_are_scaled_for() -> None:
     from fedtune.protocol import RefusedMessage
 
     with pytest.raises(RefusedMessage, match="holds 11 examples, more than the 10"):
-        secure_vectors(np.ones((11, 3)), np.zeros(11, dtype=int), num_classes=2, norm=5.0, max_examples=10)
+        secure_vectors(np.ones((11, 3)), np.zeros(11, dtype=int), num_classes=2, norm=5.0, max_examples=10,
+                       levels=2**10)
 
 
 def test_longer_features_are_clipped_to_the_bound_and_counted() -> None:
     features = np.array([[3.0, 4.0], [0.3, 0.4]])
-    vectors = secure_vectors(features, np.array([0, 1]), num_classes=2, norm=1.0, max_examples=10)
-    assert vectors["clipped"][0] * 10 == 1
-    assert vectors["gram-triangle"][0] * 10 == pytest.approx(0.6**2 + 0.3**2)
+    vectors = secure_vectors(features, np.array([0, 1]), num_classes=2, norm=1.0, max_examples=10, levels=2**20)
+    parts = {part: from_two_digits(vectors[f"{part}.hi"], vectors[f"{part}.lo"], 2**20) for part in ("clipped",
+                                                                                                     "gram-triangle")}
+    assert parts["clipped"][0] * 10 == pytest.approx(1)
+    assert parts["gram-triangle"][0] * 10 == pytest.approx(0.6**2 + 0.3**2)
 
 
 def test_select_under_secure_aggregation_scores_the_sums_alone(tmp_path: Path) -> None:
@@ -530,7 +555,7 @@ def test_select_under_secure_aggregation_scores_the_sums_alone(tmp_path: Path) -
     assert selection.scores[0].logme == pytest.approx(logme(pooled), abs=1e-3)
     report = json.loads((folder / SELECTION_JSON).read_text())["secure"]
     assert report["candidates"][candidate.label]["features_clipped"] == 0
-    assert report["quantization_levels"] == (2**32 - 1) // 3
+    assert report["quantization_levels"] == 2**30
 
 
 # --- on real nodes --------------------------------------------------------------------------------

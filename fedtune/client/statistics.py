@@ -74,7 +74,8 @@ def secure_statistics(query: StatisticsQuery, context: Context) -> dict[str, np.
     for index, (request, (features, labels, _)) in enumerate(zip(query.requests, _features(query, context),
                                                                   strict=True)):
         parts = secure_vectors(features.numpy(), labels.numpy(), num_classes=request.settings.num_classes,
-                               norm=query.secure.norms[index], max_examples=query.secure.max_examples)
+                               norm=query.secure.norms[index], max_examples=query.secure.max_examples,
+                               levels=query.secure.levels)
         vectors |= {f"{index}.{name}": value for name, value in parts.items()}
     return vectors
 

@@ -37,7 +37,6 @@ from fedtune.server.statistics import (
     collect_statistics,
     collect_statistics_securely,
     prepare_candidates,
-    quantization_for,
     secure_bounds,
     warm_up,
 )
@@ -79,7 +78,8 @@ def run_selection(grid: Grid, cfg: ExperimentConfig, candidates: list[Candidate]
     started = time.monotonic()
     with _blas_threads(grid):
         selection = _select(transport, cfg, prepared, test_set)
-    selection = replace(selection, seconds=time.monotonic() - started, warm_up_seconds=started - setup)
+    selection = replace(selection, seconds=time.monotonic() - started,
+                        warm_up_seconds=started - setup if warming is not None else 0.0)
     selection.write(run_dir.path)
     log.info("selection: %s; results: %s", selection.summary(), run_dir.path)
     return selection, run_dir.path
@@ -101,7 +101,7 @@ def _select(transport: Transport, cfg: ExperimentConfig, prepared: list[Prepared
     report: dict[str, Any] = {}
     if secure.enabled:
         # Public bounds from the server's own data, then one secure sum of every client's statistics.
-        bounds = secure_bounds(prepared, test_set, max_examples=int(secure.max_weight),
+        bounds = secure_bounds(prepared, test_set, clients=clients, max_examples=int(secure.max_weight),
                                device=resolve_device(cfg.train.device))
         collection = collect_statistics_securely(transport, prepared, clients=clients, secure=secure, bounds=bounds,
                                                  timeout=cfg.federation.round_timeout,
@@ -127,10 +127,11 @@ def _select(transport: Transport, cfg: ExperimentConfig, prepared: list[Prepared
 def _secure_report(candidates: list[PreparedCandidate], bounds: SecureBounds, collection: Collection, *,
                    clients: int) -> dict[str, Any]:
     """What SecAgg+ did to the sums: the public bounds, the features clipped, and how far quantisation can
-    move an entry (each client's value is rounded stochastically to a step of 2 / levels, in units of the
-    bound: the sum's error has mean zero and is at most clients x step)."""
-    levels = quantization_for(clients)
-    step = 2 / levels
+    move an entry (each client's scaled value travels as two digits, the second rounded stochastically
+    to a step of 2 / levels of a step of 2 / levels: the sum's error has mean zero and is at most
+    clients x 4 / levels^2, in units of the bound)."""
+    levels = bounds.levels
+    step = 4 / levels**2
     return {
         "quantization_levels": levels,
         "max_examples_per_client": bounds.max_examples,

@@ -35,8 +35,8 @@ from fedtune.server.delivery import ModelDelivery
 from fedtune.server.secure_aggregation import SecureAggregationError, secure_train_round
 from fedtune.server.transport import Transport, payload_bytes
 from fedtune.statistics_protocol import (
+    MAX_LEVELS,
     MESSAGE_TYPE,
-    SECURE_PARTS,
     SecureBounds,
     StatisticsRequest,
     from_secure_sums,
@@ -433,8 +433,8 @@ def reference_statistics(candidate: PreparedCandidate, test_set: ImageDataset, *
 NORM_MARGIN = 2.0
 
 
-def secure_bounds(candidates: Sequence[PreparedCandidate], test_set: ImageDataset, *, max_examples: int,
-                  device: torch.device) -> SecureBounds:
+def secure_bounds(candidates: Sequence[PreparedCandidate], test_set: ImageDataset, *, clients: list[int],
+                  max_examples: int, device: torch.device) -> SecureBounds:
     """Public bounds for SecAgg+, from the server's own data: each candidate's norm bound, NORM_MARGIN x
     the longest of its reference features, and the most examples a client may hold."""
     norms = []
@@ -444,13 +444,17 @@ def secure_bounds(candidates: Sequence[PreparedCandidate], test_set: ImageDatase
         if longest <= 0:
             raise RuntimeError(f"{candidate.label}: every feature of the server's held-out split is zero")
         norms.append(NORM_MARGIN * longest)
-    return SecureBounds(tuple(norms), max_examples)
+    return SecureBounds(tuple(norms), max_examples, quantization_for(len(clients)))
 
 
 def quantization_for(clients: int) -> int:
-    """SecAgg+'s quantisation levels for the statistics: the most the modular sum of `clients` values
-    leaves room for, within the int32 Flower quantises to (flwr/common/secure_aggregation/quantization.py)."""
-    return min(2**31 - 1, (SECAGG_MODULUS - 1) // clients)
+    """SecAgg+'s quantisation levels for the statistics: the largest power of two (`two_digits` needs one)
+    that the modular sum of `clients` values leaves room for, within the int32 Flower quantises to
+    (flwr/common/secure_aggregation/quantization.py)."""
+    levels = MAX_LEVELS
+    while levels > 2 and clients * levels >= SECAGG_MODULUS:
+        levels //= 2
+    return levels
 
 
 def collect_statistics_securely(
@@ -467,8 +471,8 @@ def collect_statistics_securely(
     client's own. Each client sends its statistics scaled into [-1, 1] by `bounds`
     (fedtune/statistics_protocol.py, secure_vectors) as the masked update of one secure round with
     weight 1 (fedtune/server/secure_aggregation.py); the mean that round returns, times the clients in
-    it, is the sum. Quantisation adds an error of at most clients x 2 / quantization levels per entry
-    (scaled), mean zero."""
+    it, is the sum. Each scaled value travels as two digits (fedtune/statistics_protocol.py, two_digits):
+    the sums are then off by at most clients x 4 / levels^2 per scaled entry, mean zero."""
     collection = Collection(list(candidates), cost_by_candidate=[Cost() for _ in candidates])
     _deliver(transport, candidates, clients, collection)
     started, traffic = time.monotonic(), transport.start_count()
@@ -476,8 +480,7 @@ def collect_statistics_securely(
               for name, shape in secure_layout(candidate.feature_dim, candidate.num_classes).items()}
     zeros = ArrayRecord({name: Array(np.zeros(shape)) for name, shape in layout.items()})
     query = statistics_query([candidate.request for candidate in candidates], secure=bounds)
-    settings = secure.model_copy(update={"clipping_range": 1.0, "max_weight": 1.0,
-                                         "quantization_range": quantization_for(len(clients))})
+    settings = secure.model_copy(update={"clipping_range": 1.0, "max_weight": 1.0, "quantization_range": bounds.levels})
     try:
         mean, _, report = secure_train_round(transport, server_round=1, node_ids=clients, arrays=zeros,
                                              config=query.config_records[keys.CONFIG], settings=settings,
@@ -487,9 +490,10 @@ def collect_statistics_securely(
     count = len(report.completed)
     sums, clipped = [], []
     for index, candidate in enumerate(candidates):
-        parts = {name: mean[f"{index}.{name}"].numpy() * count for name in SECURE_PARTS}
+        parts = {name: mean[f"{index}.{name}"].numpy() * count
+                 for name in secure_layout(candidate.feature_dim, candidate.num_classes)}
         stats, clipped_here = from_secure_sums(parts, dims=candidate.feature_dim, norm=bounds.norms[index],
-                                               max_examples=bounds.max_examples)
+                                               max_examples=bounds.max_examples, levels=bounds.levels)
         sums.append(stats)
         clipped.append(clipped_here)
     collection.secure_sums, collection.secure_clients, collection.clipped = sums, report.completed, clipped
