@@ -7,8 +7,14 @@ sure every client caches each model (one ModelDelivery per distinct model, fedtu
 each node receives each model once, and a cut candidate whose whole backbone is also a candidate
 shares its model and its forward pass), sends every client one query for all candidates, and parses
 each reply with the worst case in mind: a reply that is not exactly what the server's own copy of
-the candidates implies is refused, logged naming the client and the problem, and left out.
+the candidates implies is refused, logged naming the client and the problem, and left out. It
+returns a `Collection`: each client's FeatureStatistics per candidate, and their cost.
+`collect_statistics_securely` does the same under SecAgg+, where the Collection holds only the sums.
+In a simulation, `warm_up` first puts every model in the virtual clients' machine cache.
 `reference_statistics` computes the same statistics on the server's own test split.
+
+Use (fedtune/server/selection.py): `prepare_candidates`, then `warm_up` in a simulation, then
+`collect_statistics` (or `collect_statistics_securely`) on the run's Transport, then `Collection.sums()`.
 """
 
 from __future__ import annotations
