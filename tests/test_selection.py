@@ -189,7 +189,7 @@ def test_write_gives_a_config_check_accepts_and_never_overwrites_unasked(
     ("efficientnet_lite0 efficientnet_lite0:imagenet", "named twice"),
     ("efficientnet_lite0@", "nothing after '@'"),
     ("all efficientnet_lite0", "'all' stands alone"),
-    ("vit_b_16:none", "vit_b_16: data.image_size: vit_b_16 cannot take 64 px images"),
+    ("vit_b_16:none", "vit_b_16:none: data.image_size: vit_b_16 cannot take 64 px images"),
 ])
 def test_a_bad_candidate_stops_the_command_before_anything_starts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, candidates: str, problem: str) -> None:
