@@ -14,6 +14,7 @@ from fedtune.atomic import write_text_atomically
 from fedtune.logs import Verbosity, setup_logging
 
 if TYPE_CHECKING:
+    from fedtune.candidates import Candidate
     from fedtune.config import ExperimentConfig
 
 # Every fedtune import that pulls in torch, Flower or the server sits inside the command that needs
@@ -136,6 +137,93 @@ def simulate(
     # No closing "results:" line: the table's last column and the run's log line name each run's folder.
 
 
+def _candidates(values: list[str], cfg: ExperimentConfig, *, option: str = "--candidates") -> list[Candidate]:
+    """The candidates asked for, each checked against the experiment before anything starts (a cut that is
+    no block, a missing weights file, training settings its model cannot follow)."""
+    from fedtune.candidates import parse_candidates
+    from fedtune.config import ConfigError
+    from fedtune.server.preflight import PreflightError, preflight_model
+
+    try:
+        # `--candidates a b c` reaches typer as one option then arguments it does not expect; the
+        # option is repeatable, and each value may hold several candidates separated by spaces.
+        parsed = parse_candidates([item for value in values for item in value.split()])
+    except ValueError as error:
+        _fail(f"{option}: {error}")
+        raise  # unreachable: _fail exits
+    for candidate in parsed:
+        if "'" in candidate.label:  # it travels in a quoted TOML string of the run config on real nodes
+            _fail(f"{option}: {candidate.label}: a quote (') in a candidate is not supported")
+        try:
+            preflight_model(candidate.configure(cfg))
+        except (ConfigError, PreflightError) as error:
+            _fail(f"{option}: {candidate.label}: {error}")
+    return parsed
+
+
+@cli.command()
+def select(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    candidates: Annotated[
+        list[str] | None,
+        typer.Option("--candidates", help="Backbones to rank, each BACKBONE, BACKBONE@CUT, BACKBONE:WEIGHTS or "
+                                          "BACKBONE@CUT:WEIGHTS: efficientnet_lite0 "
+                                          "(ImageNet weights), efficientnet_lite0:none (random init), "
+                                          "efficientnet_lite0@blocks_5 (cut after blocks_5), resnet18:FILE (a "
+                                          "weights file). Give several after one --candidates, or repeat it. 'all': "
+                                          "every registered backbone with ImageNet weights (a connected machine). "
+                                          "Default: the three Lite backbones, Lite0 from random init and Lite0 cut "
+                                          "after blocks_5.", show_default=False),
+    ] = None,
+    write: Annotated[
+        Path | None, typer.Option("--write", help="Write CONFIG with the chosen backbone (model.backbone, weights, "
+                                                  "cut) to this file: a ready experiment.", show_default=False)
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --write replace an existing file.")] = False,
+) -> None:
+    """Rank candidate backbones on the federation's data before any training (LogME, H-score).
+
+    Each client computes, for each candidate, sums of its frozen features of its training split
+    against its labels (the Gram matrix F^T F, each class's feature sum and count) and sends only
+    those; the server adds them up and scores the whole federation: LogME ranks (You et al. 2021),
+    the H-score and its shrunk form stand beside it. The sums are not the features, but from a client
+    with few examples they reveal much of them (the Gram matrix determines its features up to a
+    rotation when it has no more examples than dimensions). With privacy.secure_aggregation the server
+    sees only the federation's sums. Writes selection.json, selection.csv and selection.png to a
+    folder under output.dir, prints the ranking and the seconds and bytes spent. The chosen
+    candidate's features stay in the clients' caches for the run that follows.
+    """
+    from fedtune.candidates import DEFAULT_CANDIDATES
+    from fedtune.config import ConfigError
+
+    cfg = _prepare(config, set_, simulation=True)
+    ranked = _candidates(candidates or list(DEFAULT_CANDIDATES), cfg)
+    if write is not None and write.exists() and not force:
+        _fail(f"--write: {write} exists; pass --force to replace it")
+    from fedtune.selection import chosen_config_text, print_table, write_chosen_config
+    from fedtune.simulation import select as run
+
+    try:
+        selection, folder = run(cfg, ranked)
+    except (FileNotFoundError, ValueError, RuntimeError, ConnectionError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    print_table(selection)
+    typer.echo(f"results: {folder}")
+    if write is not None:
+        chosen = next(c for c in ranked if c.label == selection.chosen.candidate)
+        try:
+            text = chosen_config_text(config, set_ or [], chosen, note=f" (LogME {selection.chosen.logme:.4f}, "
+                                                                       f"{folder / 'selection.json'})")
+            write_chosen_config(write, text, force=force)
+        except FileExistsError:
+            _fail(f"--write: {write} exists; pass --force to replace it")
+        except (ConfigError, OSError) as error:
+            _fail(f"--write: {error}")
+        typer.echo(f"config: {write} (model {chosen.label})")
+
+
 @cli.command()
 def predict(
     model: Annotated[Path, typer.Argument(help="A run directory, or its model.safetensors.", show_default=False)],
@@ -220,17 +308,27 @@ def server(
         typer.Option(help="Only SuperNodes with these public keys may join: a file, one key per line, or a folder "
                           "of *.pub files (fedtune keygen)."),
     ] = None,
+    select: Annotated[
+        list[str] | None,
+        typer.Option("--select", help="Instead of training, rank these candidate backbones on the connected "
+                                      "clients, as `fedtune select --candidates` does in a simulation "
+                                      "(BACKBONE, BACKBONE@CUT, BACKBONE:WEIGHTS or BACKBONE@CUT:WEIGHTS, "
+                                      "several separated by spaces or the option repeated); the selection's "
+                                      "folder is written under output.dir here.",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Run the server node: start Flower's SuperLink, run CONFIG on the clients that connect, then stop.
 
     Exits with the code of that run: 0 when it completed, 1 when it failed or was stopped.
     """
-    _prepare(config, set_, simulation=False)  # a bad experiment fails here, before anything starts
+    cfg = _prepare(config, set_, simulation=False)  # a bad experiment fails here, before anything starts
+    candidates = _candidates(select, cfg, option="--select") if select else None
     from fedtune.nodes import NodeError, serve
 
     try:
         code = serve(config, set_ or [], host=host, port=port, certs=certs, insecure=insecure, state_dir=state_dir,
-                     authorized_keys=authorized_keys)
+                     authorized_keys=authorized_keys, select=[c.label for c in candidates] if candidates else None)
     except NodeError as error:
         _fail(str(error))
         return

@@ -71,9 +71,11 @@ def _flwr(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedPro
     return subprocess.run([executable("flwr"), *args], env=env, cwd=cwd, capture_output=True, text=True)
 
 
-def submit_and_follow(config: Path, overrides: list[str], env: dict[str, str], cwd: Path) -> int:
-    """Submit one run, stream its logs, and return its exit code from the status of THAT run."""
-    run_config = f"config='{config.resolve()}' set='{';'.join(overrides)}'"
+def submit_and_follow(config: Path, overrides: list[str], env: dict[str, str], cwd: Path, *,
+                      select: list[str] | None = None) -> int:
+    """Submit one run, stream its logs, and return its exit code from the status of THAT run.
+    With `select`, the run ranks these candidates instead of training (fedtune/server/selection.py)."""
+    run_config = f"config='{config.resolve()}' set='{';'.join(overrides)}' select='{' '.join(select or [])}'"
     submitted = _flwr("run", str(APP_ROOT), CONNECTION, "--run-config", run_config, "--format", "json",
                       env=env, cwd=cwd)
     try:

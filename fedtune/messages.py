@@ -44,3 +44,21 @@ SECAGG_CONFIG = "fedtune.secagg.config"  # JSON of the round's train config
 SECAGG_ARRAY_KEYS = "fedtune.secagg.array-keys"  # JSON list: the name of each legacy tensor, in order
 SECAGG_CLIPPING_RANGE = "fedtune.secagg.clipping-range"  # the client refuses an update SecAgg+ would clip
 SECAGG_MAX_WEIGHT = "fedtune.secagg.max-weight"  # the client refuses a num-examples above it
+
+# Feature statistics for `fedtune select` (fedtune/statistics_protocol.py): a query of its own action,
+# one message per node asking for every candidate; the reply holds one ArrayRecord per candidate.
+STATISTICS = "statistics"  # the query's action: message type "query.statistics"
+STATISTICS_SETTINGS = "fedtune.statistics.settings"  # list: each candidate's client settings (JSON)
+STATISTICS_MODELS = "fedtune.statistics.models"  # list: each candidate's model hash
+STATISTICS_STAGES = "fedtune.statistics.stages"  # list: the stage whose output is each candidate's feature
+STATISTICS_RECORD = "fedtune.statistics."  # + the candidate's index: its statistics' ArrayRecord
+GRAM = "gram"  # D x D: F^T F
+GRAM_FACTOR = "gram-factor"  # R x D, in place of the gram when smaller: G with G^T G = F^T F
+CLASS_SUMS = "class-sums"  # K x D
+CLASS_COUNTS = "class-counts"  # K
+STATISTICS_SECONDS = "seconds."  # + the candidate's index: reply metric, the client's compute seconds for it
+# Under SecAgg+ only (fedtune/statistics_protocol.py, secure_vectors): the public bounds that make
+# each client's statistics integers in a public range before they are masked.
+STATISTICS_NORMS = "fedtune.statistics.norms"  # list: each candidate's feature norm bound (longer ones are clipped)
+STATISTICS_MAX_EXAMPLES = "fedtune.statistics.max-examples"  # a client with more examples refuses
+STATISTICS_LEVELS = "fedtune.statistics.levels"  # SecAgg+'s quantisation levels (a power of two), to split values by

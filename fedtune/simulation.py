@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.simulation import run_simulation
@@ -14,7 +15,10 @@ from fedtune.logs import Verbosity, setup_logging, verbosity
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
 
+    from fedtune.candidates import Candidate
+    from fedtune.selection import Selection
     from fedtune.server.run import RunOutcome
 
 log = logging.getLogger("fedtune.simulation")
@@ -46,14 +50,36 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
     this process drives the run and writes its results.
     """
     # Imported here: these pull in torch and the whole server, which `fedtune --help` need not.
-    from fedtune.client.app import app as default_client_app
     from fedtune.server.app import simulation_server_app
+
+    outcomes: list[RunOutcome] = []
+    _simulate(cfg, simulation_server_app(cfg, outcomes), client_app=client_app)
+    if not outcomes:
+        raise RuntimeError("the simulation ended without finishing the run; see the log above")
+    return outcomes[0]
+
+
+def select(cfg: ExperimentConfig, candidates: list[Candidate], *, client_app: ClientApp | None = None
+           ) -> tuple[Selection, Path]:
+    """`fedtune select` on virtual clients: the candidates ranked on their data (fedtune/server/selection.py),
+    and the folder the selection was written to. Nodes and Ray as for `simulate`."""
+    from fedtune.server.app import selection_server_app
+
+    outcomes: list[tuple[Selection, Path]] = []
+    _simulate(cfg, selection_server_app(cfg, candidates, outcomes), client_app=client_app)
+    if not outcomes:
+        raise RuntimeError("the simulation ended without finishing the selection; see the log above")
+    return outcomes[0]
+
+
+def _simulate(cfg: ExperimentConfig, server_app: ServerApp, *, client_app: ClientApp | None) -> None:
+    """Run `server_app` against cfg's virtual clients (`simulation_nodes`) on Ray, local or cfg's cluster."""
+    from fedtune.client.app import app as default_client_app
 
     setup_logging()
     # Ray's processes (GCS, raylet, agents, workers) run in sessions of their own: without this,
     # some outlive a `kill -9` of this process.
     lifeline.hold()
-    outcomes: list[RunOutcome] = []
 
     # Workers of a local Ray inherit the environment: say where virtual nodes keep their caches,
     # and keep each worker's torch to the cores Ray gave it. Workers of an existing cluster get
@@ -63,7 +89,7 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
     if address is not None:
         log.info("attaching to the Ray cluster at %s", address)
     run_simulation(
-        server_app=simulation_server_app(cfg, outcomes),
+        server_app=server_app,
         client_app=client_app or default_client_app,
         num_supernodes=simulation_nodes(cfg),
         backend_config={
@@ -77,6 +103,3 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
                           "logging_level": logging.INFO if verbosity() is Verbosity.VERBOSE else logging.WARNING},
         },
     )
-    if not outcomes:
-        raise RuntimeError("the simulation ended without finishing the run; see the log above")
-    return outcomes[0]

@@ -23,6 +23,7 @@ from fedtune.backbones import StagedModel
 from fedtune.client.cache import CacheFull, ModelNotCached
 from fedtune.client.privacy import LedgerStore, train_private_round, within_node_budget
 from fedtune.client.secure_aggregation import secure_aggregation_mod
+from fedtune.client.statistics import answer_statistics_query
 from fedtune.client.task import NodeIdentity, local_data, model_inputs, restored_model
 from fedtune.engine import evaluate, resolve_device, train_one_round
 from fedtune.logs import setup_logging
@@ -174,6 +175,13 @@ def _query(msg: Message, context: Context) -> Message:
     answer: dict[str, int | float | list[int] | list[float]] = {
         keys.HAS_MODEL: int(held), keys.PARTITION: node.partition_id}
     return Message(RecordDict({keys.METRICS: MetricRecord(answer)}), reply_to=msg)
+
+
+@app.query(keys.STATISTICS)
+def statistics(msg: Message, context: Context) -> Message:
+    """`fedtune select`: each candidate's feature statistics on this node's training split
+    (fedtune/client/statistics.py)."""
+    return _answer(msg, lambda: answer_statistics_query(msg, context))
 
 
 def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:

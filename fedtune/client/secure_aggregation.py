@@ -26,6 +26,11 @@ shares remove its masks. A client learns the round's train config, and so whethe
 its privacy budget, only at the 'collect masked vectors' stage: Flower's setup stage carries the
 protocol's settings alone (flwr/server/workflow/secure_aggregation/secaggplus_workflow.py:364),
 so that is where it refuses.
+
+`fedtune select` under SecAgg+ rides the same legacy exchange: its train config is a statistics
+query (fedtune/statistics_protocol.py), and the "update" is the client's feature statistics scaled
+into [-1, 1] by the query's public bounds (fedtune/client/statistics.py, secure_statistics), with
+weight 1, so that the server learns only their sum.
 """
 
 from __future__ import annotations
@@ -43,7 +48,16 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedtune import messages as keys
-from fedtune.protocol import error_reply, parse_clipping_norm, parse_secure_fit_config
+from fedtune.client.cache import ModelNotCached
+from fedtune.client.statistics import secure_statistics
+from fedtune.protocol import (
+    RefusedMessage,
+    SecureFitConfig,
+    error_reply,
+    parse_clipping_norm,
+    parse_secure_fit_config,
+)
+from fedtune.statistics_protocol import parse_statistics_query
 
 # Legacy layout record names (Flower's compat functions write and read these).
 _FITINS_PARAMETERS = "fitins.parameters"
@@ -88,6 +102,8 @@ def _train_in_legacy_layout(msg: Message, context: Context, train: ClientAppCall
     sent = [bytes_to_ndarray(array.data) for array in msg.content.array_records[_FITINS_PARAMETERS].values()]
     if len(sent) != len(names):
         raise ValueError(f"secure aggregation: received {len(sent)} tensors but {len(names)} tensor names")
+    if keys.STATISTICS_SETTINGS in fit_config.config:
+        return _statistics_in_legacy_layout(msg, context, fit_config, sent)
     request = RecordDict({
         keys.ARRAYS: ArrayRecord({name: Array(array) for name, array in zip(names, sent, strict=True)}),
         keys.CONFIG: fit_config.config,
@@ -123,6 +139,30 @@ def _train_in_legacy_layout(msg: Message, context: Context, train: ClientAppCall
         num_examples=weight,  # SecAgg+'s weight, and the train metrics' (averaged uniformly under central DP)
         metrics=_legacy_metrics(metrics),
     )
+    return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _statistics_in_legacy_layout(msg: Message, context: Context, fit_config: SecureFitConfig,
+                                 sent: list[NDArray]) -> Message:
+    """`fedtune select` under SecAgg+: the masked "update" is this client's feature statistics, scaled
+    into [-1, 1] by the query's public bounds (fedtune/client/statistics.py), with weight 1: the
+    server learns only their sum over the clients."""
+    try:
+        query = parse_statistics_query(RecordDict({keys.CONFIG: fit_config.config}))
+        vectors = secure_statistics(query, context)
+    except RefusedMessage as error:
+        raise _HandlerDeclined(f"{keys.REFUSED}: {error}") from None
+    except ModelNotCached as error:
+        raise _HandlerDeclined(f"{keys.MODEL_MISSING}: {error}") from None
+    names = fit_config.array_keys
+    shapes = [np.atleast_1d(value).shape for value in vectors.values()]
+    if names != list(vectors) or [array.shape for array in sent] != shapes:
+        raise _HandlerDeclined(f"{keys.REFUSED}: {keys.SECAGG_ARRAY_KEYS}: the tensors sent are not the statistics' "
+                               "parts, in their order and shapes")
+    updates = [np.atleast_1d(vectors[name]) for name in names]
+    _check_fits_protocol(updates, names, 1, clipping_range=fit_config.clipping_range, max_weight=fit_config.max_weight)
+    fitres = FitRes(status=Status(code=Code.OK, message="Success"), parameters=ndarrays_to_parameters(updates),
+                    num_examples=1, metrics={})
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 

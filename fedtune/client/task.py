@@ -45,6 +45,9 @@ _MAX_PARTITION_ID = 1_000_000
 # Under the cache root: the cache the virtual clients of simulations on this machine share.
 SHARED_CACHE = "virtual-clients"
 _MAX_CACHE_GB = 1e6
+# Examples per batch of a frozen prefix's forward pass: a cached feature entry is exactly what this
+# batching computes (fedtune/client/statistics.py computes the same entries).
+FEATURE_BATCH = 64
 # With max-epsilon set and no max-delta, the delta a node accepts: the usual choice below 1 / examples.
 DEFAULT_MAX_DELTA = 1e-5
 
@@ -332,9 +335,15 @@ def model_inputs(
     start = first_trainable_index(model, stages)
     if start == 0 or augmented:
         return dataset, 0
-    key = (model_hash, str(start), identity)
+    key = feature_key(model_hash, start, identity)
     cached = cache.get(*key)
     if cached is None:
-        cached = extract_features(model, dataset, stop=start, batch_size=64, device=device)
+        cached = extract_features(model, dataset, stop=start, batch_size=FEATURE_BATCH, device=device)
         cache.put(cached, *key, in_use=in_use)
     return cached, start
+
+
+def feature_key(model_hash: str, stop: int, identity: str) -> tuple[str, str, str]:
+    """The feature cache's key of the output of the stages below `stop`, of the model `model_hash`, on
+    the data `identity` names (its examples and preprocessing)."""
+    return model_hash, str(stop), identity

@@ -16,8 +16,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
+from fedtune.candidates import Candidate, parse_candidates
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.logs import setup_logging
+from fedtune.selection import Selection
 from fedtune.server.run import (
     RunOutcome,
     node_count_mismatch,
@@ -25,6 +27,7 @@ from fedtune.server.run import (
     run_federation,
     simulation_pool,
 )
+from fedtune.server.selection import run_selection
 
 log = logging.getLogger("fedtune.server")
 
@@ -70,6 +73,10 @@ def server_app(app_root: Path) -> ServerApp:
                         "`flwr run`, set RAY_ADDRESS in the environment the local SuperLink starts from "
                         "(deploy/README.md)")
         check_simulated_node_count(grid, cfg)
+        select = str(context.run_config.get("select", "")).split()
+        if select:  # `fedtune server --select`: rank these candidates instead of training
+            run_selection(grid, cfg, parse_candidates(select))
+            return
         run_federation(grid, cfg)  # which sends everything through its transport (fedtune/server/transport.py)
 
     return app
@@ -86,5 +93,18 @@ def simulation_server_app(cfg: ExperimentConfig, outcomes: list[RunOutcome]) -> 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         outcomes.append(run_federation(grid, cfg))
+
+    return app
+
+
+def selection_server_app(cfg: ExperimentConfig, candidates: list[Candidate],
+                         outcomes: list[tuple[Selection, Path]]) -> ServerApp:
+    """The ServerApp of `fedtune select` in a simulation: ranks `candidates` (fedtune/server/selection.py)
+    and appends the selection and its folder to `outcomes`."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        outcomes.append(run_selection(grid, cfg, candidates))
 
     return app

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fedtune.backbones import StagedModel, build_model
+import torch
+
+from fedtune.backbones import StagedModel, build_model, preprocessing_for
 from fedtune.config import ExperimentConfig, shown
 from fedtune.data import DOWNLOADING_SOURCES, ImageDataset, Split, load_split, partitioning
 from fedtune.monitoring import mlflow_problem
@@ -43,6 +45,21 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool) -> None:
             _check_partitioning(cfg, train_set)
     check_model_fits(cfg, _model(cfg, num_classes=len(test_set.classes) if test_set is not None else 2))
     _check_resumable(cfg)
+
+
+def preflight_model(cfg: ExperimentConfig) -> None:
+    """The model check of `preflight` alone (a `fedtune select` candidate: the rest is its experiment's):
+    it builds (a cut that is a block, a readable weights file), the training settings fit it, and it
+    takes an image of data.image_size (ViT-B/16 takes 224 px only)."""
+    model = _model(cfg, num_classes=2)
+    check_model_fits(cfg, model)
+    size = cfg.data.image_size or preprocessing_for(cfg.model.backbone).crop_size
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    except (RuntimeError, ValueError, AssertionError) as error:  # what torch and torchvision raise for a size
+        raise PreflightError(f"data.image_size: {cfg.model.backbone} cannot take {size} px images: "
+                             f"{str(error)[:200]}") from None
 
 
 def check_model_fits(cfg: ExperimentConfig, model: StagedModel) -> None:

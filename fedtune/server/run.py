@@ -164,7 +164,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
     stopper = EarlyStopping(cfg)
     if checkpoint is not None:
         _restore(server, checkpoint, stopper)
-    _wait_for_nodes(server.transport, cfg)
+    wait_for_nodes(server.transport, cfg)
 
     log.info("model %s: %s, %d classes, hash %s", cfg.model.backbone, cfg.model.weights, num_classes, model_hash[:12])
     started = time.monotonic()
@@ -262,7 +262,7 @@ def simulation_pool(grid: Grid, cfg: ExperimentConfig, *, settle: float = 0.05) 
     return sorted(nodes)
 
 
-def _wait_for_nodes(transport: Transport, cfg: ExperimentConfig) -> None:
+def wait_for_nodes(transport: Transport, cfg: ExperimentConfig) -> None:
     """Strategies wait forever for missing nodes; fail instead, saying how to fix it."""
     expected = cfg.federation.num_clients
     deadline = time.monotonic() + cfg.federation.connect_timeout

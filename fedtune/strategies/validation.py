@@ -112,7 +112,7 @@ def _only_record(records: Mapping[str, Record], kind: str, wanted: str | None = 
     return next(iter(records.values()))
 
 
-def _decode(key: str, array: Array, spec: TensorSpec) -> np.ndarray:
+def decode_tensor(key: str, array: Array, spec: TensorSpec) -> np.ndarray:
     """The tensor, after its declared and encoded shape and dtype match the spec (before any allocation)."""
     shape = tuple(array.shape)
     if shape != spec.shape:
@@ -155,7 +155,7 @@ def _parse_arrays(record: ArrayRecord, expected: Mapping[str, TensorSpec]) -> di
     if extra:
         raise UnusableReply(f"unexpected tensors {_names(extra)}")
     # In the server's order: Krum and Bulyan pair the tensors of different replies by position.
-    return {key: _decode(key, record[key], spec) for key, spec in expected.items()}
+    return {key: decode_tensor(key, record[key], spec) for key, spec in expected.items()}
 
 
 def _shown(value: object) -> str:
