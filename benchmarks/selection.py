@@ -26,7 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedtune.console import compare_table
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy.stats import kendalltau
+
+from fedtune.console import compare_table, format_bytes
 from fedtune.report import RunDirectory
 
 CANDIDATES = [
@@ -84,9 +88,50 @@ def final_accuracy(run: Path) -> float:
     return value
 
 
-def first_round_seconds(run: Path) -> float:
+SCORES = {"logme_centred": "LogME, centred (ranks)", "logme": "LogME (published)", "shrunk_h_score": "shrunk H-score"}
+
+
+def run_selection(config: Path, candidates: list[str], *, out: Path, extra: list[str]) -> dict[str, Any]:
+    """`fedtune select` on empty node caches (as on new nodes); its selection.json (reused if done)."""
+    folder = out / "select"
+    found = sorted(folder.glob("*/selection.json")) if folder.is_dir() else []
+    if not found:
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "fedtune", "select", str(config), "--set", f"output.dir={folder}",
+                   "--candidates", *candidates]
+        for item in extra:
+            command += ["--set", item]
+        print("$", " ".join(command), flush=True)
+        env = {**os.environ, "FEDTUNE_CACHE_DIR": str(folder / "node-caches")}
+        subprocess.run(command, check=True, stdout=sys.stderr, env=env)
+        found = sorted(folder.glob("*/selection.json"))
+    return json.loads(found[-1].read_text())
+
+
+def first_round(run: Path) -> tuple[float, int]:
+    """Seconds and bytes (both directions) of a run's first round: the model sent, the features computed."""
     rounds = RunDirectory.load_history(run / "history.json")
-    return next(r.seconds for r in rounds if r.round == 1)
+    first = next(r for r in rounds if r.round == 1)
+    return first.seconds, first.bytes_sent + first.bytes_received
+
+
+def scores_figure(rows: list[dict[str, Any]], taus: dict[str, float], title: str) -> Figure:
+    figure = Figure(figsize=(4.2 * len(SCORES), 4.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    for position, (key, label) in enumerate(SCORES.items(), start=1):
+        ax = figure.add_subplot(1, len(SCORES), position)
+        xs = [row[key] for row in rows]
+        ys = [row["median final accuracy"] for row in rows]
+        ax.scatter(xs, ys)
+        for row, x, y in zip(rows, xs, ys, strict=True):
+            ax.annotate(row["candidate"].replace("efficientnet_", ""), (x, y), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("median final accuracy, head-only fine-tuning" if position == 1 else "")
+        ax.set_title(f"Kendall tau-b {taus[key]:.2f}", fontsize=10)
+        ax.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=11)
+    return figure
 
 
 def main() -> None:
@@ -98,26 +143,49 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra override for all runs")
     args = parser.parse_args()
 
+    selection = run_selection(args.config, args.candidates, out=args.out, extra=args.overrides)
+    scored = {row["candidate"]: row for row in selection["scores"]}
     accuracies: dict[str, list[float]] = {candidate: [] for candidate in args.candidates}
-    first_runs: dict[str, Path] = {}
+    runs: dict[str, list[Path]] = {candidate: [] for candidate in args.candidates}
     for seed in args.seeds:
         for candidate in args.candidates:
             run = fine_tune(args.config, candidate, seed=seed, out=args.out / "fine-tuning", extra=args.overrides)
             accuracies[candidate].append(final_accuracy(run))
-            first_runs.setdefault(candidate, run)
+            runs[candidate].append(run)
 
     rows: list[dict[str, Any]] = []
     for candidate, values in accuracies.items():
         rows.append({
             "candidate": candidate,
+            **{key: scored[candidate][key] for key in SCORES},
             "final accuracy by seed": " ".join(f"{v:.3f}" for v in values),
             "median final accuracy": statistics.median(values),
-            "first round seconds": first_round_seconds(first_runs[candidate]),
         })
+    rows.sort(key=lambda row: -row["logme_centred"])
+    accuracy = [row["median final accuracy"] for row in rows]
+    taus = {key: float(kendalltau([row[key] for row in rows], accuracy).statistic) for key in SCORES}
+    first_rounds = [first_round(run) for run in runs[args.candidates[0]]]
+    round_seconds = statistics.median(seconds for seconds, _ in first_rounds)
+    round_bytes = int(statistics.median(size for _, size in first_rounds))
+    cost = {
+        "selection seconds": selection["seconds"],
+        "selection bytes": selection["bytes_sent"] + selection["bytes_received"],
+        f"first round of {args.candidates[0]}: seconds (median of seeds)": round_seconds,
+        f"first round of {args.candidates[0]}: bytes": round_bytes,
+    }
     table = compare_table(rows, list(rows[0]))
-    print(table)
-    (args.out / "table.md").write_text(table + "\n")
-    (args.out / "table.json").write_text(json.dumps(rows, indent=2))
+    summary = "\n".join([
+        "Kendall tau-b against the median final accuracy: "
+        + ", ".join(f"{SCORES[key]} {value:.2f}" for key, value in taus.items()),
+        f"selection: {cost['selection seconds']:.1f} s and {format_bytes(cost['selection bytes'])} for "
+        f"{len(args.candidates)} candidates; one first round of {args.candidates[0]}: {round_seconds:.1f} s and "
+        f"{format_bytes(round_bytes)}",
+    ])
+    print(table + "\n\n" + summary)
+    (args.out / "table.md").write_text(table + "\n\n" + summary + "\n")
+    (args.out / "table.json").write_text(json.dumps({"rows": rows, "kendall_tau_b": taus, "cost": cost}, indent=2))
+    figure = scores_figure(rows, taus, f"{args.config.stem}: selection scores against head-only fine-tuning")
+    figure.savefig(args.out / "scores.png", dpi=110)
 
 
 if __name__ == "__main__":

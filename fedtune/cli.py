@@ -214,8 +214,8 @@ def select(
     if write is not None:
         chosen = next(c for c in ranked if c.label == selection.chosen.candidate)
         try:
-            text = chosen_config_text(config, set_ or [], chosen, note=f" (LogME {selection.chosen.logme:.4f}, "
-                                                                       f"{folder / 'selection.json'})")
+            note = f" (centred LogME {selection.chosen.logme_centred:.4f}, {folder / 'selection.json'})"
+            text = chosen_config_text(config, set_ or [], chosen, note=note)
             write_chosen_config(write, text, force=force)
         except FileExistsError:
             _fail(f"--write: {write} exists; pass --force to replace it")

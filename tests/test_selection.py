@@ -119,6 +119,7 @@ def test_select_scores_the_pooled_statistics_and_refuses_a_forged_reply(tmp_path
         pooled = _pooled_here(candidate.configure(cfg), [0, 1])
         assert by_name[candidate.label].examples == pooled.count
         assert by_name[candidate.label].logme == pytest.approx(logme(pooled), abs=1e-6)
+        assert by_name[candidate.label].logme_centred == pytest.approx(logme(pooled.centred()), abs=1e-6)
     # The whole backbone's training features are cached where its head-only fine-tuning looks for them.
     whole_cfg = candidates[0].configure(cfg)
     whole_settings = ClientSettings.of(whole_cfg, num_classes=NUM_CLASSES, run_key="here")
@@ -143,8 +144,9 @@ def test_select_scores_the_pooled_statistics_and_refuses_a_forged_reply(tmp_path
 def _canned(folder: Path) -> Callable[..., tuple[Selection, Path]]:
     def run(cfg: object, candidates: list[Candidate]) -> tuple[Selection, Path]:
         scores = [CandidateScore(candidate=c.label, backbone=c.backbone, weights=c.weights, cut=c.cut, feature_dim=8,
-                                 examples=10, logme=float(-i), h_score=0.5, shrunk_h_score=0.4, seconds=1.0,
-                                 bytes_sent=10, bytes_received=20) for i, c in enumerate(reversed(candidates))]
+                                 examples=10, logme_centred=float(-i), logme=0.0, h_score=0.5, shrunk_h_score=0.4,
+                                 seconds=1.0, bytes_sent=10, bytes_received=20)
+                  for i, c in enumerate(reversed(candidates))]
         folder.mkdir(parents=True, exist_ok=True)
         return Selection(name="quickstart", scores=scores, clients=3, clients_used=[0, 1, 2], clients_refused={},
                          clients_failed={}, seconds=2.0, bytes_sent=30, bytes_received=60), folder
