@@ -225,6 +225,48 @@ def select(
 
 
 @cli.command()
+def gap(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    at: Annotated[
+        str | None,
+        typer.Option("--at", help="A block of the backbone (see `fedtune backbones`) whose average-pooled output is "
+                                  "compared, e.g. blocks_3: earlier blocks see colour, blur and texture, which the "
+                                  "features the head reads largely ignore. Default: those features.",
+                     show_default=False),
+    ] = None,
+) -> None:
+    """Report how far each client's data lies from the rest: feature distances, label skew, flags.
+
+    Each client sends the statistics of its training split's frozen features (Gram matrix, class sums and
+    counts, as for `fedtune select`); the server compares each client with the rest of the federation and
+    with its own held-out split: Fréchet distance, CORAL, MMD (linear kernel), a class-conditional feature
+    shift (which separates changed images from label skew, and flags outliers), and the Hellinger and
+    Jensen-Shannon distances of each label distribution from the federation's (flagged at 0.3 Hellinger).
+    Writes gap.json and gap.png to a folder under output.dir. Refused under privacy.secure_aggregation: the
+    report is per client.
+    """
+    from fedtune.candidates import Candidate
+
+    cfg = _prepare(config, set_, simulation=True)
+    if cfg.privacy.secure_aggregation.enabled:
+        _fail("fedtune gap reports each client's statistics, which privacy.secure_aggregation keeps from the "
+              "server: run it without secure aggregation")
+    if at is not None:
+        _candidates([Candidate(cfg.model.backbone, cfg.model.weights, at).label], cfg, option="--at")
+    from fedtune.domain_gap import print_gap_report
+    from fedtune.simulation import gap as run
+
+    try:
+        report, folder = run(cfg, at=at)
+    except (FileNotFoundError, ValueError, RuntimeError, ConnectionError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    print_gap_report(report)
+    typer.echo(f"results: {folder}")
+
+
+@cli.command()
 def predict(
     model: Annotated[Path, typer.Argument(help="A run directory, or its model.safetensors.", show_default=False)],
     images: Annotated[

@@ -528,13 +528,13 @@ def _with_flags(gap: ClientGap, classes: list[str], *, threshold: float, median:
         held = ", ".join(f"{classes[k]} {int(n)}" for k, n in enumerate(gap.class_counts) if n > 0)
         lacking = f"; lacks {', '.join(classes[k] for k in gap.missing_classes)}" if gap.missing_classes else ""
         flags.append(Flag(kind="label_skew", value=gap.hellinger, threshold=LABEL_SKEW_THRESHOLD, reason=(
-            f"client {gap.name}: label skew, Hellinger distance {gap.hellinger:.2f} from the federation's label "
+            f"{gap.name}: label skew, Hellinger distance {gap.hellinger:.2f} from the federation's label "
             f"distribution (flagged at >= {LABEL_SKEW_THRESHOLD}); holds {held}{lacking}")))
     shift = gap.vs_rest.class_shift.shift
     if shift is not None and shift > threshold:
         worst = max(gap.vs_rest.class_shift.by_class.items(), key=lambda item: item[1])
         flags.append(Flag(kind="feature_shift", value=shift, threshold=threshold, reason=(
-            f"client {gap.name}: feature shift, its class means lie {shift:.2f} within-class SDs from the rest "
+            f"{gap.name}: feature shift, its class means lie {shift:.2f} within-class SDs from the rest "
             f"of the federation's (most: {classes[worst[0]]}, {worst[1]:.2f}); flagged above {threshold:.2f}, the root "
             f"of max(median {median:.3f} + {OUTLIER_K} x {MAD_TO_SD} x MAD {mad:.3f} of the clients' squared "
             f"shifts, floor {SHIFT_FLOOR}^2)")))
@@ -590,7 +590,7 @@ def _checked_moments(who: str, stats: FeatureStatistics) -> tuple[_Moments, np.n
 
 def print_gap_report(report: GapReport, *, console: Console | None = None) -> None:
     """The report as a table (one row per client) and its flags' reasons, at the console."""
-    console = console or Console()
+    console = console or Console(width=max(140, Console().width))
     has_reference = any(c.vs_reference is not None for c in report.clients)
     table = Table(title=f"Domain gap: {len(report.clients)} clients, {len(report.classes)} classes, "
                         f"{report.dimensions} feature dimensions", title_justify="left")

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from flwr.serverapp import ServerApp
 
     from fedtune.candidates import Candidate
+    from fedtune.domain_gap import GapReport
     from fedtune.selection import Selection
     from fedtune.server.run import RunOutcome
 
@@ -69,6 +70,19 @@ def select(cfg: ExperimentConfig, candidates: list[Candidate], *, client_app: Cl
     _simulate(cfg, selection_server_app(cfg, candidates, outcomes), client_app=client_app)
     if not outcomes:
         raise RuntimeError("the simulation ended without finishing the selection; see the log above")
+    return outcomes[0]
+
+
+def gap(cfg: ExperimentConfig, *, at: str | None = None, client_app: ClientApp | None = None
+        ) -> tuple[GapReport, Path]:
+    """`fedtune gap` on virtual clients: the domain-gap report of their data (fedtune/server/gap.py), and
+    the folder it was written to. Nodes and Ray as for `simulate`."""
+    from fedtune.server.app import gap_server_app
+
+    outcomes: list[tuple[GapReport, Path]] = []
+    _simulate(cfg, gap_server_app(cfg, at, outcomes), client_app=client_app)
+    if not outcomes:
+        raise RuntimeError("the simulation ended without finishing the domain-gap report; see the log above")
     return outcomes[0]
 
 

@@ -18,8 +18,10 @@ from flwr.superlink.grid import InMemoryGrid
 
 from fedtune.candidates import Candidate, parse_candidates
 from fedtune.config import ExperimentConfig, load_config
+from fedtune.domain_gap import GapReport
 from fedtune.logs import setup_logging
 from fedtune.selection import Selection
+from fedtune.server.gap import run_gap
 from fedtune.server.run import (
     RunOutcome,
     node_count_mismatch,
@@ -106,5 +108,17 @@ def selection_server_app(cfg: ExperimentConfig, candidates: list[Candidate],
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         outcomes.append(run_selection(grid, cfg, candidates))
+
+    return app
+
+
+def gap_server_app(cfg: ExperimentConfig, at: str | None, outcomes: list[tuple[GapReport, Path]]) -> ServerApp:
+    """The ServerApp of `fedtune gap` in a simulation: the domain-gap report (fedtune/server/gap.py)
+    and its folder, appended to `outcomes`."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        outcomes.append(run_gap(grid, cfg, at=at))
 
     return app

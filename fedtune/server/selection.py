@@ -13,7 +13,7 @@ import random
 import secrets
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,21 @@ from fedtune.statistics_protocol import SecureBounds
 log = logging.getLogger("fedtune.server")
 
 
-def run_selection(grid: Grid, cfg: ExperimentConfig, candidates: list[Candidate]) -> tuple[Selection, Path]:
-    """Score `candidates` on the clients behind `grid`; the selection and its folder."""
+@dataclass(frozen=True)
+class StatisticsSession:
+    """A federation ready to be asked for feature statistics: the candidates built, the nodes there."""
+
+    transport: Transport
+    prepared: list[PreparedCandidate]
+    test_set: ImageDataset  # the server's own held-out split
+    run_dir: RunDirectory
+    warming: list[int] | None  # the simulation's workers to warm up (None: real nodes)
+    pinged: list[str]
+
+
+def open_session(grid: Grid, cfg: ExperimentConfig, candidates: list[Candidate], *, purpose: str) -> StatisticsSession:
+    """Seeds, the transport, the candidates' models and the nodes, then the output folder `<name>-<purpose>`:
+    everything that can fail on bad input (data, weights, a cut that is no block) fails before the folder exists."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -58,34 +71,43 @@ def run_selection(grid: Grid, cfg: ExperimentConfig, candidates: list[Candidate]
     if virtual:  # the workers import torch and fedtune while the server builds the candidates
         warming = list(range(min(len(simulation_pool(grid, cfg)), cfg.federation.num_clients)))
         pinged = ModelDelivery.ping(transport, warming)
-    # Everything that can fail on bad input (data, weights, a cut that is no block) fails before the folder exists.
     test_set = load_split(cfg.data.source, "test", root=cfg.data.root, download=cfg.data.download, seed=cfg.seed,
                           bad_images=cfg.data.bad_images)
-    classes = test_set.classes
     configs = [(candidate, candidate.configure(cfg)) for candidate in candidates]
-    run_key = f"{cfg.name}-select-{secrets.token_hex(6)}"  # scopes the data each worker keeps loaded
-    prepared = prepare_candidates(configs, num_classes=len(classes), run_key=run_key,
+    run_key = f"{cfg.name}-{purpose}-{secrets.token_hex(6)}"  # scopes the data each worker keeps loaded
+    prepared = prepare_candidates(configs, num_classes=len(test_set.classes), run_key=run_key,
                                   timeout=cfg.federation.round_timeout, presumed=virtual)
     wait_for_nodes(transport, cfg)
-    run_dir = RunDirectory.create(cfg.output.dir, f"{cfg.name}-select")
+    run_dir = RunDirectory.create(cfg.output.dir, f"{cfg.name}-{purpose}")
     run_dir.write_config(cfg.to_json())
-    log.info("selection: %d candidates on %d clients; folder %s", len(prepared), cfg.federation.num_clients,
-             run_dir.path)
+    return StatisticsSession(transport, prepared, test_set, run_dir, warming, pinged)
 
-    setup = time.monotonic()
-    if warming is not None:  # as a run's warm-up before its round 1, not counted in the selection's seconds
-        warm_up(transport, prepared, warming, pinged=pinged)
+
+def warm_up_session(session: StatisticsSession) -> float:
+    """In a simulation, every model into the workers' cache (as a run's warm-up before round 1); its seconds."""
+    if session.warming is None:
+        return 0.0
     started = time.monotonic()
-    with _blas_threads(grid):
-        selection = _select(transport, cfg, prepared, test_set)
-    selection = replace(selection, seconds=time.monotonic() - started,
-                        warm_up_seconds=started - setup if warming is not None else 0.0)
-    selection.write(run_dir.path)
-    log.info("selection: %s; results: %s", selection.summary(), run_dir.path)
-    return selection, run_dir.path
+    warm_up(session.transport, session.prepared, session.warming, pinged=session.pinged)
+    return time.monotonic() - started
 
 
-def _blas_threads(grid: Grid) -> AbstractContextManager[object]:
+def run_selection(grid: Grid, cfg: ExperimentConfig, candidates: list[Candidate]) -> tuple[Selection, Path]:
+    """Score `candidates` on the clients behind `grid`; the selection and its folder."""
+    session = open_session(grid, cfg, candidates, purpose="select")
+    log.info("selection: %d candidates on %d clients; folder %s", len(session.prepared), cfg.federation.num_clients,
+             session.run_dir.path)
+    warm_up_seconds = warm_up_session(session)  # not counted in the selection's seconds, as a run's round 1
+    started = time.monotonic()
+    with server_blas_threads(grid):
+        selection = _select(session.transport, cfg, session.prepared, session.test_set)
+    selection = replace(selection, seconds=time.monotonic() - started, warm_up_seconds=warm_up_seconds)
+    selection.write(session.run_dir.path)
+    log.info("selection: %s; results: %s", selection.summary(), session.run_dir.path)
+    return selection, session.run_dir.path
+
+
+def server_blas_threads(grid: Grid) -> AbstractContextManager[object]:
     """In a simulation the server shares the machine's cores with the clients' workers: its linear
     algebra (a Gram matrix's eigendecomposition per candidate, for LogME) runs on one thread. With
     OpenBLAS's threads contending with the workers', one 1280 x 1280 eigendecomposition took 5.2 s
