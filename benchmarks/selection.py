@@ -98,7 +98,7 @@ def run_selection(config: Path, candidates: list[str], *, out: Path, extra: list
     if not found:
         folder.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "fedtune", "select", str(config), "--set", f"output.dir={folder}",
-                   "--candidates", *candidates]
+                   "--candidates", " ".join(candidates)]  # one value: typer takes one per option
         for item in extra:
             command += ["--set", item]
         print("$", " ".join(command), flush=True)
