@@ -108,11 +108,26 @@ class Selection:
     def chosen(self) -> CandidateScore:
         return self.scores[0]
 
+    @property
+    def negative_transfer(self) -> list[str]:
+        """Warnings for each backbone whose random initialisation outscores its ImageNet weights (same cut):
+        the pretrained features fit this data worse than random ones, the sign of negative transfer."""
+        by_model = {(s.backbone, s.cut, s.weights): s for s in self.scores}
+        warnings = []
+        for (backbone, cut, weights), random in by_model.items():
+            pretrained = by_model.get((backbone, cut, "imagenet"))
+            if weights == "none" and pretrained is not None and random.logme_centred > pretrained.logme_centred:
+                warnings.append(f"negative transfer: {random.candidate} (random init) scores "
+                                f"{random.logme_centred:.4f}, above {pretrained.candidate} with ImageNet weights "
+                                f"({pretrained.logme_centred:.4f})")
+        return warnings
+
     def to_json(self) -> str:
         data = asdict(self)
         data["clients_refused"] = {str(k): v for k, v in sorted(self.clients_refused.items())}
         data["clients_failed"] = {str(k): v for k, v in sorted(self.clients_failed.items())}
         data["chosen"] = self.chosen.candidate
+        data["negative_transfer"] = self.negative_transfer
         return json.dumps(data, indent=2) + "\n"
 
     def write(self, folder: Path) -> list[Path]:
@@ -182,6 +197,8 @@ def print_table(selection: Selection, *, file: IO[str] | None = None) -> None:
                       format_bytes(row.bytes_received))
     console = Console(file=file, width=max(120, Console(file=file).width))
     console.print(table)
+    for warning in selection.negative_transfer:
+        console.print(warning, style="bold yellow", highlight=False, soft_wrap=True)
     console.print(selection.summary(), highlight=False, soft_wrap=True)
 
 

@@ -8,6 +8,7 @@ queries, the server's parser against hostile replies, and the command's options.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from fedtune.config import ExperimentConfig, load_config
 from fedtune.engine import extract_features
 from fedtune.params import state_hash
 from fedtune.protocol import ClientSettings
-from fedtune.selection import SELECTION_CSV, SELECTION_JSON, SELECTION_PNG, CandidateScore, Selection
+from fedtune.selection import SELECTION_CSV, SELECTION_JSON, SELECTION_PNG, CandidateScore, Selection, print_table
 from fedtune.server.statistics import StatisticsShape, parse_statistics_reply
 from fedtune.statistics_protocol import (
     MESSAGE_TYPE,
@@ -590,3 +591,29 @@ def test_server_select_ranks_on_real_nodes_over_tls(tmp_path: Path) -> None:
                                                              "efficientnet_lite0@blocks_5:none"}
     for partition in range(2):  # each node cached both models on its own disk
         assert len(list((nodes.cache(partition) / "models").glob("*.safetensors"))) == 2
+
+
+def test_random_init_above_its_imagenet_weights_is_flagged_as_negative_transfer() -> None:
+    def scored(label: str, value: float) -> CandidateScore:
+        candidate = Candidate.parse(label)
+        return CandidateScore(candidate=label, backbone=candidate.backbone, weights=candidate.weights,
+                              cut=candidate.cut, feature_dim=8, examples=10, logme_centred=value, logme=0.0,
+                              h_score=0.5, shrunk_h_score=0.4, seconds=1.0, bytes_sent=10, bytes_received=20)
+
+    def selection(*scores: CandidateScore) -> Selection:
+        return Selection(name="digits", scores=list(scores), clients=2, clients_used=[0, 1], clients_refused={},
+                         clients_failed={}, seconds=1.0, bytes_sent=1, bytes_received=1)
+
+    flagged = selection(scored("efficientnet_lite0", 0.2), scored("efficientnet_lite0:none", 0.3),
+                        scored("efficientnet_lite0@blocks_5", 0.25))
+    assert flagged.negative_transfer == [
+        "negative transfer: efficientnet_lite0:none (random init) scores 0.3000, above efficientnet_lite0 with "
+        "ImageNet weights (0.2000)"]
+    assert json.loads(flagged.to_json())["negative_transfer"] == flagged.negative_transfer
+    out = io.StringIO()
+    print_table(flagged, file=out)
+    assert "negative transfer: efficientnet_lite0:none" in out.getvalue()
+    # Below its pretrained twin, or with no pretrained twin of the same cut, random init says nothing.
+    assert not selection(scored("efficientnet_lite0", 0.4), scored("efficientnet_lite0:none", 0.3)).negative_transfer
+    assert not selection(scored("efficientnet_lite0@blocks_5", 0.1),
+                         scored("efficientnet_lite0:none", 0.3)).negative_transfer
