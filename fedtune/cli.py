@@ -224,6 +224,17 @@ def select(
         typer.echo(f"config: {write} (model {chosen.label})")
 
 
+def _check_gap(cfg: ExperimentConfig, at: str | None, *, option: str) -> None:
+    """Exit naming the problem if a domain-gap report of `cfg` (at block `at`) cannot run."""
+    from fedtune.candidates import Candidate
+
+    if cfg.privacy.secure_aggregation.enabled:
+        _fail("fedtune gap reports each client's statistics, which privacy.secure_aggregation keeps from the "
+              "server: run it without secure aggregation")
+    if at is not None:
+        _candidates([Candidate(cfg.model.backbone, cfg.model.weights, at).label], cfg, option=option)
+
+
 @cli.command()
 def gap(
     config: ConfigArg,
@@ -246,14 +257,8 @@ def gap(
     Writes gap.json and gap.png to a folder under output.dir. Refused under privacy.secure_aggregation: the
     report is per client.
     """
-    from fedtune.candidates import Candidate
-
     cfg = _prepare(config, set_, simulation=True)
-    if cfg.privacy.secure_aggregation.enabled:
-        _fail("fedtune gap reports each client's statistics, which privacy.secure_aggregation keeps from the "
-              "server: run it without secure aggregation")
-    if at is not None:
-        _candidates([Candidate(cfg.model.backbone, cfg.model.weights, at).label], cfg, option="--at")
+    _check_gap(cfg, at, option="--at")
     from fedtune.domain_gap import print_gap_report
     from fedtune.simulation import gap as run
 
@@ -359,6 +364,13 @@ def server(
                                       "folder is written under output.dir here.",
                      show_default=False),
     ] = None,
+    gap: Annotated[
+        str | None,
+        typer.Option("--gap", help="Instead of training, report the domain gap of the connected clients, as "
+                                   "`fedtune gap` does in a simulation: 'head' (the features the head reads) or a "
+                                   "block (blocks_3); gap.json and gap.png are written under output.dir here.",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Run the server node: start Flower's SuperLink, run CONFIG on the clients that connect, then stop.
 
@@ -366,11 +378,17 @@ def server(
     """
     cfg = _prepare(config, set_, simulation=False)  # a bad experiment fails here, before anything starts
     candidates = _candidates(select, cfg, option="--select") if select else None
+    if select and gap:
+        _fail("--select and --gap: choose one")
+    task = {"select": " ".join(c.label for c in candidates)} if candidates else {}
+    if gap:
+        _check_gap(cfg, None if gap == "head" else gap, option="--gap")
+        task = {"gap": gap}
     from fedtune.nodes import NodeError, serve
 
     try:
         code = serve(config, set_ or [], host=host, port=port, certs=certs, insecure=insecure, state_dir=state_dir,
-                     authorized_keys=authorized_keys, select=[c.label for c in candidates] if candidates else None)
+                     authorized_keys=authorized_keys, task=task)
     except NodeError as error:
         _fail(str(error))
         return

@@ -72,10 +72,15 @@ def _flwr(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedPro
 
 
 def submit_and_follow(config: Path, overrides: list[str], env: dict[str, str], cwd: Path, *,
-                      select: list[str] | None = None) -> int:
+                      task: dict[str, str] | None = None) -> int:
     """Submit one run, stream its logs, and return its exit code from the status of THAT run.
-    With `select`, the run ranks these candidates instead of training (fedtune/server/selection.py)."""
-    run_config = f"config='{config.resolve()}' set='{';'.join(overrides)}' select='{' '.join(select or [])}'"
+
+    `task`: run-config entries (keys of pyproject.toml's [tool.flwr.app.config]) that make the run do
+    something else than train: `select` (candidates separated by spaces: fedtune/server/selection.py)
+    or `gap` (`head` or a block: fedtune/server/gap.py). Values must hold no quote (') (the callers
+    refuse them)."""
+    extra = "".join(f" {key}='{value}'" for key, value in (task or {}).items())
+    run_config = f"config='{config.resolve()}' set='{';'.join(overrides)}'{extra}"
     submitted = _flwr("run", str(APP_ROOT), CONNECTION, "--run-config", run_config, "--format", "json",
                       env=env, cwd=cwd)
     try:

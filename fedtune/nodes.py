@@ -57,13 +57,14 @@ def serve(
     state_dir: Path,
     authorized_keys: Path | None = None,
     startup_timeout: float = 60.0,
-    select: list[str] | None = None,
+    task: dict[str, str] | None = None,
 ) -> int:
     """Start a SuperLink, submit one run of `config` to it, stream its logs, stop the SuperLink.
 
     The SuperLink listens on loopback, behind the Fleet API gateway on `host`:`port`. With
-    `authorized_keys`, only SuperNodes holding one of those keys may connect. With `select`, the run
-    ranks these candidates instead of training (`fedtune server --select`). Returns the exit code
+    `authorized_keys`, only SuperNodes holding one of those keys may connect. `task` holds run-config
+    entries that make the run do something else than train (`flower_cli.submit_and_follow`): `select`
+    ranks candidates (`fedtune server --select`), `gap` reports the domain gap (`--gap`). Returns the exit code
     of the run this call submitted: 0 when it completed, 1 when it failed or was stopped.
     """
     if not (APP_ROOT / "pyproject.toml").is_file():
@@ -90,7 +91,7 @@ def serve(
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
             return _serve_on(public, config, overrides, tls=tls, state_dir=state_dir, public_keys=public_keys,
-                             startup_timeout=startup_timeout, select=select)
+                             startup_timeout=startup_timeout, task=task)
         finally:
             public.close()
 
@@ -104,7 +105,7 @@ def _serve_on(
     state_dir: Path,
     public_keys: list[str],
     startup_timeout: float,
-    select: list[str] | None = None,
+    task: dict[str, str] | None = None,
 ) -> int:
     # The SuperLink's state stays in memory (Flower's default). With a database file, under load
     # (or with a large backbone in flight) its SQLite writers time out on each other's locks
@@ -138,7 +139,7 @@ def _serve_on(
         if public_keys:
             register_nodes(public_keys, env, state_dir, startup_timeout)
         gateway_app.open()
-        return submit_and_follow(config, overrides, env, state_dir, select=select)
+        return submit_and_follow(config, overrides, env, state_dir, task=task)
     finally:
         gateway.stop()  # first: the public port closes at once
         if process is not None:

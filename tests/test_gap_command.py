@@ -59,3 +59,36 @@ def test_gap_refuses_a_block_the_backbone_lacks(tmp_path: Path, at: str) -> None
 
     assert done.exit_code == 2
     assert "--at" in done.output
+
+
+@pytest.mark.slow
+def test_server_gap_reports_on_real_nodes_over_tls(tmp_path: Path) -> None:
+    from real_nodes import FEDTUNE, LoopbackFederation, make_certs, sets, wait_until_listening
+
+    nodes = LoopbackFederation(tmp_path, make_certs(tmp_path / "certs"), num_clients=2)
+    runs = tmp_path / "runs"
+    try:
+        for partition in range(2):
+            nodes.start_client(partition)
+        server = nodes._start(
+            [*FEDTUNE, "server", str(QUICKSTART), "--host", "127.0.0.1", "--port", str(nodes.port), "--certs",
+             str(nodes.certs), "--state-dir", str(tmp_path / "state"), "--authorized-keys", str(nodes.authorized),
+             "--gap", "blocks_3",
+             *sets("federation.num_clients=2", "data.image_size=32", "train.unfreeze=[]", f"output.dir={runs}")],
+            "server.log")
+        wait_until_listening(nodes.port, server)
+        assert nodes.wait(server, 900) == 0, nodes.log("server.log")[-3000:]
+    finally:
+        nodes.stop()
+    (folder,) = runs.glob("quickstart-gap-*")
+    report = json.loads((folder / GAP_JSON).read_text())
+    assert len(report["clients"]) == 2 and report["feature_dimensions"] == 80  # blocks_3 of Lite0: 80 channels
+    assert (folder / GAP_PNG).is_file()
+
+
+def test_server_refuses_select_and_gap_together(tmp_path: Path) -> None:
+    done = CliRunner().invoke(cli, ["server", str(QUICKSTART), "--select", "efficientnet_lite0", "--gap", "head",
+                                    "--set", f"output.dir={tmp_path}"])
+
+    assert done.exit_code == 2
+    assert "--select and --gap: choose one" in done.output

@@ -21,7 +21,7 @@ from fedtune.config import ExperimentConfig, load_config
 from fedtune.domain_gap import GapReport
 from fedtune.logs import setup_logging
 from fedtune.selection import Selection
-from fedtune.server.gap import run_gap
+from fedtune.server.gap import GAP_AT_HEAD, run_gap
 from fedtune.server.run import (
     RunOutcome,
     node_count_mismatch,
@@ -78,6 +78,10 @@ def server_app(app_root: Path) -> ServerApp:
         select = str(context.run_config.get("select", "")).split()
         if select:  # `fedtune server --select`: rank these candidates instead of training
             run_selection(grid, cfg, parse_candidates(select))
+            return
+        gap = str(context.run_config.get("gap", "")).strip()
+        if gap:  # `fedtune server --gap`: report the clients' domain gap instead of training
+            run_gap(grid, cfg, at=None if gap == GAP_AT_HEAD else gap)
             return
         run_federation(grid, cfg)  # which sends everything through its transport (fedtune/server/transport.py)
 

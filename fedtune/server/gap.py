@@ -27,6 +27,9 @@ from fedtune.server.statistics import collect_statistics, reference_statistics
 
 log = logging.getLogger("fedtune.server")
 
+# `fedtune server --gap head`: compare the features the head reads (any other value names a block).
+GAP_AT_HEAD = "head"
+
 
 def gap_candidate(cfg: ExperimentConfig, at: str | None) -> Candidate:
     """The config's own model, or the same backbone ending after block `at` (earlier blocks see colour,
