@@ -154,11 +154,13 @@ def h_score(stats: FeatureStatistics) -> float:
     saturates at classes - 1 whatever the features (ants/bees' 244 Lite0 features of 1280
     dimensions score exactly 1.0): `shrunk_h_score` is meant for that case.
     """
-    covariance, between = _covariances(stats, "H-score")
+    covariance, centred, shares = _covariances(stats, "H-score")
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     keep = eigenvalues > _RELATIVE_RANK_CUTOFF * max(float(eigenvalues.max()), 0.0)
-    inverse = (eigenvectors[:, keep] / eigenvalues[keep]) @ eigenvectors[:, keep].T
-    return float(np.trace(inverse @ between))
+    # tr(cov^+ sum_k w_k c_k c_k^T) = sum_k w_k |diag(1/l) V^T c_k|^2 over the kept eigenpairs:
+    # K x D work after the eigendecomposition, not the D x D products of forming cov^+.
+    projected = centred @ eigenvectors[:, keep]
+    return float(np.sum(shares[:, None] * projected**2 / eigenvalues[keep]))
 
 
 def shrunk_h_score(stats: FeatureStatistics) -> float:
@@ -170,7 +172,7 @@ def shrunk_h_score(stats: FeatureStatistics) -> float:
     Ledoit-Wolf would need fourth moments of the features. Unlike the plain score it does not
     saturate when there are fewer examples than dimensions.
     """
-    covariance, between = _covariances(stats, "shrunk H-score")
+    covariance, centred, shares = _covariances(stats, "shrunk H-score")
     n, dims = stats.count, len(covariance)
     alpha = float(np.mean(covariance**2))
     mu = float(np.trace(covariance)) / dims
@@ -179,11 +181,14 @@ def shrunk_h_score(stats: FeatureStatistics) -> float:
     denominator = (n + 1) * (alpha - mu**2 / dims)
     shrinkage = 1.0 if denominator == 0 else min((alpha + mu**2) / denominator, 1.0)
     shrunk = (1.0 - shrinkage) * covariance + shrinkage * mu * np.eye(dims)
-    return float(np.trace(np.linalg.solve(shrunk, (1.0 - shrinkage) * between)))
+    # tr(shrunk^-1 (1 - a) sum_k w_k c_k c_k^T) = (1 - a) sum_k w_k c_k . shrunk^-1 c_k
+    solved = np.linalg.solve(shrunk, centred.T)
+    return float((1.0 - shrinkage) * np.sum(shares * np.einsum("kd,dk->k", centred, solved)))
 
 
-def _covariances(stats: FeatureStatistics, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """The features' covariance (normalised by N) and the covariance of the class means E[f | y]."""
+def _covariances(stats: FeatureStatistics, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The features' covariance (normalised by N), and the class means E[f | y] less the mean (K' x D, the
+    classes present) with their shares of the examples: cov(E[f | y]) = sum_k share_k c_k c_k^T."""
     n = stats.count
     if n < 2:
         raise ValueError(f"{what} needs at least 2 examples")
@@ -191,6 +196,4 @@ def _covariances(stats: FeatureStatistics, what: str) -> tuple[np.ndarray, np.nd
     covariance = stats.gram / n - np.outer(mean, mean)
     present = stats.class_counts > 0
     class_means = stats.class_sums[present] / stats.class_counts[present, None]
-    centred = class_means - mean
-    between = (centred.T * (stats.class_counts[present] / n)) @ centred
-    return covariance, between
+    return covariance, class_means - mean, stats.class_counts[present] / n
