@@ -131,3 +131,24 @@ def wait_for_checkpoint(runs: Path, round_: int, server: subprocess.Popen, timeo
                 pass
         time.sleep(0.5)
     raise TimeoutError(f"no checkpoint of round {round_} under {runs} after {timeout:.0f} s")
+
+
+def serve_once(root: Path, config: Path, task: list[str], overrides: list[str], *, clients: int = 2
+               ) -> LoopbackFederation:
+    """`fedtune server CONFIG TASK...` over TLS with node keys on `clients` loopback client nodes, run until it
+    exits 0 (asserted, with the end of its log); every process is stopped. Returns the federation, whose
+    node caches stay on disk."""
+    nodes = LoopbackFederation(root, make_certs(root / "certs"), num_clients=clients)
+    try:
+        for partition in range(clients):
+            nodes.start_client(partition)
+        server = nodes._start(
+            [*FEDTUNE, "server", str(config), "--host", "127.0.0.1", "--port", str(nodes.port), "--certs",
+             str(nodes.certs), "--state-dir", str(root / "state"), "--authorized-keys", str(nodes.authorized),
+             *task, *sets(*overrides)],
+            "server.log")
+        wait_until_listening(nodes.port, server)
+        assert nodes.wait(server, 900) == 0, nodes.log("server.log")[-3000:]
+    finally:
+        nodes.stop()
+    return nodes

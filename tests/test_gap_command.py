@@ -63,23 +63,11 @@ def test_gap_refuses_a_block_the_backbone_lacks(tmp_path: Path, at: str) -> None
 
 @pytest.mark.slow
 def test_server_gap_reports_on_real_nodes_over_tls(tmp_path: Path) -> None:
-    from real_nodes import FEDTUNE, LoopbackFederation, make_certs, sets, wait_until_listening
+    from real_nodes import serve_once
 
-    nodes = LoopbackFederation(tmp_path, make_certs(tmp_path / "certs"), num_clients=2)
     runs = tmp_path / "runs"
-    try:
-        for partition in range(2):
-            nodes.start_client(partition)
-        server = nodes._start(
-            [*FEDTUNE, "server", str(QUICKSTART), "--host", "127.0.0.1", "--port", str(nodes.port), "--certs",
-             str(nodes.certs), "--state-dir", str(tmp_path / "state"), "--authorized-keys", str(nodes.authorized),
-             "--gap", "blocks_3",
-             *sets("federation.num_clients=2", "data.image_size=32", "train.unfreeze=[]", f"output.dir={runs}")],
-            "server.log")
-        wait_until_listening(nodes.port, server)
-        assert nodes.wait(server, 900) == 0, nodes.log("server.log")[-3000:]
-    finally:
-        nodes.stop()
+    serve_once(tmp_path, QUICKSTART, ["--gap", "blocks_3"], ["federation.num_clients=2", "data.image_size=32",
+                                                           "train.unfreeze=[]", f"output.dir={runs}"])
     (folder,) = runs.glob("quickstart-gap-*")
     report = json.loads((folder / GAP_JSON).read_text())
     assert len(report["clients"]) == 2 and report["feature_dimensions"] == 80  # blocks_3 of Lite0: 80 channels

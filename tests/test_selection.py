@@ -567,23 +567,12 @@ def test_select_under_secure_aggregation_scores_the_sums_alone(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_server_select_ranks_on_real_nodes_over_tls(tmp_path: Path) -> None:
-    from real_nodes import FEDTUNE, LoopbackFederation, make_certs, sets, wait_until_listening
+    from real_nodes import serve_once
 
-    nodes = LoopbackFederation(tmp_path, make_certs(tmp_path / "certs"), num_clients=2)
     runs = tmp_path / "runs"
-    try:
-        for partition in range(2):
-            nodes.start_client(partition)
-        server = nodes._start(
-            [*FEDTUNE, "server", str(QUICKSTART), "--host", "127.0.0.1", "--port", str(nodes.port), "--certs",
-             str(nodes.certs), "--state-dir", str(tmp_path / "state"), "--authorized-keys", str(nodes.authorized),
-             "--select", "efficientnet_lite0@blocks_3 efficientnet_lite0@blocks_5:none",
-             *sets("federation.num_clients=2", "data.image_size=32", "train.unfreeze=[]", f"output.dir={runs}")],
-            "server.log")
-        wait_until_listening(nodes.port, server)
-        assert nodes.wait(server, 900) == 0, nodes.log("server.log")[-3000:]
-    finally:
-        nodes.stop()
+    task = ["--select", "efficientnet_lite0@blocks_3 efficientnet_lite0@blocks_5:none"]
+    nodes = serve_once(tmp_path, QUICKSTART, task, ["federation.num_clients=2", "data.image_size=32",
+                                                    "train.unfreeze=[]", f"output.dir={runs}"])
     (folder,) = runs.glob("quickstart-select-*")
     selection = json.loads((folder / SELECTION_JSON).read_text())
     assert len(selection["clients_used"]) == 2 and not selection["clients_refused"]
