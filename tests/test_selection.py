@@ -396,6 +396,16 @@ def test_a_node_answers_a_statistics_query_with_what_the_server_accepts(holding:
     np.testing.assert_allclose(parsed.statistics[0].gram, expected.gram, rtol=1e-9, atol=1e-9 * expected.gram.max())
 
 
+def test_a_node_with_its_own_privacy_budget_refuses_statistics(tmp_path: Path, server_identity: None) -> None:
+    strict = Node(cache=tmp_path / "strict", extra_config={"max-epsilon": 1.0})
+    assert not strict.send(query(with_backbone=True)).has_error()
+
+    reply = strict.send(_query())
+
+    assert reply.has_error()
+    assert "leaves it only under DP-SGD (its max-epsilon is 1)" in reply.error.reason
+
+
 def test_two_models_decode_the_images_once_and_each_gets_its_own_features(holding: Node) -> None:
     other = global_model(seed=1)
     assert not holding.send(query(other, with_backbone=True)).has_error()

@@ -52,6 +52,7 @@ def answer_statistics_query(msg: Message, context: Context) -> Message:
     Raises RefusedMessage for a query not of its exact form (a stage the model lacks, or whose
     output is not a feature vector or map), ModelNotCached if a candidate's model is not here.
     """
+    _refuse_under_own_budget(context)
     query = parse_statistics_query(msg.content)
     if query.secure is not None:
         raise RefusedMessage(keys.STATISTICS_NORMS, "secure aggregation's bounds in a plain query: the statistics "
@@ -65,9 +66,20 @@ def answer_statistics_query(msg: Message, context: Context) -> Message:
     return Message(statistics_reply(records, num_examples=examples, seconds=seconds), reply_to=msg)
 
 
+def _refuse_under_own_budget(context: Context) -> None:
+    """A node with its own privacy budget (node config max-epsilon) releases its data only through
+    DP-SGD's noise; the statistics are exact moments of its features (and, summed by SecAgg+, still
+    exact for the federation), so it answers no statistics query."""
+    node = NodeIdentity.from_node_config(dict(context.node_config))
+    if node.max_epsilon is not None:
+        raise RefusedMessage(keys.STATISTICS_SETTINGS, f"this node's data leaves it only under DP-SGD (its max-epsilon "
+                                                       f"is {node.max_epsilon:g}); feature statistics carry no noise")
+
+
 def secure_statistics(query: StatisticsQuery, context: Context) -> dict[str, np.ndarray]:
     """Under SecAgg+: every candidate's statistics scaled into [-1, 1] by the query's public bounds,
     keyed `<candidate index>.<part>` (fedtune/statistics_protocol.py, secure_vectors)."""
+    _refuse_under_own_budget(context)
     if query.secure is None:
         raise RefusedMessage(keys.STATISTICS_NORMS, "missing: under secure aggregation the sums need public bounds")
     vectors: dict[str, np.ndarray] = {}
