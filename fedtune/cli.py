@@ -259,7 +259,7 @@ def gap(
     """
     cfg = _prepare(config, set_, simulation=True)
     _check_gap(cfg, at, option="--at")
-    from fedtune.domain_gap import print_gap_report
+    from fedtune.domain_gap_view import print_gap_report
     from fedtune.simulation import gap as run
 
     try:

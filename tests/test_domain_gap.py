@@ -28,9 +28,9 @@ from fedtune.domain_gap import (
     hellinger,
     jensen_shannon,
     mmd2_linear,
-    print_gap_report,
     without,
 )
+from fedtune.domain_gap_view import print_gap_report, write_gap_report
 from fedtune.transferability import FeatureStatistics
 
 
@@ -241,7 +241,7 @@ def test_the_report_writes_strict_json_and_a_heatmap(tmp_path: Path) -> None:
     reference = _stats(*_synthetic_federation(seed=9)["mixed-1"])
     report = domain_gap(clients, class_names=["ants", "bees"], reference=reference)
 
-    written = report.write(tmp_path / "gap")
+    written = write_gap_report(report, tmp_path / "gap")
 
     assert [p.name for p in written] == [GAP_JSON, GAP_PNG]
     data = json.loads((tmp_path / "gap" / GAP_JSON).read_text(), parse_constant=lambda c: pytest.fail(c))
@@ -265,7 +265,7 @@ def test_a_hundred_clients_are_drawn_and_printed(tmp_path: Path) -> None:
         clients[f"client-{i:03d}"] = _stats(rng.normal(size=(12, 5)) + (3.0 if i == 42 else 0.0), labels, 10)
     report = domain_gap(clients, class_names=[f"digit {d}" for d in range(10)])
     assert "client-042" in report.flagged("feature_shift")
-    report.write(tmp_path)
+    write_gap_report(report, tmp_path)
     assert (tmp_path / GAP_PNG).stat().st_size > 10_000
 
     out = io.StringIO()

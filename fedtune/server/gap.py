@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from fedtune.candidates import Candidate
 from fedtune.config import ExperimentConfig
 from fedtune.domain_gap import GapReport, domain_gap
+from fedtune.domain_gap_view import write_gap_report
 from fedtune.engine import resolve_device
 from fedtune.server.selection import open_session, server_blas_threads, warm_up_session
 from fedtune.server.statistics import collect_statistics, reference_statistics
@@ -57,7 +58,7 @@ def run_gap(grid: Grid, cfg: ExperimentConfig, *, at: str | None = None) -> tupl
     with server_blas_threads(grid):
         reference = reference_statistics(candidate, session.test_set, device=resolve_device(cfg.train.device))
         report = domain_gap(clients, class_names=session.test_set.classes, reference=reference)
-    report.write(session.run_dir.path)
+    write_gap_report(report, session.run_dir.path)
     log.info("domain gap: %d of %d clients flagged for label skew, %d for feature shift; results: %s",
              len(report.flagged("label_skew")), len(clients), len(report.flagged("feature_shift")),
              session.run_dir.path)
