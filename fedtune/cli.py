@@ -226,13 +226,13 @@ def select(
 
 def _check_gap(cfg: ExperimentConfig, at: str | None, *, option: str) -> None:
     """Exit naming the problem if a domain-gap report of `cfg` (at block `at`) cannot run."""
-    from fedtune.candidates import Candidate
+    from fedtune.server.gap import gap_candidate
 
     if cfg.privacy.secure_aggregation.enabled:
         _fail("fedtune gap reports each client's statistics, which privacy.secure_aggregation keeps from the "
               "server: run it without secure aggregation")
     if at is not None:
-        _candidates([Candidate(cfg.model.backbone, cfg.model.weights, at).label], cfg, option=option)
+        _candidates([gap_candidate(cfg, at).label], cfg, option=option)
 
 
 @cli.command()
@@ -382,7 +382,7 @@ def server(
         _fail("--select and --gap: choose one")
     task = {"select": " ".join(c.label for c in candidates)} if candidates else {}
     if gap:
-        _check_gap(cfg, None if gap == "head" else gap, option="--gap")
+        _check_gap(cfg, None if gap == "head" else gap, option="--gap")  # "head": fedtune.server.gap.GAP_AT_HEAD
         task = {"gap": gap}
     from fedtune.nodes import NodeError, serve
 

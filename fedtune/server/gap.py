@@ -48,12 +48,12 @@ def run_gap(grid: Grid, cfg: ExperimentConfig, *, at: str | None = None) -> tupl
     log.info("domain gap: %s features of %d clients; folder %s", candidate.label, cfg.federation.num_clients,
              session.run_dir.path)
     warm_up_session(session)
+    name_of = candidate.delivery.name_of
     collection = collect_statistics(session.transport, session.prepared, clients=session.transport.get_node_ids(),
-                                    timeout=cfg.federation.round_timeout, name_of=candidate.delivery.name_of)
+                                    timeout=cfg.federation.round_timeout, name_of=name_of)
     if len(collection.per_client) < 2:
         raise RuntimeError(f"fedtune gap needs the statistics of at least 2 clients; {len(collection.per_client)} "
                            "sent usable ones (see the log above)")
-    name_of = candidate.delivery.name_of
     clients = {name_of(client): collection.per_client[client].statistics[0] for client in sorted(collection.per_client)}
     with server_blas_threads(grid):
         reference = reference_statistics(candidate, session.test_set, device=resolve_device(cfg.train.device))
