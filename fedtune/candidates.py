@@ -9,6 +9,7 @@ nor `:`, so the first `:` starts the weights, which may be a path holding either
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -94,3 +95,22 @@ def parse_candidates(texts: list[str]) -> list[Candidate]:
             raise ValueError(f"candidate {candidate.label} is named twice")
         seen.add(candidate)
     return candidates
+
+
+def check_sample(sample: float) -> float:
+    """The share of each client's training split its statistics come from (`--sample`); ValueError
+    unless it lies in (0, 1]."""
+    if not (math.isfinite(sample) and 0.0 < sample <= 1.0):
+        raise ValueError(f"the share of each client's training split must be a fraction in (0, 1], not {sample}")
+    return sample
+
+
+def parse_sample(text: str) -> float:
+    """The run config's `select-sample` (`fedtune server --select --sample`): empty is the whole split."""
+    if not text.strip():
+        return 1.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"select-sample: {text[:40]!r} is not a number") from None
+    return check_sample(value)

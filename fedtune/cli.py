@@ -27,6 +27,12 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a setting, e.g. --set train.lr=0.01 (repeatable).", show_default=False),
 ]
+SampleOpt = Annotated[
+    float,
+    typer.Option("--sample", help="Compute each client's statistics on this share of its training split (a seeded, "
+                                  "class-stratified subset, at least one example): cheaper, noisier scores. "
+                                  "The README measures the ranking against fine-tuning at 1.0 and below."),
+]
 
 
 class BadImagesChoice(enum.StrEnum):
@@ -181,6 +187,7 @@ def select(
                                                   "cut) to this file: a ready experiment.", show_default=False)
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Let --write replace an existing file.")] = False,
+    sample: SampleOpt = 1.0,
 ) -> None:
     """Rank candidate backbones on the federation's data before any training (LogME, H-score).
 
@@ -192,20 +199,23 @@ def select(
     rotation when it has no more examples than dimensions). With privacy.secure_aggregation the server
     sees only the federation's sums. Writes selection.json, selection.csv and selection.png to a
     folder under output.dir, prints the ranking and the seconds and bytes spent. The chosen
-    candidate's features stay in the clients' caches for the run that follows.
+    candidate's features stay in the clients' caches for the run that follows (not with --sample
+    below 1: the run reads the whole split). --sample trades the scores' precision for time: the
+    README measures the ranking against fine-tuning at each share.
     """
     from fedtune.candidates import DEFAULT_CANDIDATES
     from fedtune.config import ConfigError
 
     cfg = _prepare(config, set_, simulation=True)
     ranked = _candidates(candidates or list(DEFAULT_CANDIDATES), cfg)
+    _check_sample(sample)
     if write is not None and write.exists() and not force:
         _fail(f"--write: {write} exists; pass --force to replace it")
     from fedtune.selection import chosen_config_text, print_table, write_chosen_config
     from fedtune.simulation import select as run
 
     try:
-        selection, folder = run(cfg, ranked)
+        selection, folder = run(cfg, ranked, sample=sample)
     except (FileNotFoundError, ValueError, RuntimeError, ConnectionError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=1) from None
@@ -222,6 +232,15 @@ def select(
         except (ConfigError, OSError) as error:
             _fail(f"--write: {error}")
         typer.echo(f"config: {write} (model {chosen.label})")
+
+
+def _check_sample(sample: float) -> None:
+    from fedtune.candidates import check_sample
+
+    try:
+        check_sample(sample)
+    except ValueError as error:
+        _fail(f"--sample: {error}")
 
 
 def _check_gap(cfg: ExperimentConfig, at: str | None, *, option: str) -> None:
@@ -364,6 +383,7 @@ def server(
                                       "folder is written under output.dir here.",
                      show_default=False),
     ] = None,
+    sample: SampleOpt = 1.0,
     gap: Annotated[
         str | None,
         typer.Option("--gap", help="Instead of training, report the domain gap of the connected clients, as "
@@ -380,7 +400,10 @@ def server(
     candidates = _candidates(select, cfg, option="--select") if select else None
     if select and gap:
         _fail("--select and --gap: choose one")
-    task = {"select": " ".join(c.label for c in candidates)} if candidates else {}
+    _check_sample(sample)
+    if sample != 1.0 and not select:
+        _fail("--sample: applies to --select alone")
+    task = {"select": " ".join(c.label for c in candidates), "select-sample": repr(sample)} if candidates else {}
     if gap:
         _check_gap(cfg, None if gap == "head" else gap, option="--gap")  # "head": fedtune.server.gap.GAP_AT_HEAD
         task = {"gap": gap}

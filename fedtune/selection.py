@@ -68,6 +68,9 @@ class CandidateScore:
 
 def score(candidate: Candidate, stats: FeatureStatistics, *, feature_dim: int, seconds: float, bytes_sent: int,
           bytes_received: int, client_seconds: float = 0.0) -> CandidateScore:
+    """The candidate's scores on the pooled `stats`, computed in the span of its features where the
+    clients' Gram factors give one (FeatureStatistics.in_span: the same scores, in a fraction of the time)."""
+    stats = stats.in_span()
     return CandidateScore(
         candidate=candidate.label, backbone=candidate.backbone, weights=candidate.weights, cut=candidate.cut,
         feature_dim=feature_dim, examples=stats.count, logme_centred=logme(stats.centred()), logme=logme(stats),
@@ -98,6 +101,8 @@ class Selection:
     # Before `seconds`, in a simulation: the workers starting and every model put in their machine's
     # shared cache (a run's round 1 does not count its warm-up either).
     warm_up_seconds: float = 0.0
+    # The share of each client's training split its statistics came from (`fedtune select --sample`).
+    sample: float = 1.0
 
     def __post_init__(self) -> None:
         # Best first; a score that is not a number (degenerate statistics) last.
@@ -172,8 +177,9 @@ class Selection:
         left_out = len(self.clients_refused) + len(self.clients_failed)
         warm = f" (after {self.warm_up_seconds:.1f} s warming the simulation's workers up)" \
             if self.warm_up_seconds else ""
+        sample = f" ({self.sample:.0%} of each one's training split)" if self.sample < 1 else ""
         return (f"chosen: {self.chosen.candidate} (centred LogME {self.chosen.logme_centred:.4f}); statistics from "
-                f"{len(self.clients_used)} of {self.clients} clients ({len(self.clients_refused)} refused, "
+                f"{len(self.clients_used)} of {self.clients} clients{sample} ({len(self.clients_refused)} refused, "
                 f"{len(self.clients_failed)} failed{', left out' if left_out else ''}); spent "
                 f"{self.seconds:.1f} s{warm}, sent {format_bytes(self.bytes_sent)}, received "
                 f"{format_bytes(self.bytes_received)}")

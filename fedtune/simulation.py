@@ -60,14 +60,15 @@ def simulate(cfg: ExperimentConfig, *, client_app: ClientApp | None = None) -> R
     return outcomes[0]
 
 
-def select(cfg: ExperimentConfig, candidates: list[Candidate], *, client_app: ClientApp | None = None
-           ) -> tuple[Selection, Path]:
-    """`fedtune select` on virtual clients: the candidates ranked on their data (fedtune/server/selection.py),
-    and the folder the selection was written to. Nodes and Ray as for `simulate`."""
+def select(cfg: ExperimentConfig, candidates: list[Candidate], *, sample: float = 1.0,
+           client_app: ClientApp | None = None) -> tuple[Selection, Path]:
+    """`fedtune select` on virtual clients: the candidates ranked on their data, each client's statistics
+    from `sample` of its training split (fedtune/server/selection.py), and the folder the selection was
+    written to. Nodes and Ray as for `simulate`."""
     from fedtune.server.app import selection_server_app
 
     outcomes: list[tuple[Selection, Path]] = []
-    _simulate(cfg, selection_server_app(cfg, candidates, outcomes), client_app=client_app)
+    _simulate(cfg, selection_server_app(cfg, candidates, outcomes, sample=sample), client_app=client_app)
     if not outcomes:
         raise RuntimeError("the simulation ended without finishing the selection; see the log above")
     return outcomes[0]

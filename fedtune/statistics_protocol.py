@@ -47,7 +47,7 @@ MAX_LEVELS = 2**30  # SecAgg+'s quantisation levels: Flower quantises to int32
 _MAX_NORM = 1e12  # a feature norm bound beyond any real feature's
 MESSAGE_TYPE = f"query.{keys.STATISTICS}"
 # Eigenvalues of F F^T below this share of the largest are zero (rounding): their rows of the factor are left out.
-_FACTOR_RANK_CUTOFF = 1e-13
+FACTOR_RANK_CUTOFF = 1e-13
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def gram_factor(features: np.ndarray) -> np.ndarray:
     """
     f = np.asarray(features, dtype=np.float64)
     eigenvalues, eigenvectors = np.linalg.eigh(f @ f.T)
-    keep = eigenvalues > _FACTOR_RANK_CUTOFF * max(float(eigenvalues.max(initial=0.0)), 0.0)
+    keep = eigenvalues > FACTOR_RANK_CUTOFF * max(float(eigenvalues.max(initial=0.0)), 0.0)
     rows = eigenvectors[:, keep].T @ f
     largest = rows[np.arange(len(rows)), np.abs(rows).argmax(axis=1)] if len(rows) else np.zeros(0)
     rows *= np.where(largest < 0, -1.0, 1.0)[:, None]

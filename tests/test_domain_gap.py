@@ -286,8 +286,9 @@ def _good() -> FeatureStatistics:
 def _with(stats: FeatureStatistics, **parts: np.ndarray) -> FeatureStatistics:
     """Statistics as a peer could decode them, without FeatureStatistics' own checks at construction."""
     forged = object.__new__(FeatureStatistics)
-    for name in ("gram", "class_sums", "class_counts"):
-        object.__setattr__(forged, name, parts.get(name, getattr(stats, name)))
+    forged.__dict__.update(class_sums=stats.class_sums, class_counts=stats.class_counts, factor=None, null_dims=0,
+                           _gram=stats.gram)
+    forged.__dict__.update({("_gram" if name == "gram" else name): value for name, value in parts.items()})
     return forged
 
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from fedtune import messages as keys
 from fedtune.backbones import HEAD, StagedModel, build_model
-from fedtune.candidates import Candidate, parse_candidates
+from fedtune.candidates import Candidate, parse_candidates, parse_sample
 from fedtune.cli import cli
 from fedtune.client.app import app as client_app
 from fedtune.client.cache import FeatureCache
@@ -33,6 +33,7 @@ from fedtune.engine import extract_features
 from fedtune.params import state_hash
 from fedtune.protocol import ClientSettings
 from fedtune.selection import SELECTION_CSV, SELECTION_JSON, SELECTION_PNG, CandidateScore, Selection, print_table
+from fedtune.server.selection import sampled
 from fedtune.server.statistics import StatisticsShape, parse_statistics_reply
 from fedtune.statistics_protocol import (
     MESSAGE_TYPE,
@@ -143,14 +144,14 @@ def test_select_scores_the_pooled_statistics_and_refuses_a_forged_reply(tmp_path
 
 
 def _canned(folder: Path) -> Callable[..., tuple[Selection, Path]]:
-    def run(cfg: object, candidates: list[Candidate]) -> tuple[Selection, Path]:
+    def run(cfg: object, candidates: list[Candidate], *, sample: float) -> tuple[Selection, Path]:
         scores = [CandidateScore(candidate=c.label, backbone=c.backbone, weights=c.weights, cut=c.cut, feature_dim=8,
                                  examples=10, logme_centred=float(-i), logme=0.0, h_score=0.5, shrunk_h_score=0.4,
                                  seconds=1.0, bytes_sent=10, bytes_received=20)
                   for i, c in enumerate(reversed(candidates))]
         folder.mkdir(parents=True, exist_ok=True)
         return Selection(name="quickstart", scores=scores, clients=3, clients_used=[0, 1, 2], clients_refused={},
-                         clients_failed={}, seconds=2.0, bytes_sent=30, bytes_received=60), folder
+                         clients_failed={}, seconds=2.0, bytes_sent=30, bytes_received=60, sample=sample), folder
 
     return run
 
@@ -183,6 +184,29 @@ def test_write_gives_a_config_check_accepts_and_never_overwrites_unasked(
     forced = runner.invoke(cli, [*args, "--force"])
     assert forced.exit_code == 0, forced.output
     assert "cut: blocks_5" in target.read_text()
+    # --sample reaches the selection, and the config written trains on the whole training split.
+    sampled = runner.invoke(cli, [*args, "--force", "--sample", "0.25"])
+    assert sampled.exit_code == 0, sampled.output
+    assert "3 of 3 clients (25% of each one's training split)" in sampled.output
+    assert "train_fraction" not in target.read_text()
+
+
+def test_a_sample_scales_the_training_fraction_the_statistics_read() -> None:
+    cfg = load_config(QUICKSTART, ["data.train_fraction=0.5"])
+    assert sampled(cfg, 0.25).data.train_fraction == 0.125
+    assert sampled(cfg, 0.25).model_dump(exclude={"data"}) == cfg.model_dump(exclude={"data"})
+    for bad in (0.0, -0.5, 1.01, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"fraction in \(0, 1\]"):
+            sampled(cfg, bad)
+    # The same rule for the run config's select-sample, a string a submitted run sets.
+    assert parse_sample("") == 1.0 and parse_sample(" 0.25 ") == 0.25
+    for text, problem in (("a lot", "'a lot' is not a number"), ("nan", r"fraction in \(0, 1\], not nan"),
+                          ("2", r"fraction in \(0, 1\], not 2.0"), ("-0", r"fraction in \(0, 1\], not -0.0")):
+        with pytest.raises(ValueError, match=problem):
+            parse_sample(text)
+
+
+SAMPLE_RULE = "the share of each client's training split must be a fraction in (0, 1]"
 
 
 @pytest.mark.parametrize(("candidates", "problem"), [
@@ -193,14 +217,18 @@ def test_write_gives_a_config_check_accepts_and_never_overwrites_unasked(
     ("efficientnet_lite0@", "nothing after '@'"),
     ("all efficientnet_lite0", "'all' stands alone"),
     ("vit_b_16:none", "vit_b_16:none: data.image_size: vit_b_16 cannot take 64 px images"),
+    ("efficientnet_lite0 --sample 0", f"--sample: {SAMPLE_RULE}, not 0.0"),
+    ("efficientnet_lite0 --sample 1.5", f"--sample: {SAMPLE_RULE}, not 1.5"),
+    ("efficientnet_lite0 --sample nan", f"--sample: {SAMPLE_RULE}, not nan"),
 ])
 def test_a_bad_candidate_stops_the_command_before_anything_starts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, candidates: str, problem: str) -> None:
     import fedtune.simulation
 
     monkeypatch.setattr(fedtune.simulation, "select", lambda *a, **k: pytest.fail("the selection started"))
+    candidates, _, option = candidates.partition(" --")  # an option after the candidates: "--sample 0"
     done = CliRunner().invoke(cli, ["select", str(QUICKSTART), "--set", f"output.dir={tmp_path}",
-                                    "--candidates", candidates])
+                                    "--candidates", candidates, *(f"--{option}".split() if option else [])])
     assert done.exit_code == 2
     assert problem in done.output
 
@@ -231,6 +259,8 @@ def test_honest_replies_in_both_forms_give_the_statistics_of_their_features() ->
         parsed = parse_statistics_reply(_reply(examples), _shapes())
         expected = FeatureStatistics.of(features, labels, num_classes=CLASSES)
         np.testing.assert_allclose(parsed.statistics[0].gram, expected.gram, rtol=1e-10, atol=1e-10)
+        # The factor is kept (the server scores in its span), the whole matrix has none.
+        assert (parsed.statistics[0].factor is not None) == (examples < DIMS)
         np.testing.assert_array_equal(parsed.statistics[0].class_counts, expected.class_counts)
         assert parsed.num_examples == examples and parsed.seconds == [0.25]
 
@@ -287,6 +317,15 @@ def _padded(content: RecordDict) -> None:
                                               data=honest.data + b"\0" * 1_000_000)
 
 
+def _sums_outside_the_span(content: RecordDict) -> None:
+    # Each class sum moved along a direction no feature the factor describes takes: within the trace bound.
+    factor = _record(content)[keys.GRAM_FACTOR].numpy()
+    outside = np.linalg.svd(factor)[2][-1]  # orthogonal to the factor's rows (5 of 8 dimensions)
+    sums = _record(content)[keys.CLASS_SUMS].numpy().copy()
+    sums[0] += 0.1 * np.linalg.norm(sums[0]) * outside
+    _record(content)[keys.CLASS_SUMS] = Array(np.ascontiguousarray(sums))
+
+
 def _extra_record(content: RecordDict) -> None:
     content[f"{keys.STATISTICS_RECORD}7"] = ArrayRecord({keys.CLASS_COUNTS: Array(np.zeros(CLASSES))})
 
@@ -320,6 +359,8 @@ HOSTILE: list[tuple[str, int, Callable[[RecordDict], None], str]] = [
     ("a factor of other columns", FACTORED, _set(keys.GRAM_FACTOR, np.ones((2, DIMS + 1))), "expected (R, 8)"),
     ("a factor declared huge", FACTORED, _declared_huge_factor, "R <= 5"),
     ("both forms of the Gram matrix", FACTORED, _both_forms, "expected class-sums"),
+    ("class sums outside the factor's span", FACTORED, _sums_outside_the_span, "outside the span"),
+    ("a factor whose squares overflow", FACTORED, _edit(keys.GRAM_FACTOR, lambda a: a * 1e200), "overflow a float64"),
     ("num-examples a float", WHOLE, _metric(keys.NUM_EXAMPLES, 30.0), "'num-examples' must be an integer"),
     ("no examples", WHOLE, _metric(keys.NUM_EXAMPLES, 0), "'num-examples' must be an integer in [1,"),
     ("negative seconds", WHOLE, _metric(f"{keys.STATISTICS_SECONDS}0", -1.0), "seconds in [0,"),
@@ -580,16 +621,30 @@ def test_server_select_ranks_on_real_nodes_over_tls(tmp_path: Path) -> None:
     from real_nodes import serve_once
 
     runs = tmp_path / "runs"
-    task = ["--select", "efficientnet_lite0@blocks_3 efficientnet_lite0@blocks_5:none"]
-    nodes = serve_once(tmp_path, QUICKSTART, task, ["federation.num_clients=2", "data.image_size=32",
-                                                    "train.unfreeze=[]", f"output.dir={runs}"])
+    task = ["--select", "efficientnet_lite0@blocks_3 efficientnet_lite0@blocks_5:none", "--sample", "0.5"]
+    overrides = ["federation.num_clients=2", "data.image_size=32", "train.unfreeze=[]", f"output.dir={runs}"]
+    nodes = serve_once(tmp_path, QUICKSTART, task, overrides)
     (folder,) = runs.glob("quickstart-select-*")
     selection = json.loads((folder / SELECTION_JSON).read_text())
     assert len(selection["clients_used"]) == 2 and not selection["clients_refused"]
+    # --sample went through the run config to every node's query: half of each node's training split.
+    assert selection["sample"] == 0.5
+    settings_of = ClientSettings.of(sampled(load_config(QUICKSTART, overrides), 0.5), num_classes=NUM_CLASSES,
+                                    run_key="here")
+    halves = [len(local_data(settings_of, NodeIdentity(partition_id=partition, num_partitions=2,
+                                                       cache_root=Path("unused"), simulated=True)).train)
+              for partition in range(2)]
+    assert [s["examples"] for s in selection["scores"]] == [sum(halves)] * 2
     assert {s["candidate"] for s in selection["scores"]} == {"efficientnet_lite0@blocks_3",
                                                              "efficientnet_lite0@blocks_5:none"}
     for partition in range(2):  # each node cached both models on its own disk
         assert len(list((nodes.cache(partition) / "models").glob("*.safetensors"))) == 2
+
+
+def test_server_takes_a_sample_only_with_select(tmp_path: Path) -> None:
+    done = CliRunner().invoke(cli, ["server", str(QUICKSTART), "--sample", "0.5", "--set", f"output.dir={tmp_path}"])
+    assert done.exit_code == 2
+    assert "--sample: applies to --select alone" in done.output
 
 
 def test_random_init_above_its_imagenet_weights_is_flagged_as_negative_transfer() -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sklearn.covariance import OAS
 
+from fedtune.statistics_protocol import gram_factor
 from fedtune.transferability import FeatureStatistics, h_score, logme, logme_by_class, shrunk_h_score
 
 
@@ -88,7 +89,8 @@ def test_features_that_carry_the_label_score_above_features_that_do_not() -> Non
     (np.ones((4, 3)), np.array([0, 1, 2, 3]), r"labels must lie in \[0, 3\)"),
     (np.ones((4, 3)), np.array([0, 1, -1, 2]), r"labels must lie in \[0, 3\)"),
     (np.ones((4, 3)), np.array([0, 1]), "features must be N x D and labels N"),
-    (np.full((2, 3), np.nan), np.array([0, 1]), "gram holds a NaN or infinite value"),
+    (np.full((2, 3), np.nan), np.array([0, 1]), "factor holds a NaN or infinite value"),  # 2 < 3: F is the factor
+    (np.full((4, 3), np.nan), np.array([0, 1, 2, 0]), "gram holds a NaN or infinite value"),
 ])
 def test_statistics_of_impossible_data_are_refused(features: np.ndarray, labels: np.ndarray, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
@@ -153,3 +155,44 @@ def test_centred_statistics_are_the_statistics_of_the_centred_features_and_pool_
     assert logme(centred) == pytest.approx(logme(direct), abs=1e-9)
     with pytest.raises(ValueError, match="no examples"):
         FeatureStatistics.of(np.zeros((0, 2)), np.zeros(0, dtype=int), num_classes=2).centred()
+
+
+def _factored(features: np.ndarray, labels: np.ndarray, *, num_classes: int) -> FeatureStatistics:
+    """A client's statistics as the server keeps them when the Gram matrix came as its factor."""
+    stats = FeatureStatistics.of(features, labels, num_classes=num_classes)
+    return FeatureStatistics(class_sums=stats.class_sums, class_counts=stats.class_counts, factor=gram_factor(features))
+
+
+def test_scores_in_the_span_of_the_clients_factors_equal_the_scores_in_every_dimension() -> None:
+    rng = np.random.default_rng(8)
+    dims, classes = 60, 4
+    clients = []
+    for size in (7, 12, 3, 20):  # fewer examples than dimensions: each sends a factor
+        labels = rng.integers(0, classes, size)
+        features = rng.normal(loc=2.0, size=(size, dims)) + labels[:, None] * 0.5  # a common mean, as after a ReLU
+        clients.append(_factored(features, labels, num_classes=classes))
+    pooled = sum(clients[1:], clients[0])
+    assert pooled.factor is not None and pooled.factor.shape == (42, dims)
+    reduced = pooled.in_span()
+    assert reduced.gram.shape == (42, 42) and reduced.null_dims == dims - 42 and reduced.dims == dims
+    for score in (logme, h_score, shrunk_h_score):
+        assert score(reduced) == pytest.approx(score(pooled), rel=1e-9, abs=1e-9), score.__name__
+        assert score(reduced.centred()) == pytest.approx(score(pooled.centred()), rel=1e-9, abs=1e-9), score.__name__
+    # A client that sent its Gram matrix whole leaves no factor for the pool: scored in every dimension.
+    raw = FeatureStatistics.of(rng.normal(size=(5, dims)), np.arange(5) % classes, num_classes=classes)
+    whole = FeatureStatistics(gram=raw.gram, class_sums=raw.class_sums, class_counts=raw.class_counts)
+    assert (pooled + whole).factor is None and (pooled + whole).in_span().gram.shape == (dims, dims)
+    with pytest.raises(ValueError, match="its own basis"):
+        reduced + reduced
+    with pytest.raises(ValueError, match="Gram factor of shape"):
+        FeatureStatistics(class_sums=pooled.class_sums, class_counts=pooled.class_counts, factor=np.ones((3, dims + 1)))
+
+
+def test_pooled_factors_give_way_to_the_gram_matrix_once_they_reach_the_dimensions() -> None:
+    rng = np.random.default_rng(9)
+    parts = [_factored(rng.normal(size=(4, 10)), np.arange(4) % 2, num_classes=2) for _ in range(3)]
+    two = parts[0] + parts[1]
+    assert two.factor is not None and two.factor.shape == (8, 10)
+    three = two + parts[2]  # 12 rows for 10 dimensions: kept as the matrix
+    assert three.factor is None
+    np.testing.assert_allclose(three.gram, sum(p.gram for p in parts[1:]) + parts[0].gram, rtol=1e-12)

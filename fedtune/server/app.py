@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
-from fedtune.candidates import Candidate, parse_candidates
+from fedtune.candidates import Candidate, parse_candidates, parse_sample
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.domain_gap import GapReport
 from fedtune.logs import setup_logging
@@ -77,7 +77,8 @@ def server_app(app_root: Path) -> ServerApp:
         check_simulated_node_count(grid, cfg)
         select = str(context.run_config.get("select", "")).split()
         if select:  # `fedtune server --select`: rank these candidates instead of training
-            run_selection(grid, cfg, parse_candidates(select))
+            sample = parse_sample(str(context.run_config.get("select-sample", "")))
+            run_selection(grid, cfg, parse_candidates(select), sample=sample)
             return
         gap = str(context.run_config.get("gap", "")).strip()
         if gap:  # `fedtune server --gap`: report the clients' domain gap instead of training
@@ -104,14 +105,14 @@ def simulation_server_app(cfg: ExperimentConfig, outcomes: list[RunOutcome]) -> 
 
 
 def selection_server_app(cfg: ExperimentConfig, candidates: list[Candidate],
-                         outcomes: list[tuple[Selection, Path]]) -> ServerApp:
-    """The ServerApp of `fedtune select` in a simulation: ranks `candidates` (fedtune/server/selection.py)
-    and appends the selection and its folder to `outcomes`."""
+                         outcomes: list[tuple[Selection, Path]], *, sample: float = 1.0) -> ServerApp:
+    """The ServerApp of `fedtune select` in a simulation: ranks `candidates` (fedtune/server/selection.py),
+    each client on `sample` of its training split, and appends the selection and its folder to `outcomes`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        outcomes.append(run_selection(grid, cfg, candidates))
+        outcomes.append(run_selection(grid, cfg, candidates, sample=sample))
 
     return app
 

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 from threadpoolctl import threadpool_limits
 
-from fedtune.candidates import Candidate
+from fedtune.candidates import Candidate, check_sample
 from fedtune.config import ExperimentConfig
 from fedtune.data import ImageDataset, load_split
 from fedtune.engine import resolve_device
@@ -92,16 +92,30 @@ def warm_up_session(session: StatisticsSession) -> float:
     return time.monotonic() - started
 
 
-def run_selection(grid: Grid, cfg: ExperimentConfig, candidates: list[Candidate]) -> tuple[Selection, Path]:
-    """Score `candidates` on the clients behind `grid`; the selection and its folder."""
+def sampled(cfg: ExperimentConfig, sample: float) -> ExperimentConfig:
+    """`cfg` whose clients compute statistics on `sample` of their training split: data.train_fraction
+    times `sample`, a seeded, class-stratified subset of at least one example per client
+    (fedtune.data.training_subset). ValueError unless 0 < sample <= 1."""
+    check_sample(sample)
+    data = cfg.data.model_copy(update={"train_fraction": cfg.data.train_fraction * sample})
+    return cfg.model_copy(update={"data": data})
+
+
+def run_selection(grid: Grid, cfg: ExperimentConfig, candidates: list[Candidate], *, sample: float = 1.0
+                  ) -> tuple[Selection, Path]:
+    """Score `candidates` on the clients behind `grid`, each computing its statistics on `sample` of its
+    training split; the selection and its folder."""
+    cfg = sampled(cfg, sample)
     session = open_session(grid, cfg, candidates, purpose="select")
-    log.info("selection: %d candidates on %d clients; folder %s", len(session.prepared), cfg.federation.num_clients,
+    log.info("selection: %d candidates on %d clients%s; folder %s", len(session.prepared),
+             cfg.federation.num_clients, f", each on {sample:.0%} of its training split" if sample < 1 else "",
              session.run_dir.path)
     warm_up_seconds = warm_up_session(session)  # not counted in the selection's seconds, as a run's round 1
     started = time.monotonic()
     with server_blas_threads(grid):
         selection = _select(session.transport, cfg, session.prepared, session.test_set)
-    selection = replace(selection, seconds=time.monotonic() - started, warm_up_seconds=warm_up_seconds)
+    selection = replace(selection, seconds=time.monotonic() - started, warm_up_seconds=warm_up_seconds,
+                        sample=sample)
     selection.write(session.run_dir.path)
     log.info("selection: %s; results: %s", selection.summary(), session.run_dir.path)
     return selection, session.run_dir.path

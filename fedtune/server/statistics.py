@@ -20,6 +20,7 @@ Use (fedtune/server/selection.py): `prepare_candidates`, then `warm_up` in a sim
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from fedtune.server.delivery import ModelDelivery
 from fedtune.server.secure_aggregation import SecureAggregationError, secure_train_round
 from fedtune.server.transport import Transport, payload_bytes
 from fedtune.statistics_protocol import (
+    FACTOR_RANK_CUTOFF,
     MAX_LEVELS,
     MESSAGE_TYPE,
     SecureBounds,
@@ -190,12 +192,16 @@ def _factor_rows(array: Array, *, limit: int, dims: int) -> int:
     return rows
 
 
-def _gram(record: ArrayRecord, *, dims: int, num_examples: int) -> np.ndarray:
-    """The Gram matrix the record carries, whole or as its factor; checked to be one."""
-    if keys.GRAM_FACTOR in record:
-        rows = _factor_rows(record[keys.GRAM_FACTOR], limit=min(num_examples, dims), dims=dims)
-        factor = decode_tensor(keys.GRAM_FACTOR, record[keys.GRAM_FACTOR], TensorSpec((rows, dims), _F64))
-        return factor.T @ factor  # symmetric and positive semi-definite by construction
+def _factor(record: ArrayRecord, *, dims: int, num_examples: int) -> np.ndarray | None:
+    """The record's Gram factor (R x dims, R <= its examples), or None when it carries the whole matrix."""
+    if keys.GRAM_FACTOR not in record:
+        return None
+    rows = _factor_rows(record[keys.GRAM_FACTOR], limit=min(num_examples, dims), dims=dims)
+    return decode_tensor(keys.GRAM_FACTOR, record[keys.GRAM_FACTOR], TensorSpec((rows, dims), _F64))
+
+
+def _gram(record: ArrayRecord, *, dims: int) -> np.ndarray:
+    """The Gram matrix the record carries whole, checked to be one."""
     gram = decode_tensor(keys.GRAM, record[keys.GRAM], TensorSpec((dims, dims), _F64))
     scale = float(np.abs(gram).max(initial=0.0))
     if float(np.abs(gram - gram.T).max(initial=0.0)) > _TOLERANCE * scale:
@@ -226,14 +232,43 @@ def parse_statistics_record(record: ArrayRecord, *, dims: int, classes: int, num
         raise UnusableReply(f"{keys.CLASS_COUNTS} add up to {int(counts.sum())}, but the reply claims "
                             f"{num_examples} examples")
     sums = decode_tensor(keys.CLASS_SUMS, record[keys.CLASS_SUMS], TensorSpec((classes, dims), _F64))
-    gram = _gram(record, dims=dims, num_examples=num_examples)
+    # A factor stands for the Gram matrix it is one of (symmetric and positive semi-definite by
+    # construction), which is formed only if the server needs it whole (FeatureStatistics.gram).
+    factor = _factor(record, dims=dims, num_examples=num_examples)
+    gram: np.ndarray | None = None
+    if factor is None:
+        gram = _gram(record, dims=dims)
+        trace = float(np.trace(gram))
+    else:
+        with np.errstate(over="ignore"):  # a hostile factor's squares may overflow: refused just below
+            trace = float(np.sum(np.square(factor)))
     if (sums[counts == 0] != 0).any():
         raise UnusableReply(f"{keys.CLASS_SUMS} holds a non-zero sum for a class of no examples")
     # |sum of a class's features|^2 <= its count x the sum of their squared norms <= count x tr(F^T F).
-    trace = float(np.trace(gram))
+    if not math.isfinite(trace):
+        raise UnusableReply(f"{keys.GRAM_FACTOR if factor is not None else keys.GRAM}: the features' squared norms "
+                            "overflow a float64")
     if (np.square(sums).sum(axis=1) > counts * trace * (1 + _TOLERANCE) + _TOLERANCE * max(trace, 1.0)).any():
         raise UnusableReply(f"{keys.CLASS_SUMS} cannot come from features whose Gram matrix has this trace")
-    return FeatureStatistics(gram=gram, class_sums=sums, class_counts=counts)
+    if factor is not None:
+        _check_in_span(sums, factor, counts=counts, trace=trace)
+    return FeatureStatistics(gram=gram, class_sums=sums, class_counts=counts, factor=factor)
+
+
+def _check_in_span(sums: np.ndarray, factor: np.ndarray, *, counts: np.ndarray, trace: float) -> None:
+    """Each class sum is a sum of features, and features lie in the span of the factor's rows, up to the
+    directions gram_factor leaves out (eigenvalues s^2 of F F^T below FACTOR_RANK_CUTOFF of the largest;
+    along them a class's sum F^T y has squared norm at most |y|^2 max s^2 <= count x cutoff x tr F^T F).
+    The server scores in that span (FeatureStatistics.in_span): a sum outside it would score differently."""
+    if not len(factor):
+        outside = sums
+    else:
+        basis, _ = np.linalg.qr(factor.T)
+        outside = sums - (sums @ basis) @ basis.T
+    allowed = counts * FACTOR_RANK_CUTOFF * trace + _TOLERANCE**2 * counts * max(trace, 1.0)
+    if (np.square(outside).sum(axis=1) > allowed).any():
+        raise UnusableReply(f"{keys.CLASS_SUMS} lie outside the span of {keys.GRAM_FACTOR}'s rows: they are not "
+                            "sums of the features it describes")
 
 
 def parse_statistics_reply(content: RecordDict, candidates: Sequence[StatisticsShape]) -> ClientStatistics:
