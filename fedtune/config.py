@@ -431,6 +431,23 @@ class PrivacyConfig(Section):
         return self.dp_sgd.enabled or self.central.enabled
 
 
+class PersonalizationConfig(Section):
+    """What of the trainable part stays on each client, trained there and never sent (fedtune/client/personal.py).
+
+    none: everything that trains travels (one global model). fedbn: the BatchNorm running statistics
+    of the trainable stages stay local (Li et al. 2021), and with `fedbn_affine` their weight and
+    bias too. local_head: the head stays local and only the trainable body travels (FedPer). local:
+    nothing travels, each client trains alone from the pretrained backbone: the local-only baseline.
+    finetune: everything travels, and at each evaluation every client fine-tunes the global model
+    on its training split for `finetune_epochs` (default 1) before measuring its own model; nothing
+    is kept between rounds.
+    """
+
+    method: Literal["none", "fedbn", "local_head", "local", "finetune"] = "none"
+    fedbn_affine: bool = False
+    finetune_epochs: Annotated[int, Field(ge=1, le=MAX_LOCAL_EPOCHS)] | None = None
+
+
 class EarlyStoppingConfig(Section):
     enabled: bool = False
     # Watched metric: the server's held-out set (central_*) or the clients' local
@@ -510,6 +527,7 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    personalization: PersonalizationConfig = PersonalizationConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     output: OutputConfig = OutputConfig()
 
@@ -647,6 +665,38 @@ class ExperimentConfig(Section):
             # Flower cuts int(fraction x n) updates at each end: zero would be a plain mean.
             raise ValueError(f"strategy.trim_fraction: {strategy.trim_fraction:g} of {sampled} clients per round cuts "
                              f"no update; at least {1 / sampled:.3g} is needed to cut one at each end")
+        return self
+
+    @model_validator(mode="after")
+    def _personalization_fits(self) -> ExperimentConfig:
+        personal = self.personalization
+        if personal.method == "none":
+            for option in ("fedbn_affine", "finetune_epochs"):
+                if getattr(personal, option) not in (False, None):
+                    raise ValueError(f"personalization.{option}: applies to method "
+                                     f"{option.split('_')[0]}, not none")
+            return self
+        if personal.fedbn_affine and personal.method != "fedbn":
+            raise ValueError(f"personalization.fedbn_affine: applies to method fedbn, not {personal.method}")
+        if personal.finetune_epochs is not None and personal.method != "finetune":
+            raise ValueError(f"personalization.finetune_epochs: applies to method finetune, not {personal.method}")
+        if personal.method == "finetune" and self.privacy.dp_sgd.enabled:
+            raise ValueError("personalization.method: finetune trains on each client's data outside DP-SGD, and the "
+                             "accuracy it reports would carry that data out without noise")
+        if personal.method == "fedbn" and self.privacy.freezes_statistics and not personal.fedbn_affine:
+            raise ValueError("personalization.method: fedbn keeps BatchNorm statistics local, but under differential "
+                             "privacy they stay frozen: nothing would be personal (set fedbn_affine: true)")
+        if personal.method == "local_head" and self.train.trainable_blocks == 0 and not self.train.unfreeze:
+            raise ValueError("personalization.method: local_head keeps the head local, and with trainable_blocks 0 "
+                             "nothing else trains: no federation left (that is method local)")
+        if personal.method == "local" and (self.privacy.central.enabled or self.privacy.secure_aggregation.enabled):
+            raise ValueError("personalization.method: local sends nothing to aggregate: turn privacy.central and "
+                             "privacy.secure_aggregation off")
+        if self.early_stopping.enabled and self.early_stopping.metric.startswith("central_") \
+                and personal.method in ("local_head", "local"):
+            raise ValueError(f"early_stopping.metric: under personalization.method {personal.method} the server's "
+                             "model keeps its initial head, so its central accuracy says nothing: watch a "
+                             "federated_* metric")
         return self
 
     @model_validator(mode="after")

@@ -130,6 +130,8 @@ class RoundProgress:
             f"clients={record.clients_ok}/{record.clients_sampled}",
             f"central_acc={_accuracy_text(record.central_accuracy)}",
             f"fed_acc={_accuracy_text(record.federated_accuracy)}",
+            *([f"worst10%_clients_acc={_accuracy_text(record.clients_accuracy_worst10)}"]
+              if record.clients_accuracy_worst10 is not None else []),
             f"sent={format_bytes(record.bytes_sent)}",
             f"received={format_bytes(record.bytes_received)}",
             f"time={record.seconds:.1f}s",

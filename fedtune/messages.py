@@ -19,6 +19,9 @@ PARTITION = "fedtune.partition"  # query reply: the node's partition-id, a label
 # a real node refuses them: its data and its identity are its own.
 VIRTUAL_PARTITION = "fedtune.virtual-partition"  # the client's partition, 0..clients-1
 VIRTUAL_CLIENTS = "fedtune.virtual-clients"  # how many clients the federation has
+# Evaluate reply metrics under personalization: the client's own model (global + its personal tensors).
+PERSONAL_LOSS = "personal_loss"
+PERSONAL_ACCURACY = "personal_accuracy"
 EPSILON = "epsilon"  # train reply metric: the client's DP-SGD epsilon over the run so far
 NOISE_MULTIPLIER = "dp-noise-multiplier"  # train reply metric: the DP-SGD noise the client calibrated
 SAMPLE_RATE = "dp-sample-rate"  # train reply metric: the client's DP-SGD sampling rate (1 / batches)

@@ -53,6 +53,14 @@ _FIELDS = {
     "central/accuracy": "central_accuracy",
     "federated/loss": "federated_loss",
     "federated/accuracy": "federated_accuracy",
+    # each client counted once: where the global model serves some clients and fails others
+    "clients/accuracy_mean": "clients_accuracy_mean",
+    "clients/accuracy_median": "clients_accuracy_median",
+    "clients/accuracy_worst10": "clients_accuracy_worst10",
+    # under personalization: each client's own model
+    "clients/personal_accuracy_mean": "clients_personal_accuracy_mean",
+    "clients/personal_accuracy_median": "clients_personal_accuracy_median",
+    "clients/personal_accuracy_worst10": "clients_personal_accuracy_worst10",
     "train/loss": "train_loss",
     "train/accuracy": "train_accuracy",
     "bytes/sent": "bytes_sent",

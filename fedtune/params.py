@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fedtune.backbones import HEAD, StagedModel
+from fedtune.config import PersonalizationConfig
 
 # BatchNorm's step counter is an int64 that weighted averaging would turn into a float, and it
 # only matters for BatchNorm layers with momentum=None (none of the registered backbones).
@@ -54,21 +55,50 @@ def stage_state(model: StagedModel, stages: Iterable[str]) -> dict[str, Tensor]:
     return state
 
 
-def travelling_keys(model: StagedModel, stages: list[str], *, statistics: bool = True) -> list[str]:
+def personal_keys(model: StagedModel, stages: Iterable[str], personalization: PersonalizationConfig | None
+                  ) -> frozenset[str]:
+    """The state-dict keys of `stages` that stay on each client under `personalization` (config.py's
+    PersonalizationConfig): fedbn, every BatchNorm layer's running statistics (with fedbn_affine, its
+    weight and bias too); local_head, the head's; local, all of them. Trained there, never sent.
+    finetune keeps nothing: each evaluation fine-tunes the global model anew."""
+    method = "none" if personalization is None else personalization.method
+    wanted = [name for name in stages if name in model.stages]
+    if method in ("none", "finetune"):
+        return frozenset()
+    if method in ("local", "local_head"):
+        chosen = wanted if method == "local" else [name for name in wanted if name == HEAD]
+        return frozenset(key for key in stage_state(model, chosen) if not key.endswith(_NOT_TRAVELLING_SUFFIX))
+    parts = ("running_mean", "running_var", *(("weight", "bias") if personalization and personalization.fedbn_affine
+                                              else ()))
+    return frozenset(
+        f"stages.{name}.{path}.{part}" if path else f"stages.{name}.{part}"
+        for name in wanted for path, module in model.stages[name].named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for part in parts if getattr(module, part, None) is not None
+    )
+
+
+def travelling_keys(model: StagedModel, stages: list[str], *, statistics: bool = True,
+                    personalization: PersonalizationConfig | None = None) -> list[str]:
     """State-dict keys of the given stages, in model order: parameters, and BatchNorm statistics
-    unless `statistics` is False (under differential privacy they stay frozen and never travel)."""
+    unless `statistics` is False (under differential privacy they stay frozen and never travel);
+    never the keys `personalization` keeps on the clients (`personal_keys`)."""
     buffers = {f"stages.{name}.{buffer}" for name in set(stages) if name in model.stages
                for buffer, _ in model.stages[name].named_buffers()}
+    personal = personal_keys(model, stages, personalization)
     return [
         key
         for key in stage_state(model, stages)
-        if not key.endswith(_NOT_TRAVELLING_SUFFIX) and (statistics or key not in buffers)
+        if not key.endswith(_NOT_TRAVELLING_SUFFIX) and (statistics or key not in buffers) and key not in personal
     ]
 
 
-def trainable_state_dict(model: StagedModel, stages: list[str], *, statistics: bool = True) -> dict[str, Tensor]:
+def trainable_state_dict(model: StagedModel, stages: list[str], *, statistics: bool = True,
+                         personalization: PersonalizationConfig | None = None) -> dict[str, Tensor]:
+    """The travelling tensors of `stages` (`travelling_keys`), copied to the CPU."""
     state = stage_state(model, stages)
-    return {key: state[key].detach().cpu() for key in travelling_keys(model, stages, statistics=statistics)}
+    return {key: state[key].detach().cpu()
+            for key in travelling_keys(model, stages, statistics=statistics, personalization=personalization)}
 
 
 def load_tensors(model: StagedModel, tensors: Mapping[str, Tensor], *, expected_keys: list[str]) -> None:

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, PercentFormatter
 
 from fedtune.console import format_bytes
-from fedtune.records import RoundRecord
+from fedtune.records import ClientSpread, RoundRecord
 
 # Draws one plot on the axes from the records, titled with the run's name; False: nothing to show.
 Draw = Callable[[Axes, list[RoundRecord], str], bool]
@@ -89,15 +89,51 @@ def draw_accuracy(ax: Axes, records: list[RoundRecord], run_name: str) -> bool:
         drawn = True
     if not drawn:
         return False
-    ax.set_title(f"Accuracy per round (round 0 = before training)\n{run_name}", pad=16)
+    # Headroom above 100% for the best-value labels.
+    _accuracy_frame(ax, records, f"Accuracy per round (round 0 = before training)\n{run_name}", top=1.08)
+    return True
+
+
+def _accuracy_frame(ax: Axes, records: list[RoundRecord], title: str, *, top: float) -> None:
+    """Title, a percent axis up to `top`, the rounds, where blocks unfreeze, the legend below."""
+    ax.set_title(title, pad=16)
     ax.set_ylabel("accuracy")
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-    # Headroom above 100% for the best-value labels.
-    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]), top=1.08)
+    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]), top=top)
     ax.grid(alpha=0.3)
     _round_axis(ax, [r.round for r in records])
     _mark_unfreezing(ax, records)
     _legend_below(ax)
+
+
+def draw_clients(ax: Axes, records: list[RoundRecord], run_name: str) -> bool:
+    """Each client's accuracy on its own validation split, round by round, with their median and the
+    mean of the worst 10%: where one global model serves some clients and fails others."""
+    rounds = [r for r in records if r.client_accuracy]
+    if not rounds:
+        return False
+    for record in rounds:
+        values = sorted(record.client_accuracy.values())
+        # Spread sideways by rank so that equal accuracies stay visible as separate clients.
+        offsets = [0.3 * (index / max(len(values) - 1, 1) - 0.5) for index in range(len(values))]
+        ax.scatter([record.round + offset for offset in offsets], values, s=12, color="tab:grey", alpha=0.6,
+                   label="a client" if record is rounds[0] else None)
+    xs = [r.round for r in rounds]
+    spreads = [ClientSpread.of(r.client_accuracy.values()) for r in rounds]
+    ax.plot(xs, [s.median for s in spreads], marker="o", color="tab:orange", label="median client, global model")
+    ax.plot(xs, [s.mean for s in spreads], linestyle="--", color="tab:blue",
+            label="mean over clients, global model")
+    ax.plot(xs, [s.worst10 for s in spreads], marker="v", color="tab:red",
+            label="worst 10% of clients (mean), global model")
+    own = [r for r in rounds if r.client_personal_accuracy]  # under personalization: each client's own model
+    if own:
+        personal = [ClientSpread.of(r.client_personal_accuracy.values()) for r in own]
+        ax.plot([r.round for r in own], [s.median for s in personal], marker="o", color="tab:green",
+                label="median client, its own model")
+        ax.plot([r.round for r in own], [s.worst10 for s in personal], marker="v", color="tab:purple",
+                label="worst 10%, their own models")
+    _accuracy_frame(ax, records, f"Each client's accuracy on its own validation split (dots: the global model)"
+                                 f"\n{run_name}", top=1.05)
     return True
 
 

@@ -39,6 +39,7 @@ from fedtune.config import (
     DPSGDConfig,
     ExperimentConfig,
     ModelConfig,
+    PersonalizationConfig,
     Section,
     TrainConfig,
     format_error,
@@ -57,7 +58,7 @@ MAX_SECAGG_CONFIG_CHARS = 4 * MAX_SETTINGS_CHARS  # the train config, client set
 _EXCERPT_CHARS = 40
 # The form of the client settings record; a node refuses any other (ClientSettings.version).
 # 2: dp_sgd.batch_size arrives resolved (a number or "full", never "auto"); dp_sgd.reproducible.
-SETTINGS_VERSION = 2
+SETTINGS_VERSION = 3  # 3: personalization
 
 # Keys a round's config may carry: fedtune's own and those Flower's strategies add.
 ROUND_CONFIG_KEYS = frozenset({
@@ -89,6 +90,8 @@ class ClientSettings(Section):
     dp_sgd: DPSGDConfig = DPSGDConfig()
     # BatchNorm running statistics stay at the initial model's values and do not travel.
     freeze_statistics: bool = False
+    # What of the trainable part stays on the client (fedtune/params.py, personal_keys).
+    personalization: PersonalizationConfig = PersonalizationConfig()
     # Names the run on the clients' disks (the DP-SGD ledger) and stays the same when a killed
     # server resumes the run; part of a file name (run-<key>.json), so no path separators, and short.
     run_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=200)] = "run"
@@ -115,6 +118,7 @@ class ClientSettings(Section):
             # `auto` depends on the unfreeze schedule, which the server keeps: resolved here.
             dp_sgd=cfg.privacy.dp_sgd.model_copy(update={"batch_size": cfg.dp_batch_size()}),
             freeze_statistics=cfg.privacy.freezes_statistics,
+            personalization=cfg.personalization,
         )
 
     def to_message(self) -> str:

@@ -5,7 +5,10 @@ The files these records go into are fedtune/report.py's; what a person sees of t
 
 from __future__ import annotations
 
+import math
+import statistics
 import types
+from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -52,13 +55,52 @@ class RoundRecord:
     extra: dict[str, float] = field(default_factory=dict)  # anything else, e.g. per-strategy metrics
     # client -> what was wrong with its replies this round and what the server did (history.json only)
     client_problems: dict[str, str] = field(default_factory=dict)
+    # Each client's accuracy on its own validation split, for the global model, in the rounds with a
+    # federated evaluation (client -> accuracy; history.json only). federated_accuracy weights the
+    # clients by their examples; the three columns below count every client once, so a client the
+    # global model fails shows however small it is.
+    client_accuracy: dict[str, float] = field(default_factory=dict)
+    clients_accuracy_mean: float | None = None
+    clients_accuracy_median: float | None = None
+    clients_accuracy_worst10: float | None = None  # the mean of the worst 10% of clients (at least one)
+    # Under personalization: each client's own model (the global one with its personal tensors) on its
+    # validation split, and the same three columns of it.
+    client_personal_accuracy: dict[str, float] = field(default_factory=dict)
+    clients_personal_accuracy_mean: float | None = None
+    clients_personal_accuracy_median: float | None = None
+    clients_personal_accuracy_worst10: float | None = None
 
 
 # The record's one-value fields, in declaration order: history.csv's fixed leading columns (extra
 # keys follow, sorted), so no extra key may take one of these names.
 RECORD_COLUMNS: tuple[str, ...] = tuple(
-    f.name for f in fields(RoundRecord) if f.name not in ("extra", "client_problems")
+    f.name for f in fields(RoundRecord)
+    if f.name not in ("extra", "client_problems", "client_accuracy", "client_personal_accuracy")
 )
+# The share of the clients whose mean accuracy is clients_accuracy_worst10.
+WORST_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class ClientSpread:
+    """How the clients' accuracies spread, each client counted once; NaN for no clients."""
+
+    mean: float = math.nan
+    median: float = math.nan
+    worst10: float = math.nan  # the mean of the lowest ceil(WORST_SHARE x clients), at least one
+
+    @classmethod
+    def of(cls, accuracies: Iterable[float]) -> ClientSpread:
+        values = sorted(accuracies)
+        if not values:
+            return cls()
+        worst = values[: max(1, math.ceil(round(WORST_SHARE * len(values), 9)))]
+        return cls(mean=statistics.fmean(values), median=statistics.median(values), worst10=statistics.fmean(worst))
+
+    def columns(self, prefix: str = "clients_accuracy") -> dict[str, float | None]:
+        """The three as RoundRecord's history columns `<prefix>_mean` ...: None (an empty cell) for no clients."""
+        values = {"mean": self.mean, "median": self.median, "worst10": self.worst10}
+        return {f"{prefix}_{name}": None if math.isnan(value) else value for name, value in values.items()}
 # Per-round counts of replies left out or bounded, totalled in the summary.
 _COUNTED = ("clients_rejected", "clients_failed", "updates_rejected_norm", "updates_clipped", "weights_capped",
             "evaluations_rejected", "evaluations_failed")
@@ -91,7 +133,25 @@ def summarize_history(records: list[RoundRecord]) -> dict[str, Any]:
         "seconds_total": sum(r.seconds for r in records),
         **{f"{name}_total": sum(getattr(r, name) for r in records) for name in _COUNTED},
         "problems_by_client": _problems_by_client(records),
+        "final_clients_accuracy": _final_spread(records),
+        "final_clients_personal_accuracy": _final_spread(records, personal=True),
     }
+
+
+def _final_spread(records: list[RoundRecord], *, personal: bool = False) -> dict[str, Any] | None:
+    """The last federated evaluation's per-client accuracies (of the global model, or of each client's own):
+    their spread, and the worst client."""
+    def of(record: RoundRecord) -> dict[str, float]:
+        return record.client_personal_accuracy if personal else record.client_accuracy
+
+    last = next((r for r in reversed(records) if of(r)), None)
+    if last is None:
+        return None
+    accuracy = of(last)
+    spread = ClientSpread.of(accuracy.values())
+    worst = min(accuracy, key=lambda name: (accuracy[name], name))
+    return {"round": last.round, "clients": len(accuracy), "mean": spread.mean, "median": spread.median,
+            "worst10": spread.worst10, "worst_client": worst, "worst_client_accuracy": accuracy[worst]}
 
 
 def _problems_by_client(records: list[RoundRecord]) -> dict[str, dict[str, Any]]:

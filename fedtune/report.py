@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fedtune.atomic import replace_atomically, write_text_atomically
 from fedtune.model_file import CONFIG_JSON, MODEL_FILE, save_model_file
-from fedtune.plots import draw_accuracy, draw_bytes, draw_epsilon, figure_of
+from fedtune.plots import draw_accuracy, draw_bytes, draw_clients, draw_epsilon, figure_of
 from fedtune.records import RECORD_COLUMNS, RoundRecord, record_from_dict, summarize_history
 
 CONFIG_YAML = "config.yaml"
@@ -28,6 +28,7 @@ HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"
 SUMMARY_JSON = "summary.json"
 ACCURACY_PNG = "accuracy.png"
+CLIENTS_PNG = "clients.png"
 BYTES_PNG = "bytes.png"
 PRIVACY_JSON = "privacy.json"
 PRIVACY_PNG = "privacy.png"
@@ -110,7 +111,8 @@ class RunDirectory:
     def write_plots(
         self, *, epsilon_budget: float | None = None, client_names: Mapping[int, str] | None = None
     ) -> list[Path]:
-        """accuracy.png, bytes.png and (under DP) privacy.png from the history so far.
+        """accuracy.png, clients.png (each client's accuracy), bytes.png and (under DP) privacy.png from the
+        history so far.
 
         A plot with nothing to show is skipped; `epsilon_budget` is drawn as a line on privacy.png,
         whose client lines are named after `client_names` (client id -> name).
@@ -118,6 +120,7 @@ class RunDirectory:
         written = []
         plots = (
             (ACCURACY_PNG, draw_accuracy),
+            (CLIENTS_PNG, draw_clients),
             (BYTES_PNG, draw_bytes),
             (PRIVACY_PNG, partial(draw_epsilon, budget=epsilon_budget, client_names=client_names)),
         )

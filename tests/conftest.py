@@ -1,7 +1,8 @@
-"""Shared fixtures: where the shared test photographs are, and an isolated cache per test."""
+"""Shared fixtures: the shared test photographs, an isolated cache per test, Ray workers that import tests/."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,3 +41,10 @@ def server_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(TaskIdentity, "_run_id", 7)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)  # the SuperLink's node
     yield
+
+
+@pytest.fixture
+def ray_can_import_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray workers inherit the environment: let them import the probe ClientApps (tests/probe_clients.py) by name."""
+    tests = str(REPO / "tests")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, str(REPO), os.environ.get("PYTHONPATH", "")]))

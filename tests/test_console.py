@@ -269,7 +269,7 @@ def test_compare_table() -> None:
 def test_progress_prints_a_line_per_round_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     with RoundProgress(2, title="exp") as progress:
         for r in range(3):
-            progress.round_done(make_record(r))
+            progress.round_done(make_record(r, clients_accuracy_worst10=0.25 if r == 2 else None))
         progress.message("early stopping: no gain in 3 rounds")
 
     lines = capsys.readouterr().out.splitlines()
@@ -280,6 +280,7 @@ def test_progress_prints_a_line_per_round_off_a_terminal(capsys: pytest.CaptureF
         "sent=18.6 MB  received=11.0 KB  time=1.5s  1 rejected"
     )
     assert lines[3].startswith("round 2/2")
+    assert "  fed_acc=0.550  worst10%_clients_acc=0.250  sent=" in lines[3]  # the worst-served clients, beside the mean
     assert lines[4] == "early stopping: no gain in 3 rounds"
     assert len(lines) == 5
 

@@ -25,14 +25,8 @@ from fedtune.server.run import RunOutcome
 from fedtune.simulation import simulate
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 PROTOCOL_OVERHEAD = 0.05
 
-
-@pytest.fixture
-def ray_can_import_tests(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Ray workers inherit the environment: let them import the probe ClientApps by name.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]))
 
 
 def small_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
@@ -113,6 +107,15 @@ def test_partial_updates_frozen_bits_and_backbone_once(
         assert torch.equal(final[key], cached[key]), key
 
     assert history[-1].central_accuracy > history[0].central_accuracy + 0.3
+    # Each client's own accuracy, every round: named, counted once each, summarised, drawn.
+    for record in history[1:]:
+        assert sorted(record.client_accuracy) == [f"client {p}" for p in range(n)]
+        accuracies = sorted(record.client_accuracy.values())
+        assert record.clients_accuracy_worst10 == accuracies[0]  # 10% of 3 clients: the worst one
+        assert record.clients_accuracy_median == accuracies[1]
+        assert min(accuracies) <= record.federated_accuracy <= max(accuracies)
+    assert summary["final_clients_accuracy"]["worst_client_accuracy"] == min(history[-1].client_accuracy.values())
+    assert (outcome.run_dir / "clients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A later run with the same backbone: every node still caches it, nothing but trainables travel.
     again = simulate(small_config(tmp_path, "federation.rounds=1", "train.unfreeze=[]"), client_app=recording_app)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from fedtune.report import RunDirectory
 from fedtune.simulation import simulate
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 
 
 def _image_folder(root: Path, *, classes: int = 3, train: int = 24, test: int = 8) -> Path:
@@ -34,11 +32,10 @@ def _image_folder(root: Path, *, classes: int = 3, train: int = 24, test: int = 
 
 
 def test_a_node_that_lost_its_model_is_sent_it_again_and_trains_in_that_round(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, ray_can_import_tests: None
 ) -> None:
     from probe_lost_model import LOSES_MODEL, PROBE_DIR_ENV, lost_model_app
 
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]))
     probe = tmp_path / "probe"
     monkeypatch.setenv(PROBE_DIR_ENV, str(probe))
     # data.root is read by the virtual nodes too: in a simulation the experiment file is the user's own.

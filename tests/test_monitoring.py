@@ -76,8 +76,9 @@ def only_run(store: str, experiment: str = "fedtune") -> str:
 
 def test_a_round_becomes_tagged_scalars_and_none_is_left_out() -> None:
     record = make_record(2, extra={"epsilon_client_7": 1.5, "epsilon_user": 2.0, "proximal_term": 0.1,
-                                   "bad key\nforged": 3.0})
+                                   "bad key\nforged": 3.0}, clients_accuracy_worst10=0.25)
     values = scalars_of(record)
+    assert values["clients/accuracy_worst10"] == 0.25 and "clients/accuracy_median" not in values
     assert values["central/accuracy"] == pytest.approx(record.central_accuracy)
     assert values["bytes/sent"] == record.bytes_sent and values["clients/rejected"] == 1
     assert values["privacy/epsilon_client_7"] == 1.5 and values["privacy/epsilon_user"] == 2.0

@@ -15,6 +15,7 @@ from replies import TRAIN_METRICS, error_reply, evaluate_reply, flower_reason, i
 from fedtune import messages as keys
 from fedtune.strategies.validation import (
     MAX_METRICS,
+    PERSONAL_EVALUATE_METRICS,
     UnusableReply,
     check_evaluate_replies,
     check_train_replies,
@@ -270,6 +271,26 @@ def test_a_good_evaluate_reply_is_rebuilt_with_its_metrics_only() -> None:
 def test_a_bad_evaluate_metric_is_named(metrics: dict, message: str) -> None:
     values = {k: v for k, v in {**GOOD_EVALUATION, **metrics}.items() if v is not None}
     assert _evaluate_problem(evaluate_reply(values)) == message
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ({}, "metric 'personal_loss' is missing"),
+        ({"personal_loss": 0.2}, "metric 'personal_accuracy' is missing"),
+        ({"personal_loss": 0.2, "personal_accuracy": 1.5}, "metric 'personal_accuracy' must be a number in [0, 1]"),
+        ({"personal_loss": -1.0, "personal_accuracy": 0.5}, "metric 'personal_loss' must be a finite number >= 0"),
+    ],
+    ids=["neither", "no-accuracy", "accuracy-1.5", "negative-loss"],
+)
+def test_under_personalization_an_evaluate_reply_must_carry_its_own_models_metrics(
+        metrics: dict, message: str) -> None:
+    with pytest.raises(UnusableReply) as refused:
+        parse_evaluate_content(evaluate_reply({**GOOD_EVALUATION, **metrics}).content, PERSONAL_EVALUATE_METRICS)
+    assert str(refused.value).startswith(message)
+    parsed, _ = parse_evaluate_content(evaluate_reply(
+        {**GOOD_EVALUATION, "personal_loss": 0.2, "personal_accuracy": 1.0}).content, PERSONAL_EVALUATE_METRICS)
+    assert parsed[keys.METRICS]["personal_accuracy"] == 1.0
 
 
 def test_evaluate_reply_records_must_be_one_metric_record() -> None:

@@ -21,13 +21,14 @@ from fedtune import messages as keys
 from fedtune import protocol
 from fedtune.backbones import StagedModel
 from fedtune.client.cache import CacheFull, ModelNotCached
+from fedtune.client.personal import PersonalStore, apply_personal, personal_state
 from fedtune.client.privacy import LedgerStore, train_private_round, within_node_budget
 from fedtune.client.secure_aggregation import secure_aggregation_mod
 from fedtune.client.statistics import answer_statistics_query
 from fedtune.client.task import NodeIdentity, local_data, model_inputs, restored_model
 from fedtune.engine import evaluate, resolve_device, train_one_round
 from fedtune.logs import setup_logging
-from fedtune.params import trainable_state_dict
+from fedtune.params import personal_keys, trainable_state_dict
 from fedtune.protocol import ClientSettings, RefusedMessage, RoundInstruction
 
 log = logging.getLogger("fedtune.client")
@@ -119,6 +120,23 @@ class _LocalRound:
     inputs: Dataset
     start: int  # index of the stage `inputs` feed (above a cached frozen prefix)
     device: torch.device
+    personal: frozenset[str]  # the keys of `stages` personalization keeps here (fedtune/client/personal.py)
+    # What feeds the trainable part for the other split too, and from which stage (personalization
+    # finetune trains on the training split inside an evaluate message).
+    inputs_of: Callable[[Literal["train", "validation"]], tuple[Dataset, int]]
+
+    @property
+    def store(self) -> PersonalStore:
+        return PersonalStore(self.node.client_state_root, self.settings.run_key)
+
+    def make_personal(self, *, before_round: int) -> dict[str, torch.Tensor]:
+        """The model with this client's own personal tensors, those the latest round before `before_round`
+        saved (the global model's values for any not saved yet); returns what was stored."""
+        if not self.personal:
+            return {}
+        stored = self.store.load(before_round=before_round)
+        apply_personal(self.model, stored, self.personal)
+        return stored
 
 
 @contextmanager
@@ -138,18 +156,23 @@ def _local_round(
     with restored_model(settings, model_hash=instruction.model_hash, trainable=trainable, stages=stages,
                         cache=models, device=device) as model:
         data = local_data(settings, node)
-        inputs, start = model_inputs(
-            model,
-            data.train if split == "train" else data.validation,
-            identity=data.train_identity if split == "train" else data.validation_identity,
-            stages=stages,
-            model_hash=instruction.model_hash,
-            augmented=settings.data.augment and split == "train",
-            cache=node.feature_cache(),
-            device=device,
-            in_use=[models.path(instruction.model_hash)],
-        )
-        yield _LocalRound(settings, node, stages, model, inputs, start, device)
+
+        def inputs_of(part: Literal["train", "validation"]) -> tuple[Dataset, int]:
+            return model_inputs(
+                model,
+                data.train if part == "train" else data.validation,
+                identity=data.train_identity if part == "train" else data.validation_identity,
+                stages=stages,
+                model_hash=instruction.model_hash,
+                augmented=settings.data.augment and part == "train",
+                cache=node.feature_cache(),
+                device=device,
+                in_use=[models.path(instruction.model_hash)],
+            )
+
+        inputs, start = inputs_of(split)
+        yield _LocalRound(settings, node, stages, model, inputs, start, device,
+                          personal_keys(model, stages, settings.personalization), inputs_of)
 
 
 @app.query()
@@ -193,11 +216,14 @@ def run_training(msg: Message, context: Context) -> tuple[Message, StagedModel]:
     """
     instruction = protocol.parse_round_instruction(msg.content)
     with _local_round(instruction, context, split="train") as local:
-        reply = _train(msg, instruction, local)
+        stored = local.make_personal(before_round=instruction.server_round)
+        reply = _train(msg, instruction, local, stored)
     return reply, local.model
 
 
-def _train(msg: Message, instruction: RoundInstruction, local: _LocalRound) -> Message:
+def _train(msg: Message, instruction: RoundInstruction, local: _LocalRound, stored: dict[str, torch.Tensor]
+           ) -> Message:
+    """Local training; `stored`: this client's personal tensors it started from (kept beside the new ones)."""
     settings, node = local.settings, local.node
     torch.manual_seed(settings.seed + node.partition_id)
     server_round = instruction.server_round
@@ -236,8 +262,11 @@ def _train(msg: Message, instruction: RoundInstruction, local: _LocalRound) -> M
         {keys.NUM_EXAMPLES: result.num_examples, "train_loss": result.loss, "train_accuracy": result.accuracy,
          **extra}
     )
+    if local.personal:  # kept here, for this client's next round and its evaluation; never in the reply
+        local.store.save(server_round, stored | personal_state(local.model, local.personal))
     # trainable_state_dict copies to the CPU: the model itself stays on its device for the next message.
-    arrays = ArrayRecord(trainable_state_dict(local.model, local.stages, statistics=not settings.freeze_statistics))
+    arrays = ArrayRecord(trainable_state_dict(local.model, local.stages, statistics=not settings.freeze_statistics,
+                                              personalization=settings.personalization))
     return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg)
 
 
@@ -252,12 +281,34 @@ def evaluate_locally(msg: Message, context: Context) -> Message:
     return _answer(msg, lambda: _evaluate(msg, context))
 
 
+def _fine_tune(local: _LocalRound, instruction: RoundInstruction) -> None:
+    """personalization finetune: the global model trained on this client's training split for
+    finetune_epochs, in place (the resident model is put back at the next message); nothing kept."""
+    settings = local.settings
+    inputs, start = local.inputs_of("train")
+    epochs = settings.personalization.finetune_epochs or 1
+    cfg = settings.train.model_copy(update={"local_epochs": epochs})
+    train_one_round(local.model, inputs, stages=local.stages, cfg=cfg, start=start,
+                    freeze_statistics=settings.freeze_statistics,
+                    seed=settings.seed * 1000 + instruction.server_round * 100 + local.node.partition_id,
+                    device=local.device)
+
+
 def _evaluate(msg: Message, context: Context) -> Message:
-    with _local_round(protocol.parse_round_instruction(msg.content), context, split="validation") as local:
+    """The global model's loss and accuracy; under personalization, this client's own model's too (the
+    global one with its personal tensors, as its latest training round left them)."""
+    instruction = protocol.parse_round_instruction(msg.content)
+    with _local_round(instruction, context, split="validation") as local:
         result = evaluate(local.model, local.inputs, start=local.start, device=local.device)
-    if not result.num_examples:
-        raise ValueError("this node has no local validation examples (raise data.val_fraction)")
-    metrics = MetricRecord(
-        {keys.NUM_EXAMPLES: result.num_examples, "loss": result.loss, "accuracy": result.accuracy}
-    )
+        if not result.num_examples:
+            raise ValueError("this node has no local validation examples (raise data.val_fraction)")
+        metrics = MetricRecord({keys.NUM_EXAMPLES: result.num_examples, "loss": result.loss,
+                                "accuracy": result.accuracy})
+        if local.settings.personalization.method != "none":
+            if local.settings.personalization.method == "finetune":
+                _fine_tune(local, instruction)
+            else:
+                local.make_personal(before_round=instruction.server_round + 1)
+            own = evaluate(local.model, local.inputs, start=local.start, device=local.device)
+            metrics[keys.PERSONAL_LOSS], metrics[keys.PERSONAL_ACCURACY] = own.loss, own.accuracy
     return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)

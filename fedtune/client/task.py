@@ -240,7 +240,8 @@ def restored_model(
             check_stages_of(stages, model.stages, backbone=settings.model.backbone)
             check_stages_of(settings.train.lr_multipliers, model.stages, backbone=settings.model.backbone,
                             field=f"{keys.CLIENT_CONFIG}: train.lr_multipliers")
-            expected = travelling_keys(model, stages, statistics=not settings.freeze_statistics)
+            expected = travelling_keys(model, stages, statistics=not settings.freeze_statistics,
+                                       personalization=settings.personalization)
             check_trainable_tensors(trainable, model.state_dict(keep_vars=True))  # reads dtypes only
             try:
                 load_tensors(model, trainable, expected_keys=expected)

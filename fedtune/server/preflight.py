@@ -18,6 +18,7 @@ from fedtune.backbones import StagedModel, build_model, preprocessing_for
 from fedtune.config import ExperimentConfig, shown
 from fedtune.data import DOWNLOADING_SOURCES, ImageDataset, Split, load_split, partitioning
 from fedtune.monitoring import mlflow_problem
+from fedtune.params import personal_keys, trainable_stages
 from fedtune.server.checkpoint import Checkpoint, CheckpointError, find_resumable
 
 
@@ -76,6 +77,12 @@ def check_model_fits(cfg: ExperimentConfig, model: StagedModel) -> None:
     if unknown:
         raise PreflightError(f"train.lr_multipliers: {cfg.model.backbone} has no stage named "
                              f"{', '.join(shown(name) for name in unknown[:5])}; its stages: {', '.join(model.stages)}")
+    if cfg.personalization.method == "fedbn":
+        widest = max((value for _, value in settings), key=lambda value: len(blocks) if value == "all" else value)
+        if not personal_keys(model, trainable_stages(model, widest), cfg.personalization):
+            raise PreflightError(f"personalization.method: fedbn keeps the BatchNorm layers of the trainable stages "
+                                 f"local, and {cfg.model.backbone}'s never have one with trainable_blocks up to "
+                                 f"{widest}: train more blocks, or choose another method")
 
 
 def check_monitoring(cfg: ExperimentConfig) -> None:

@@ -21,7 +21,7 @@ from fedtune.backbones import StagedModel
 from fedtune.config import ExperimentConfig
 from fedtune.engine import Metrics
 from fedtune.params import first_trainable_index, load_tensors, trainable_stages, trainable_state_dict
-from fedtune.records import RoundRecord
+from fedtune.records import ClientSpread, RoundRecord
 from fedtune.server.delivery import ModelDelivery
 from fedtune.server.evaluate import CentralEvaluator
 from fedtune.server.privacy_report import PrivacyReport
@@ -29,7 +29,15 @@ from fedtune.server.secure_aggregation import SecureAggregationError, apply_upda
 from fedtune.server.transport import Traffic, Transport
 from fedtune.strategies.bound import BoundEvent, UpdateBound
 from fedtune.strategies.central_dp import CentralDP, CentralNoise
-from fedtune.strategies.validation import MetricSpec, check_evaluate_replies, check_train_replies, specs_of
+from fedtune.strategies.validation import (
+    EVALUATE_ACCURACY,
+    EVALUATE_METRICS,
+    PERSONAL_EVALUATE_METRICS,
+    MetricSpec,
+    check_evaluate_replies,
+    check_train_replies,
+    specs_of,
+)
 
 log = logging.getLogger("fedtune.server")
 
@@ -90,6 +98,8 @@ class EvaluateOutcome:
     capped: list[BoundEvent] = field(default_factory=list)
     rejected: int = 0
     failed: int = 0
+    accuracy: dict[int, float] = field(default_factory=dict)  # node -> its accuracy, of the valid replies
+    personal_accuracy: dict[int, float] = field(default_factory=dict)  # node -> its own model's (personalization)
 
 
 def play_round(server: Server, server_round: int) -> tuple[RoundRecord, TrainOutcome]:
@@ -148,8 +158,10 @@ def play_round(server: Server, server_round: int) -> tuple[RoundRecord, TrainOut
 
 
 def travelling(server: Server, stages: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors sent to clients for `stages` (with BatchNorm statistics unless privacy freezes them)."""
-    return trainable_state_dict(server.model, stages, statistics=not server.cfg.privacy.freezes_statistics)
+    """The tensors sent to clients for `stages` (with BatchNorm statistics unless privacy freezes them, and
+    never those personalization keeps on the clients)."""
+    return trainable_state_dict(server.model, stages, statistics=not server.cfg.privacy.freezes_statistics,
+                                personalization=server.cfg.personalization)
 
 
 def train_and_aggregate(
@@ -275,7 +287,9 @@ def evaluate_on_clients(server: Server, server_round: int, stages: list[str], co
     if not messages:  # no eligible client left to sample
         return EvaluateOutcome()
     replies = server.delivery.send_and_receive(server.transport, messages)
-    checked = check_evaluate_replies(replies, server_round=server_round, name_of=server.delivery.name_of)
+    personal = server.cfg.personalization.method != "none"
+    checked = check_evaluate_replies(replies, server_round=server_round, name_of=server.delivery.name_of,
+                                     metrics=PERSONAL_EVALUATE_METRICS if personal else EVALUATE_METRICS)
     capped = []
     if server.bound is not None:
         capped = server.bound.cap_weights(checked.valid, what="evaluation", server_round=server_round,
@@ -284,7 +298,15 @@ def evaluate_on_clients(server: Server, server_round: int, stages: list[str], co
     return EvaluateOutcome(
         sampled=len(messages), metrics=metrics, problems=checked.problems, capped=capped,
         rejected=len(checked.rejected), failed=len(checked.failed) + len(messages) - len(replies),
+        accuracy=_metric_by_node(checked.valid, EVALUATE_ACCURACY),
+        personal_accuracy=_metric_by_node(checked.valid, keys.PERSONAL_ACCURACY) if personal else {},
     )
+
+
+def _metric_by_node(replies: list[Message], name: str) -> dict[int, float]:
+    """Node -> one metric of its (parsed, so present and a number) reply."""
+    return {reply.metadata.src_node_id: float(cast(float, reply.content.metric_records[keys.METRICS][name]))
+            for reply in replies}
 
 
 def leave_at_budget(server: Server, problems: dict[int, str], server_round: int) -> None:
@@ -315,6 +337,8 @@ def round_record(
     seconds: float,
 ) -> RoundRecord:
     """The round's line in the history: what it cost, what it produced, what went wrong and with whom."""
+    client_accuracy = _by_name(evaluated.accuracy, name_of=server.delivery.name_of)
+    personal_accuracy = _by_name(evaluated.personal_accuracy, name_of=server.delivery.name_of)
     return RoundRecord(
         round=server_round,
         trainable_blocks=str(blocks),
@@ -341,7 +365,21 @@ def round_record(
         evaluations_failed=evaluated.failed,
         extra=privacy_figures,
         client_problems=client_problems(trained, evaluated, name_of=server.delivery.name_of),
+        client_accuracy=client_accuracy,
+        **ClientSpread.of(client_accuracy.values()).columns(),
+        client_personal_accuracy=personal_accuracy,
+        **ClientSpread.of(personal_accuracy.values()).columns(prefix="clients_personal_accuracy"),
     )
+
+
+def _by_name(values: dict[int, float], *, name_of: Callable[[int], str]) -> dict[str, float]:
+    """Node -> value as client name -> value. Names come from what nodes claim (their partition); two
+    that claim the same name are told apart by their node ids rather than one hiding the other."""
+    named: dict[str, float] = {}
+    for node, value in sorted(values.items()):
+        name = name_of(node)
+        named[f"{name} [node {node}]" if name in named else name] = value
+    return named
 
 
 def client_problems(

@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeGuard, TypeVar
 
 import numpy as np
@@ -76,6 +77,10 @@ _FRACTION = MetricSpec(0.0, 1.0)
 WEIGHT_ONLY: dict[str, MetricSpec] = {keys.NUM_EXAMPLES: _COUNT}
 EVALUATE_METRICS: dict[str, MetricSpec] = {
     keys.NUM_EXAMPLES: _COUNT, EVALUATE_LOSS: _LOSS, EVALUATE_ACCURACY: _FRACTION
+}
+# Under personalization: the client's own model's too (fedtune/client/app.py, _evaluate).
+PERSONAL_EVALUATE_METRICS: dict[str, MetricSpec] = {
+    **EVALUATE_METRICS, keys.PERSONAL_LOSS: _LOSS, keys.PERSONAL_ACCURACY: _FRACTION
 }
 
 
@@ -213,12 +218,13 @@ def parse_train_content(
     return parsed, ignored
 
 
-def parse_evaluate_content(content: RecordDict) -> tuple[RecordDict, list[str]]:
+def parse_evaluate_content(content: RecordDict, metrics: Mapping[str, MetricSpec] = EVALUATE_METRICS
+                           ) -> tuple[RecordDict, list[str]]:
     """An evaluate reply's content as the strategy expects it, and the unknown metrics dropped; or UnusableReply."""
     if content.array_records:
         raise UnusableReply(f"an evaluate reply carries no tensors, got {_names(content.array_records)}")
     record = _only_record(content.metric_records, "MetricRecord")
-    parsed_metrics, ignored = _parse_metrics(record, EVALUATE_METRICS)
+    parsed_metrics, ignored = _parse_metrics(record, metrics)
     return RecordDict({keys.METRICS: parsed_metrics}), ignored
 
 
@@ -293,10 +299,12 @@ def check_train_replies(
 
 
 def check_evaluate_replies(
-    replies: Iterable[Message], *, server_round: int, name_of: Callable[[int], str]
+    replies: Iterable[Message], *, server_round: int, name_of: Callable[[int], str],
+    metrics: Mapping[str, MetricSpec] = EVALUATE_METRICS,
 ) -> SortedReplies:
-    """Valid (parsed), rejected and failed evaluate replies."""
-    result = _sort(replies, parse_evaluate_content, what="evaluate", server_round=server_round, name_of=name_of)
+    """Valid (parsed), rejected and failed evaluate replies (`metrics`: what each must hold)."""
+    result = _sort(replies, partial(parse_evaluate_content, metrics=metrics), what="evaluate",
+                   server_round=server_round, name_of=name_of)
     # Ordered by content too: the weighted averages of the metrics then do not depend on which
     # reply arrived first (they differed in their last bit from run to run).
     result.valid.sort(key=_metrics_digest)
