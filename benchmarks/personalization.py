@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from runs import simulated_run  # benchmarks/runs.py, beside this script
 
 from fedtune.console import compare_table, format_bytes
 from fedtune.records import ClientSpread, RoundRecord
@@ -36,18 +35,7 @@ METHODS = ["none", "fedbn", "local_head", "finetune", "local"]
 
 def run(config: Path, method: str, *, out: Path, overrides: list[str]) -> Path:
     """`fedtune simulate` with this method; its run folder (reused when it finished)."""
-    folder = out / method
-    done = sorted(p for p in folder.iterdir() if (p / "summary.json").is_file()) if folder.is_dir() else []
-    if done:
-        return done[-1]
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "fedtune", "-q", "simulate", str(config), "--set", f"output.dir={folder}",
-               "--set", f"personalization.method={method}"]
-    for item in overrides:
-        command += ["--set", item]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, stdout=sys.stderr)
-    return sorted(p for p in folder.iterdir() if (p / "summary.json").is_file())[-1]
+    return simulated_run(config, out / method, [f"personalization.method={method}", *overrides])
 
 
 def own_accuracy(record: RoundRecord, method: str) -> dict[str, float]:

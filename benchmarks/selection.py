@@ -28,6 +28,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from runs import simulated_run  # benchmarks/runs.py, beside this script
 from scipy.stats import kendalltau
 
 from fedtune.console import compare_table, format_bytes
@@ -54,30 +55,11 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")
 
 
-def finished_run(folder: Path) -> Path | None:
-    runs = sorted(p for p in folder.iterdir() if (p / "summary.json").is_file()) if folder.is_dir() else []
-    return runs[-1] if runs else None
-
-
 def fine_tune(config: Path, candidate: str, *, seed: int, out: Path, extra: list[str]) -> Path:
     """Head-only federated fine-tuning of one candidate; returns its run directory (reused if done)."""
-    folder = out / f"{slug(candidate)}-seed{seed}"
-    done = finished_run(folder)
-    if done is not None:
-        return done
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "fedtune", "simulate", str(config), "--set", f"output.dir={folder}",
-               "--set", "train.trainable_blocks=0", "--set", "train.unfreeze=[]", "--set", f"seed={seed}"]
-    for item in [*candidate_overrides(candidate), *extra]:
-        command += ["--set", item]
-    print("$", " ".join(command), flush=True)
-    # Empty node caches: each run sends its backbone and computes its features once, as on new nodes.
-    env = {**os.environ, "FEDTUNE_CACHE_DIR": str(folder / "node-caches")}
-    subprocess.run(command, check=True, stdout=sys.stderr, env=env)
-    run = finished_run(folder)
-    if run is None:
-        raise RuntimeError(f"{folder}: fedtune simulate finished without a summary.json")
-    return run
+    overrides = ["train.trainable_blocks=0", "train.unfreeze=[]", f"seed={seed}", *candidate_overrides(candidate),
+                 *extra]
+    return simulated_run(config, out / f"{slug(candidate)}-seed{seed}", overrides, fresh_caches=True)
 
 
 def final_accuracy(run: Path) -> float:
