@@ -39,6 +39,10 @@ class StagedModel(nn.Module):
         # ModuleDict keeps insertion order, and its keys become the state-dict prefixes
         # (stages.<name>.*) by which tensors are frozen, cached and sent.
         self.stages = nn.ModuleDict(dict(stages))
+        # Parameter-efficient fine-tuning (fedtune/adapters.py, add_adapters): in these stages only
+        # the adapter's tensors train and travel; "none" for a model without adapters.
+        self.adapter: str = "none"
+        self.adapted_stages: frozenset[str] = frozenset()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_stages(x)

@@ -238,6 +238,27 @@ class UnfreezeStep(Section):
     trainable_blocks: Annotated[int, Field(ge=0, le=MAX_BLOCKS)] | Literal["all"]
 
 
+# A module name inside a stage, as `fedtune backbones` and PyTorch print it ("conv_pw", "0.block.3").
+_MODULE_NAME = r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$"
+MAX_LORA_RANK = 1024
+
+
+class LoraSettings(Section):
+    """LoRA adapters (train.adapter: lora): W x + (alpha / rank) B A x, with A (rank x in) and B (out x rank)
+    trained and the pretrained W frozen (Hu et al. 2021), through PEFT (fedtune/adapters.py)."""
+
+    rank: Annotated[int, Field(ge=1, le=MAX_LORA_RANK)] = 8
+    alpha: Annotated[int, Field(ge=1, le=MAX_LORA_RANK * 16)] = 16
+    # Dropout on the adapter's input (PEFT's lora_dropout).
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # auto: every linear layer, 1x1 convolution and attention layer of the adapted blocks. Or module
+    # names, each matching a module of that name or ending in "." + it, in any adapted block.
+    target_modules: Literal["auto"] | Annotated[
+        tuple[Annotated[str, Field(max_length=MAX_NAME_CHARS, pattern=_MODULE_NAME)], ...],
+        Strict(False), Field(min_length=1, max_length=MAX_BLOCKS),
+    ] = "auto"
+
+
 class TrainConfig(Section):
     # How many of the backbone's last blocks train with the head: 0 is feature extraction,
     # "all" is full fine-tuning. An unfreeze schedule raises it at given rounds.
@@ -262,6 +283,11 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Mixed precision on CUDA (ignored on CPU).
     amp: bool = False
+    # Parameter-efficient fine-tuning of the trainable blocks (fedtune/adapters.py): none trains them
+    # whole; lora trains low-rank adapters beside their frozen weights (`lora`); bitfit trains their
+    # biases alone. Either way only those tensors (and the head, which trains whole) travel.
+    adapter: Literal["none", "lora", "bitfit"] = "none"
+    lora: LoraSettings = LoraSettings()
 
     @model_validator(mode="after")
     def _unfreeze_monotonic(self) -> TrainConfig:
@@ -278,6 +304,19 @@ class TrainConfig(Section):
                 raise ValueError("unfreeze steps must not decrease trainable_blocks (blocks never refreeze)")
             previous_round, previous_blocks = step.from_round, step.trainable_blocks
         return self
+
+    @model_validator(mode="after")
+    def _adapter_has_blocks(self) -> TrainConfig:
+        if self.adapter != "none" and self.widest_blocks == 0:
+            raise ValueError(f"adapter: {self.adapter} adapts the trainable blocks below the head, and "
+                             "trainable_blocks is 0 in every round (the head alone trains whole): train at "
+                             "least one block, or set adapter: none")
+        return self
+
+    @property
+    def widest_blocks(self) -> int | Literal["all"]:
+        """The most blocks that train in any round: blocks only ever thaw, so the last step's."""
+        return self.unfreeze[-1].trainable_blocks if self.unfreeze else self.trainable_blocks
 
     def trainable_blocks_at(self, server_round: int) -> int | Literal["all"]:
         """Trainable blocks below the head in a given round, after the unfreeze schedule."""

@@ -15,6 +15,10 @@ from fedtune.config import PersonalizationConfig
 # BatchNorm's step counter is an int64 that weighted averaging would turn into a float, and it
 # only matters for BatchNorm layers with momentum=None (none of the registered backbones).
 _NOT_TRAVELLING_SUFFIX = "num_batches_tracked"
+# PEFT names an adapter's tensors lora_A.<adapter>.weight and lora_B.<adapter>.weight (peft/tuners/lora/model.py,
+# LoraModel.prefix = "lora_"): the only parameters of a LoRA-adapted block that train (fedtune/adapters.py).
+_LORA_PARAMETER = ".lora_"
+_BITFIT_PARAMETER = "bias"
 
 
 def trainable_stages(model: StagedModel, blocks: int | Literal["all"]) -> list[str]:
@@ -55,6 +59,25 @@ def stage_state(model: StagedModel, stages: Iterable[str]) -> dict[str, Tensor]:
     return state
 
 
+def adapted(model: StagedModel, stage: str) -> bool:
+    """Whether only `stage`'s adapter trains (fedtune/adapters.py); the head always trains whole."""
+    return stage != HEAD and stage in model.adapted_stages
+
+
+def is_adapter_parameter(kind: str, name: str) -> bool:
+    """Whether the parameter `name` (a parameter or state-dict key) of an adapted stage trains under `kind`."""
+    if kind == "lora":
+        return _LORA_PARAMETER in name
+    if kind == "bitfit":
+        return name.rpartition(".")[2] == _BITFIT_PARAMETER
+    raise ValueError(f"no adapter named {kind!r}")
+
+
+def trains(model: StagedModel, stage: str, name: str) -> bool:
+    """Whether the parameter `name` of a trainable `stage` trains: all of them, or in an adapted stage its adapter's."""
+    return not adapted(model, stage) or is_adapter_parameter(model.adapter, name)
+
+
 def personal_keys(model: StagedModel, stages: Iterable[str], personalization: PersonalizationConfig | None
                   ) -> frozenset[str]:
     """The state-dict keys of `stages` that stay on each client under `personalization` (config.py's
@@ -67,15 +90,16 @@ def personal_keys(model: StagedModel, stages: Iterable[str], personalization: Pe
         return frozenset()
     if method in ("local", "local_head"):
         chosen = wanted if method == "local" else [name for name in wanted if name == HEAD]
-        return frozenset(key for key in stage_state(model, chosen) if not key.endswith(_NOT_TRAVELLING_SUFFIX))
+        return frozenset(_trained_keys(model, chosen, statistics=True))
     parts = ("running_mean", "running_var", *(("weight", "bias") if personalization and personalization.fedbn_affine
                                               else ()))
-    return frozenset(
+    batch_norm = {
         f"stages.{name}.{path}.{part}" if path else f"stages.{name}.{part}"
         for name in wanted for path, module in model.stages[name].named_modules()
         if isinstance(module, nn.modules.batchnorm._BatchNorm)
         for part in parts if getattr(module, part, None) is not None
-    )
+    }
+    return frozenset(batch_norm.intersection(_trained_keys(model, wanted, statistics=True)))
 
 
 def travelling_keys(model: StagedModel, stages: list[str], *, statistics: bool = True,
@@ -83,14 +107,27 @@ def travelling_keys(model: StagedModel, stages: list[str], *, statistics: bool =
     """State-dict keys of the given stages, in model order: parameters, and BatchNorm statistics
     unless `statistics` is False (under differential privacy they stay frozen and never travel);
     never the keys `personalization` keeps on the clients (`personal_keys`)."""
-    buffers = {f"stages.{name}.{buffer}" for name in set(stages) if name in model.stages
-               for buffer, _ in model.stages[name].named_buffers()}
     personal = personal_keys(model, stages, personalization)
-    return [
-        key
-        for key in stage_state(model, stages)
-        if not key.endswith(_NOT_TRAVELLING_SUFFIX) and (statistics or key not in buffers) and key not in personal
-    ]
+    return [key for key in _trained_keys(model, stages, statistics=statistics) if key not in personal]
+
+
+def _trained_keys(model: StagedModel, stages: Iterable[str], *, statistics: bool) -> list[str]:
+    """State-dict keys of `stages` that training changes, in model order: parameters that train (`trains`),
+    and the BatchNorm statistics of stages trained whole unless `statistics` is False (an adapted stage
+    keeps its statistics frozen: `set_train_mode`)."""
+    wanted = set(stages)
+    keys: list[str] = []
+    for name, stage in model.stages.items():
+        if name not in wanted:
+            continue
+        buffers = {buffer for buffer, _ in stage.named_buffers()}
+        for key in stage.state_dict():
+            if key in buffers:
+                if statistics and not adapted(model, name) and not key.endswith(_NOT_TRAVELLING_SUFFIX):
+                    keys.append(f"stages.{name}.{key}")
+            elif trains(model, name, key):
+                keys.append(f"stages.{name}.{key}")
+    return keys
 
 
 def trainable_state_dict(model: StagedModel, stages: list[str], *, statistics: bool = True,
@@ -120,11 +157,11 @@ def load_tensors(model: StagedModel, tensors: Mapping[str, Tensor], *, expected_
 
 
 def freeze_all_but(model: StagedModel, stages: list[str]) -> None:
-    """requires_grad only for the given stages."""
+    """requires_grad only for the given stages (in an adapted stage, only for its adapter: `trains`)."""
     wanted = set(stages)
     for name, stage in model.stages.items():
-        for parameter in stage.parameters():
-            parameter.requires_grad_(name in wanted)
+        for key, parameter in stage.named_parameters():
+            parameter.requires_grad_(name in wanted and trains(model, name, key))
 
 
 def set_train_mode(model: StagedModel, stages: list[str], *, freeze_statistics: bool = False) -> None:
@@ -133,12 +170,13 @@ def set_train_mode(model: StagedModel, stages: list[str], *, freeze_statistics: 
     requires_grad=False does not stop BatchNorm from updating its running statistics in train():
     frozen stages stay in eval() so they remain bit-identical to the server's copy. With
     `freeze_statistics`, BatchNorm layers of trainable stages stay in eval() too: they normalise
-    with the pretrained statistics and train only their affine weight and bias.
+    with the pretrained statistics and train only their affine weight and bias. So do those of an
+    adapted stage always: all of it but its adapter stays the initial model's (fedtune/adapters.py).
     """
     wanted = set(stages)
     for name, stage in model.stages.items():
         stage.train(name in wanted)
-        if freeze_statistics:
+        if freeze_statistics or adapted(model, name):
             for module in stage.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()

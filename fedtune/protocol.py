@@ -58,7 +58,7 @@ MAX_SECAGG_CONFIG_CHARS = 4 * MAX_SETTINGS_CHARS  # the train config, client set
 _EXCERPT_CHARS = 40
 # The form of the client settings record; a node refuses any other (ClientSettings.version).
 # 2: dp_sgd.batch_size arrives resolved (a number or "full", never "auto"); dp_sgd.reproducible.
-SETTINGS_VERSION = 3  # 3: personalization
+SETTINGS_VERSION = 4  # 3: personalization; 4: train.adapter, train.lora
 
 # Keys a round's config may carry: fedtune's own and those Flower's strategies add.
 ROUND_CONFIG_KEYS = frozenset({
@@ -114,7 +114,9 @@ class ClientSettings(Section):
             rounds=cfg.federation.rounds,
             model=cfg.model,
             data=cfg.data,
-            train=cfg.train.model_copy(update={"unfreeze": ()}),  # the server applies the schedule
+            # The server applies the unfreeze schedule (each round's message names its stages); a node
+            # reads trainable_blocks only for where adapters sit: in the schedule's widest blocks.
+            train=cfg.train.model_copy(update={"unfreeze": (), "trainable_blocks": cfg.train.widest_blocks}),
             # `auto` depends on the unfreeze schedule, which the server keeps: resolved here.
             dp_sgd=cfg.privacy.dp_sgd.model_copy(update={"batch_size": cfg.dp_batch_size()}),
             freeze_statistics=cfg.privacy.freezes_statistics,

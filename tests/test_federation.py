@@ -211,18 +211,6 @@ def test_clients_at_their_privacy_budget_refuse_and_the_run_ends_cleanly(tmp_pat
     assert spent and max(spent) <= 1.5  # no client ever passed its budget
 
 
-def test_secure_aggregation_through_the_real_handlers_with_dp_sgd(tmp_path: Path) -> None:
-    cfg = small_config(tmp_path, "federation.rounds=2", "train.unfreeze=[]", "privacy.secure_aggregation.enabled=true",
-                       "privacy.dp_sgd.enabled=true", "privacy.dp_sgd.target_epsilon=8")
-    outcome = simulate(cfg)
-    history = RunDirectory.load_history(outcome.run_dir / "history.json")
-    assert [r.clients_ok for r in history[1:]] == [3, 3]
-    assert all(len([k for k in r.extra if k.startswith("epsilon_client_")]) == 3 for r in history[1:])
-    privacy = json.loads((outcome.run_dir / "privacy.json").read_text())
-    assert set(privacy) == {"sample_level", "secure_aggregation"}
-    assert history[-1].central_accuracy > history[0].central_accuracy
-
-
 def _simulate_tapped(cfg: ExperimentConfig) -> tuple[list[RunOutcome], WireTap]:
     """`cfg` in Flower's simulation with a wire tap below the server's transport; the outcome unless the run failed."""
     from flwr.app import Context

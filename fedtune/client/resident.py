@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fedtune.adapters import AdapterPlan, add_adapters
 from fedtune.backbones import StagedModel, build_model
 from fedtune.client.cache import FileSignature, ModelCache
 from fedtune.params import stage_of
@@ -70,11 +71,13 @@ class Architecture:
     num_classes: int
     head_dropout: float
     cut: str | None = None
+    adapter: AdapterPlan | None = None  # train.adapter: the server's model carries the same adapters
 
     def build(self) -> StagedModel:
         # Built locally without weights: they come from the cache, never from a hub.
-        return build_model(self.backbone, num_classes=self.num_classes, weights="none",
-                           head_dropout=self.head_dropout, cut=self.cut)
+        model = build_model(self.backbone, num_classes=self.num_classes, weights="none",
+                            head_dropout=self.head_dropout, cut=self.cut)
+        return add_adapters(model, self.adapter)
 
 
 def _hook_registries(module: nn.Module) -> tuple[tuple[str, int], ...]:

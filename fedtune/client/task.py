@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from fedtune import messages as keys
+from fedtune.adapters import AdapterPlan
 from fedtune.backbones import StagedModel, preprocessing_for
 from fedtune.client.cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, FeatureCache, ModelCache, default_cache_root
 from fedtune.client.resident import RESIDENT, Architecture, NotThisArchitecture, ResidentModels
@@ -234,7 +235,7 @@ def restored_model(
     """
     stages = list(stages)
     architecture = Architecture(settings.model.backbone, settings.num_classes, settings.model.head_dropout,
-                                settings.model.cut)
+                                settings.model.cut, AdapterPlan.of(settings.train))
     try:
         with resident.lease(cache, model_hash, architecture, stages=stages, device=device) as model:
             check_stages_of(stages, model.stages, backbone=settings.model.backbone)

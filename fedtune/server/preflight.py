@@ -9,11 +9,13 @@ and nothing is written; the run itself repeats the ones that concern the model i
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import torch
 
+from fedtune.adapters import AdapterPlan, add_adapters
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
 from fedtune.config import ExperimentConfig, shown
 from fedtune.data import DOWNLOADING_SOURCES, ImageDataset, Split, load_split, partitioning
@@ -64,7 +66,8 @@ def preflight_model(cfg: ExperimentConfig) -> None:
 
 
 def check_model_fits(cfg: ExperimentConfig, model: StagedModel) -> None:
-    """trainable_blocks (now and in every unfreeze step) and lr_multipliers' stages exist in the model."""
+    """trainable_blocks (now and in every unfreeze step) and lr_multipliers' stages exist in the model,
+    train.adapter finds layers to adapt, and fedbn finds BatchNorm layers that train."""
     blocks = model.block_names
     settings = [("train.trainable_blocks", cfg.train.trainable_blocks)]
     settings += [(f"train.unfreeze[{i}].trainable_blocks", step.trainable_blocks)
@@ -77,12 +80,18 @@ def check_model_fits(cfg: ExperimentConfig, model: StagedModel) -> None:
     if unknown:
         raise PreflightError(f"train.lr_multipliers: {cfg.model.backbone} has no stage named "
                              f"{', '.join(shown(name) for name in unknown[:5])}; its stages: {', '.join(model.stages)}")
+    widest = cfg.train.widest_blocks
+    if cfg.train.adapter != "none" and not model.adapted_stages:
+        try:  # a copy: the caller's model stays as built
+            model = add_adapters(copy.deepcopy(model), AdapterPlan.of(cfg.train))
+        except ValueError as error:
+            raise PreflightError(str(error)) from None
     if cfg.personalization.method == "fedbn":
-        widest = max((value for _, value in settings), key=lambda value: len(blocks) if value == "all" else value)
         if not personal_keys(model, trainable_stages(model, widest), cfg.personalization):
             raise PreflightError(f"personalization.method: fedbn keeps the BatchNorm layers of the trainable stages "
-                                 f"local, and {cfg.model.backbone}'s never have one with trainable_blocks up to "
-                                 f"{widest}: train more blocks, or choose another method")
+                                 f"local, and none of {cfg.model.backbone}'s trains with trainable_blocks up to "
+                                 f"{widest} (train.adapter: {cfg.train.adapter}; an adapter keeps them frozen): "
+                                 "train more blocks, or choose another method")
 
 
 def check_monitoring(cfg: ExperimentConfig) -> None:

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 
 from fedtune import messages as keys
+from fedtune.adapters import AdapterPlan, add_adapters, merged_state
 from fedtune.backbones import StagedModel, build_model, preprocessing_for
 from fedtune.config import ExperimentConfig
 from fedtune.console import RoundProgress
@@ -136,7 +137,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig) -> RunOutcome:
         cfg.model.backbone, num_classes=num_classes, weights=cfg.model.weights, head_dropout=cfg.model.head_dropout,
         cut=cfg.model.cut,
     )
-    check_model_fits(cfg, model)  # fails early, naming the key, if trainable_blocks or lr_multipliers do not fit
+    # train.adapter: after the seed, so every run of this config draws the same LoRA A (B starts at zero).
+    check_model_fits(cfg, add_adapters(model, AdapterPlan.of(cfg.train)))  # names the key that does not fit
     check_monitoring(cfg)  # output.mlflow: MLflow installed, and able to open that kind of store
     initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     model_hash = state_hash(initial_state)
@@ -361,7 +363,8 @@ def _finish(
         "initial_model_hash": model_hash,
         "rounds": str(completed),
     }
-    run_dir.save_model({k: v.detach().cpu() for k, v in model.state_dict().items()}, metadata)
+    # LoRA adapters merged into the weights they adapt: the plain backbone `fedtune predict` builds.
+    run_dir.save_model(merged_state(model), metadata)
     summary = {
         "name": cfg.name,
         "stop_reason": stop_reason,
