@@ -236,3 +236,18 @@ def test_lora_with_dp_sgd_and_secure_aggregation_in_a_real_federation(tmp_path: 
     test_set = test_set.with_transform(pre.transform(augment=False))
     accuracy = evaluate(saved.model, test_set, device=CPU).accuracy
     assert accuracy == pytest.approx(history[-1].central_accuracy, abs=1e-9)  # what the server measured, adapted
+
+
+def test_under_gradual_unfreezing_adapters_sit_in_the_widest_blocks_on_server_and_nodes() -> None:
+    """The server applies the schedule; a node learns only the widest blocks, where the adapters sit, and builds
+    the very model the server holds (its hash names the cached model)."""
+    cfg = load_config(QUICKSTART, ["train.adapter=lora", "train.trainable_blocks=0",
+                                   "train.unfreeze=[{from_round: 3, trainable_blocks: 2}]"])
+    node_train = ClientSettings.of(cfg, num_classes=10).train
+    assert node_train.unfreeze == () and node_train.trainable_blocks == 2
+    server = _adapted("efficientnet_lite0", AdapterPlan.of(cfg.train), num_classes=10)
+    node = _adapted("efficientnet_lite0", AdapterPlan.of(node_train), num_classes=10, seed=1)
+    assert server.adapted_stages == node.adapted_stages == {"blocks_6", "conv_head"}
+    assert server.state_dict().keys() == node.state_dict().keys()
+    # Rounds 1-2 train the head alone: nothing of the adapters travels yet.
+    assert set(trainable_state_dict(server, trainable_stages(server, 0))) == set(stage_state(server, ["head"]))
