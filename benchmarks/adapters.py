@@ -9,7 +9,10 @@ variant the same partition, validation splits and initial head), with no unfreez
 - head only: train.trainable_blocks=0;
 - last block: trainable_blocks=1, the backbone's last block trained whole with the head;
 - lora: trainable_blocks=1, LoRA adapters (train.lora: rank 8, alpha 16) in that block;
-- bitfit: trainable_blocks=1, the block's biases alone.
+- bitfit: trainable_blocks=1, the block's biases alone;
+- with `--adapter-lr STAGE=MULTIPLIER ...` (e.g. conv_head=10), lora and bitfit once more for each,
+  with that stage at MULTIPLIER x train.lr (train.lr_multipliers): LoRA's B starts at zero and biases move
+  little, so adapters usually want a higher rate than whole blocks.
 
 From each run: the server's central accuracy after the last round, the best over the rounds, and the
 median bytes of a round after the first (both directions, train and evaluate messages; the first
@@ -47,15 +50,23 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, help="where the runs go (default: OUT/runs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--adapter-lr", metavar="STAGE=MULTIPLIER", nargs="+", default=[],
+                        help="also run lora and bitfit with this stage's learning-rate multiplier (each one given)")
     args = parser.parse_args()
     runs = args.runs or args.out / "runs"
+    variants = dict(VARIANTS)
+    for choice in args.adapter_lr:
+        stage, _, multiplier = choice.partition("=")
+        for adapter in ("lora", "bitfit"):
+            variants[f"{adapter}, {stage} lr x{multiplier}"] = [
+                *VARIANTS[adapter], f"train.lr_multipliers={{{stage}: {float(multiplier)}}}"]
 
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[float]] = {}
-    for variant, settings in VARIANTS.items():
+    for variant, settings in variants.items():
         finals, bests, later, trajectories = [], [], [], []
         for seed in args.seeds:
-            folder = runs / f"{variant.replace(' ', '-')}-seed{seed}"
+            folder = runs / f"{''.join(c if c.isalnum() else '-' for c in variant)}-seed{seed}"
             run = simulated_run(args.config, folder, ["train.unfreeze=[]", f"seed={seed}", *settings, *args.overrides])
             history = RunDirectory.load_history(run / "history.json")
             accuracy = [r.central_accuracy for r in history if r.central_accuracy is not None]
