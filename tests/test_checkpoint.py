@@ -184,14 +184,17 @@ def test_a_checkpoint_without_a_checksum_is_not_used(tmp_path: Path) -> None:
 def test_a_crashed_run_resumes_and_ends_with_the_uninterrupted_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """FedAdam (server-side moments) and DP-SGD (client ledgers): stop the server after round 2
-    trained but before it was checkpointed, start it again, compare with an uninterrupted run."""
+    """FedAdam (server-side moments), DP-SGD (client ledgers) and LoRA adapters in conv_head from round 2:
+    stop the server after round 3 trained but before it was checkpointed, start it again, compare with
+    an uninterrupted run. The checkpoint holds trained adapters; the resumed server draws the same LoRA A."""
     private = ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.target_epsilon=null",
-               "privacy.dp_sgd.noise_multiplier=1.0", "privacy.dp_sgd.reproducible=true"]
+               "privacy.dp_sgd.noise_multiplier=1.0", "privacy.dp_sgd.reproducible=true",
+               "train.adapter=lora", "train.unfreeze=[{from_round: 2, trainable_blocks: 1}]"]
     uninterrupted = simulate(_config(tmp_path / "a", *private))
 
     cfg = _config(tmp_path / "b", *private)
-    run_dir = crash_in_round(monkeypatch, cfg, crashed_round=2)
+    run_dir = crash_in_round(monkeypatch, cfg, crashed_round=3)
+    assert any(".lora_B." in key for key in Checkpoint.load(run_dir / CHECKPOINT_FILE).model)  # round 2's adapters
 
     resumed = simulate(cfg)
 
@@ -205,7 +208,7 @@ def test_a_crashed_run_resumes_and_ends_with_the_uninterrupted_model(
     history = RunDirectory.load_history(run_dir / "history.json")
     assert [r.round for r in history] == [0, 1, 2, 3]
     # The clients' ledgers span the restart (one per client, keyed by the run, not by Flower's run):
-    # round 2 ran twice on the clients, and both count, so epsilon is at least the uninterrupted one.
+    # round 3 ran twice on the clients, and both count, so epsilon is at least the uninterrupted one.
     assert json.loads((run_dir / "summary.json").read_text())["stop_reason"] == "completed 3 rounds"
     epsilon_resumed = max(v for k, v in history[-1].extra.items() if k.startswith("epsilon_client_"))
     reference = RunDirectory.load_history(uninterrupted.run_dir / "history.json")[-1]

@@ -231,7 +231,7 @@ def test_settings_without_a_version_are_refused(holding: Node) -> None:
     data = settings()
     del data["version"]
     config = {**round_config(), keys.CLIENT_CONFIG: json.dumps(data)}
-    _refused(holding.send(instruction(config)), keys.CLIENT_CONFIG, "no version, but this node reads version 3 only")
+    _refused(holding.send(instruction(config)), keys.CLIENT_CONFIG, "no version, but this node reads version 4 only")
 
 
 def _with(path: str, value: object) -> str:
@@ -273,8 +273,8 @@ def _with(path: str, value: object) -> str:
     ("run_key", "../../x", "run_key: String should match pattern"),
     ("run_key", "a" * 300, "run_key: String should have at most 200 characters"),
     ("evil", 1, "evil: unknown key"),
-    ("version", 2, "version 2, but this node reads version 3 only: the server and this node run different fedtune"),
-    ("version", True, "version True, but this node reads version 3 only"),
+    ("version", 2, "version 2, but this node reads version 4 only: the server and this node run different fedtune"),
+    ("version", True, "version True, but this node reads version 4 only"),
 ])
 def test_settings_beyond_their_bounds_are_refused(holding: Node, path: str, value: object, problem: str) -> None:
     config = {**round_config(), keys.CLIENT_CONFIG: _with(path, value)}
