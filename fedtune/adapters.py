@@ -34,6 +34,10 @@ from fedtune.config import TrainConfig
 from fedtune.params import trainable_stages
 
 
+class AdapterError(ValueError):
+    """The adapters a config asks for do not fit the model; the message names the setting."""
+
+
 @dataclass(frozen=True)
 class AdapterPlan:
     """Which adapter, in which blocks, of what size: what a model is built with (hashable, for the
@@ -75,7 +79,7 @@ def _auto_target(name: str, module: nn.Module, parent_types: dict[str, type]) ->
 
 def lora_targets(stage: nn.Module, targets: tuple[str, ...] | None) -> list[str]:
     """The names, within `stage`, of the layers LoRA adapts: `targets` (a module of that name or ending in
-    "." + it), or with None every linear layer, 1x1 convolution and attention layer. ValueError for a
+    "." + it), or with None every linear layer, 1x1 convolution and attention layer. AdapterError for a
     named layer PEFT cannot adapt and merge (a grouped or depthwise convolution:
     peft/tuners/lora/layer.py:1684, "Merging is not supported for _ConvNd layers with groups > 1")."""
     modules = dict(stage.named_modules())
@@ -87,10 +91,10 @@ def lora_targets(stage: nn.Module, targets: tuple[str, ...] | None) -> list[str]
     for name in chosen:
         module = modules[name]
         if isinstance(module, nn.Conv2d) and module.groups > 1:
-            raise ValueError(f"train.lora.target_modules: {name} is a grouped (depthwise) convolution, which "
+            raise AdapterError(f"train.lora.target_modules: {name} is a grouped (depthwise) convolution, which "
                              "PEFT cannot merge LoRA into; name linear layers or convolutions of one group")
         if not isinstance(module, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
-            raise ValueError(f"train.lora.target_modules: {name} is a {type(module).__name__}; LoRA adapts "
+            raise AdapterError(f"train.lora.target_modules: {name} is a {type(module).__name__}; LoRA adapts "
                              "Linear, Conv2d and MultiheadAttention layers")
     return chosen
 
@@ -98,12 +102,15 @@ def lora_targets(stage: nn.Module, targets: tuple[str, ...] | None) -> list[str]
 def add_adapters(model: StagedModel, plan: AdapterPlan | None) -> StagedModel:
     """`model` with the adapters of `plan` in its adapted blocks (in place; returned for chaining).
 
-    ValueError naming the setting when LoRA finds no layer to adapt in any of those blocks, or a
-    named target matches no layer there.
+    AdapterError naming the setting when the backbone has fewer blocks, LoRA finds no layer to adapt
+    in any of those blocks, or a named target matches no layer there (or one it cannot adapt).
     """
     if plan is None:
         return model
-    stages = _adapted_stages(model, plan.blocks)
+    try:
+        stages = _adapted_stages(model, plan.blocks)
+    except ValueError as error:  # more blocks than the backbone has
+        raise AdapterError(str(error)) from None
     if plan.kind == "lora":
         _add_lora(model, stages, plan)
     model.adapter = plan.kind
@@ -117,13 +124,13 @@ def _add_lora(model: StagedModel, stages: list[str], plan: AdapterPlan) -> None:
     found = {name: lora_targets(model.stages[name], plan.targets) for name in stages}
     if not any(found.values()):
         what = f"layer named {', '.join(plan.targets)}" if plan.targets else "linear, 1x1 conv or attention layer"
-        raise ValueError(f"train.adapter: lora finds no {what} in the adapted blocks ({', '.join(stages)}); "
+        raise AdapterError(f"train.adapter: lora finds no {what} in the adapted blocks ({', '.join(stages)}); "
                          "train more blocks or name train.lora.target_modules")
     if plan.targets is not None:
         unmatched = [t for t in plan.targets
                      if not any(n == t or n.endswith("." + t) for names in found.values() for n in names)]
         if unmatched:
-            raise ValueError(f"train.lora.target_modules: no layer named {', '.join(unmatched)} in the adapted "
+            raise AdapterError(f"train.lora.target_modules: no layer named {', '.join(unmatched)} in the adapted "
                              f"blocks ({', '.join(stages)})")
     for name, targets in found.items():
         if targets:  # a block without any (a LayerNorm alone) stays frozen whole

@@ -272,6 +272,12 @@ def _with(path: str, value: object) -> str:
     ("model.backbone", "../../evil", "unknown backbone"),
     ("run_key", "../../x", "run_key: String should match pattern"),
     ("run_key", "a" * 300, "run_key: String should have at most 200 characters"),
+    ("train.adapter", "x" * 5000, "train.adapter: Input should be 'none', 'lora' or 'bitfit'"),
+    ("train.adapter", "lora", "adapter: lora adapts the trainable blocks below the head, and trainable_blocks is 0"),
+    ("train.lora.rank", 10**9, "train.lora.rank: Input should be less than or equal to 1024"),
+    ("train.lora.target_modules", ["../x"], "train.lora.target_modules"),
+    ("train.lora.target_modules", ["a" * 5000], "train.lora.target_modules"),
+    ("train.lora.target_modules", [f"m{i}" for i in range(5000)], "train.lora.target_modules"),
     ("evil", 1, "evil: unknown key"),
     ("version", 2, "version 2, but this node reads version 4 only: the server and this node run different fedtune"),
     ("version", True, "version True, but this node reads version 4 only"),
@@ -280,6 +286,20 @@ def test_settings_beyond_their_bounds_are_refused(holding: Node, path: str, valu
     config = {**round_config(), keys.CLIENT_CONFIG: _with(path, value)}
     _refused(holding.send(instruction(config)), keys.CLIENT_CONFIG, problem)
     assert not (holding.cache / "privacy").exists() and not (holding.cache / "features").exists()
+
+
+@pytest.mark.parametrize(("overrides", "problem"), [
+    (("train.lora.target_modules=[qkv]",), "no layer named qkv in the adapted blocks (features_12, pre_logits)"),
+    (("train.lora.target_modules=['2']",), "2 is a Hardswish; LoRA adapts Linear, Conv2d"),
+    (("train.trainable_blocks=99",), "trainable_blocks=99 but the backbone has only 14 blocks"),
+])
+def test_adapters_that_do_not_fit_the_backbone_are_refused_by_name(
+    holding: Node, overrides: tuple[str, ...], problem: str
+) -> None:
+    """Well-formed settings whose adapters cannot be built on this backbone: refused before anything runs."""
+    client_settings = settings("train.adapter=lora", "train.trainable_blocks=2", *overrides)
+    config = {**round_config(), keys.CLIENT_CONFIG: json.dumps(client_settings)}
+    _refused(holding.send(instruction(config)), keys.CLIENT_CONFIG, problem)
 
 
 def _trainable() -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from fedtune import messages as keys
-from fedtune.adapters import AdapterPlan
+from fedtune.adapters import AdapterError, AdapterPlan
 from fedtune.backbones import StagedModel, preprocessing_for
 from fedtune.client.cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, FeatureCache, ModelCache, default_cache_root
 from fedtune.client.resident import RESIDENT, Architecture, NotThisArchitecture, ResidentModels
@@ -249,6 +249,8 @@ def restored_model(
             except ValueError as error:
                 raise RefusedMessage(keys.ARRAYS, str(error)) from None
             yield model
+    except AdapterError as error:  # the settings' adapters do not fit this backbone: raised before the block runs
+        raise RefusedMessage(keys.CLIENT_CONFIG, str(error)) from None
     except NotThisArchitecture:  # raised before the block runs; which tensors differ is too long for a reason
         raise RefusedMessage(keys.MODEL_HASH, f"names a cached model that is not a {settings.model.backbone} with "
                                               f"{settings.num_classes} classes") from None
